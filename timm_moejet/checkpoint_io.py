@@ -1,0 +1,95 @@
+""" Safe checkpoint reading and atomic writing.
+
+Weights are read from ``.safetensors`` or from ``.pth``/``.pt``/``.bin`` with ``weights_only=True`` (never
+unpickled), and written as safetensors through a temporary file and a rename, so a failed write leaves nothing.
+"""
+import os
+import tempfile
+from pathlib import Path
+from typing import Dict, Mapping, Optional, Union
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+__all__ = ['load_state_dict_file', 'save_safetensors_atomic', 'atomic_write_bytes']
+
+PathLike = Union[str, os.PathLike]
+TORCH_SUFFIXES = ('.pth', '.pt', '.bin', '.tar')
+
+
+def load_state_dict_file(path: PathLike) -> Dict[str, torch.Tensor]:
+    """Read a state dict from a safetensors or torch file.
+
+    Args:
+        path: ``.safetensors``, or ``.pth``/``.pt``/``.bin``/``.pth.tar`` (loaded with ``weights_only=True``).
+
+    Returns:
+        The loaded dict (wrappers such as ``state_dict`` are left for the caller).
+
+    Raises:
+        FileNotFoundError: If the file does not exist.
+        ValueError: If the file is not a readable checkpoint of a supported format.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'checkpoint file not found: {path}')
+    suffix = ''.join(path.suffixes[-2:]) if path.name.endswith('.pth.tar') else path.suffix
+    if suffix == '.safetensors':
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f'{path} is not a readable safetensors file ({e}).') from e
+    if suffix in TORCH_SUFFIXES or suffix == '.pth.tar':
+        try:
+            sd = torch.load(str(path), map_location='cpu', weights_only=True)
+        except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError ... on bad files
+            raise ValueError(f'{path} is not a readable torch checkpoint with weights_only=True '
+                             f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}).') from e
+        if not isinstance(sd, Mapping):
+            raise ValueError(f'{path} does not hold a state dict (found {type(sd).__name__}).')
+        return dict(sd)
+    raise ValueError(f'{path}: unsupported checkpoint format {suffix!r}; use .safetensors, .pth, .pt or .bin.')
+
+
+def _atomic_target(path: Path, overwrite: bool) -> Path:
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f'{path} exists; pass overwrite to replace it.')
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def save_safetensors_atomic(
+        tensors: Mapping[str, torch.Tensor],
+        path: PathLike,
+        metadata: Optional[Dict[str, str]] = None,
+        overwrite: bool = True,
+) -> Path:
+    """Write tensors as safetensors via a temporary file in the same folder, then rename into place."""
+    path = _atomic_target(Path(path), overwrite)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_bytes(data: bytes, path: PathLike, overwrite: bool = True) -> Path:
+    """Write bytes via a temporary file in the same folder, then rename into place."""
+    path = _atomic_target(Path(path), overwrite)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

@@ -1,0 +1,1 @@
+from .moejet import *

@@ -1,0 +1,266 @@
+""" MoE Jetpack Vision Transformers: timm's ViT with SpheroMoE layers in place of chosen MLPs.
+
+`MoE Jetpack: From Dense Checkpoints to Adaptive Mixture of Experts for Vision Tasks`
+    - https://arxiv.org/abs/2406.04801
+
+``MoEVisionTransformer`` subclasses timm's ``VisionTransformer``; only the MLPs of ``moe_blocks`` change, so
+everything timm's ViT offers (features, intermediates, grad checkpointing, dynamic size, torchscript, fx)
+keeps working.
+"""
+from functools import partial
+from typing import Any, Dict, Optional, Sequence, Type
+
+import torch.nn as nn
+from timm.layers import calculate_drop_path_rates
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import Block, VisionTransformer
+
+from ..layers import COMBINE_MODES, SpheroMoE
+
+__all__ = ['MoEVisionTransformer']
+
+
+def _sphero_mlp(
+        in_features: int,
+        hidden_features: Optional[int] = None,
+        act_layer: Type[nn.Module] = nn.GELU,
+        norm_layer: Optional[Type[nn.Module]] = None,
+        bias: bool = True,
+        drop: float = 0.,
+        device=None,
+        dtype=None,
+        *,
+        moe_args: Dict[str, Any],
+) -> SpheroMoE:
+    """Adapts timm's ``mlp_layer`` call signature to ``SpheroMoE``."""
+    args = dict(moe_args)
+    if args.get('core_hidden') is None:
+        args['core_hidden'] = hidden_features
+    return SpheroMoE(in_features, act_layer=act_layer, device=device, dtype=dtype, **args)
+
+
+def _moe_block(
+        *,
+        depth: int,
+        mlp_layer: Type[nn.Module],
+        moe_blocks: Sequence[int],
+        moe_args: Dict[str, Any],
+        moe_drop_path: Sequence[float],
+        **kwargs,
+) -> Block:
+    """timm ``Block`` whose MLP is a SpheroMoE layer when ``depth`` (the block index) is in ``moe_blocks``."""
+    if depth in moe_blocks:
+        mlp_layer = partial(_sphero_mlp, moe_args=dict(moe_args, drop_path=moe_drop_path[depth]))
+    return Block(depth=depth, mlp_layer=mlp_layer, **kwargs)
+
+
+class MoEVisionTransformer(VisionTransformer):
+    """Vision Transformer with SpheroMoE layers (MoE Jetpack).
+
+    All ``VisionTransformer`` arguments are accepted; the MoE arguments below are added.
+    """
+
+    def __init__(
+            self,
+            embed_dim: int = 768,
+            depth: int = 12,
+            num_heads: int = 12,
+            mlp_ratio: float = 4.,
+            moe_blocks: Optional[Sequence[int]] = None,
+            num_core_experts: int = 98,
+            num_univ_experts: int = 196,
+            core_hidden: Optional[int] = None,
+            univ_hidden: Optional[int] = None,
+            slots_per_expert: int = 1,
+            moe_combine: str = 'entmax15',
+            moe_temperature_init: float = 0.5,
+            moe_shared_temperature: bool = False,
+            moe_noise_std: Optional[float] = None,
+            moe_slot_norm: bool = True,
+            moe_slot_norm_eps: float = 1e-5,
+            moe_expert_drop: float = 0.4,
+            moe_drop_path_rate: float = 0.1,
+            **kwargs,
+    ) -> None:
+        """
+        Args:
+            embed_dim: Transformer width.
+            depth: Number of blocks.
+            num_heads: Attention heads (must divide ``embed_dim``).
+            mlp_ratio: Dense MLP ratio; also the default core-expert hidden ratio.
+            moe_blocks: 0-based indices of blocks whose MLP becomes SpheroMoE (default: the second half).
+            num_core_experts: Core experts per MoE layer.
+            num_univ_experts: Universal experts per MoE layer (0: single path).
+            core_hidden: Core expert hidden units (default ``mlp_ratio * embed_dim``).
+            univ_hidden: Universal expert hidden units (default ``core_hidden // 4``).
+            slots_per_expert: Slots per expert.
+            moe_combine: 'entmax15' or 'softmax'.
+            moe_temperature_init: Initial routing temperature.
+            moe_shared_temperature: One temperature for dispatch and combine.
+            moe_noise_std: Training-time logit noise std (None: 1 / num_slots; 0: off).
+            moe_slot_norm: LayerNorm on slot queries.
+            moe_slot_norm_eps: Epsilon of the slot-query LayerNorm.
+            moe_expert_drop: Dropout inside experts.
+            moe_drop_path_rate: Maximum per-sample drop path on MoE outputs, ramped linearly over depth.
+            **kwargs: ``VisionTransformer`` arguments.
+        """
+        for name, value in (('embed_dim', embed_dim), ('depth', depth), ('num_heads', num_heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f'{name} must be a positive int, got {value!r}.')
+        if embed_dim % num_heads:
+            raise ValueError(
+                f'embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads}); '
+                f'allowed num_heads: {[h for h in range(1, embed_dim + 1) if embed_dim % h == 0][:12]}...')
+        if moe_blocks is None:
+            moe_blocks = tuple(range(depth // 2, depth))
+        moe_blocks = tuple(moe_blocks)
+        bad = [i for i in moe_blocks if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < depth]
+        if bad:
+            raise ValueError(f'moe_blocks {bad} are outside the model depth; allowed block indices are 0..{depth - 1}.')
+        if len(set(moe_blocks)) != len(moe_blocks):
+            raise ValueError(f'moe_blocks has repeated indices: {list(moe_blocks)}.')
+        if moe_combine not in COMBINE_MODES:
+            raise ValueError(f'moe_combine must be one of {COMBINE_MODES}, got {moe_combine!r}.')
+        if num_core_experts + num_univ_experts < 1 and moe_blocks:
+            raise ValueError('No experts: num_core_experts and num_univ_experts are both 0; set at least one > 0.')
+        for name, value in (('core_hidden', core_hidden), ('univ_hidden', univ_hidden)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f'{name} must be a positive int or None, got {value!r}.')
+        if int(mlp_ratio * embed_dim) < 1:
+            raise ValueError(f'mlp_ratio * embed_dim must give at least 1 hidden unit, got mlp_ratio={mlp_ratio}.')
+
+        moe_args = dict(
+            num_core=num_core_experts,
+            num_univ=num_univ_experts,
+            core_hidden=core_hidden,
+            univ_hidden=univ_hidden,
+            slots_per_expert=slots_per_expert,
+            combine=moe_combine,
+            temperature_init=moe_temperature_init,
+            shared_temperature=moe_shared_temperature,
+            noise_std=moe_noise_std,
+            slot_norm=moe_slot_norm,
+            slot_norm_eps=moe_slot_norm_eps,
+            expert_drop=moe_expert_drop,
+        )
+        block_fn = partial(
+            _moe_block,
+            moe_blocks=moe_blocks,
+            moe_args=moe_args,
+            moe_drop_path=calculate_drop_path_rates(moe_drop_path_rate, depth),
+        )
+        super().__init__(
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            block_fn=block_fn,
+            **kwargs,
+        )
+        self.moe_blocks = moe_blocks
+
+    def moe_layers(self) -> Dict[int, SpheroMoE]:
+        """The SpheroMoE layers by block index."""
+        return {i: self.blocks[i].mlp for i in self.moe_blocks}
+
+
+def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
+    return {
+        'url': url,
+        'num_classes': 1000,
+        'input_size': (3, 224, 224),
+        'pool_size': None,
+        'crop_pct': .9,
+        'interpolation': 'bicubic',
+        'fixed_input_size': True,
+        # the trunk comes from augreg checkpoints, trained with mean = std = 0.5 (the released code used ImageNet's)
+        'mean': (0.5, 0.5, 0.5),
+        'std': (0.5, 0.5, 0.5),
+        'first_conv': 'patch_embed.proj',
+        'classifier': 'head',
+        'license': 'apache-2.0',
+        'paper_ids': 'arXiv:2406.04801',
+        'paper_name': 'MoE Jetpack: From Dense Checkpoints to Adaptive Mixture of Experts for Vision Tasks',
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'moejet_vit_tiny_patch16_224.untrained': _cfg(),
+    'moejet_vit_tiny.untrained': _cfg(),
+    'moejet_vit_small_patch16_224.untrained': _cfg(),
+    'moejet_vit_small.untrained': _cfg(),
+    'softmoe_vit_tiny_patch16_224.untrained': _cfg(),
+    'moejet_vit_test.untrained': _cfg(input_size=(3, 64, 64)),
+    'softmoe_vit_test.untrained': _cfg(input_size=(3, 64, 64)),
+})
+
+
+def _create_moejet(variant: str, pretrained: bool = False, **kwargs) -> MoEVisionTransformer:
+    out_indices = kwargs.pop('out_indices', 3)
+    return build_model_with_cfg(
+        MoEVisionTransformer,
+        variant,
+        pretrained,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **kwargs,
+    )
+
+
+# MoE Jetpack defaults (released code): MoE in the second half, 98 core + 196 universal experts, 1 slot each.
+_MOEJET_TINY = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, global_pool='avg')
+_MOEJET_SMALL = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, global_pool='avg')
+# Soft MoE baseline from the same layer code: one path of 197 experts, softmax combine, one learnable scale.
+_SOFTMOE = dict(
+    num_core_experts=197, num_univ_experts=0, moe_combine='softmax', moe_shared_temperature=True,
+    moe_temperature_init=1.0, moe_slot_norm=False, moe_expert_drop=0., moe_drop_path_rate=0.,
+)
+# Reduced-size variants for tests (timm's own suite runs on them).
+_TEST = dict(
+    patch_size=16, embed_dim=64, depth=4, num_heads=2, global_pool='avg', moe_blocks=(2, 3),
+    num_core_experts=4, num_univ_experts=8,
+)
+
+
+@register_model
+def moejet_vit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> MoEVisionTransformer:
+    """V-JetMoE-T: ViT-Ti/16 with SpheroMoE (98 core + 196 universal experts) in blocks 6..11."""
+    return _create_moejet('moejet_vit_tiny_patch16_224', pretrained=pretrained, **dict(_MOEJET_TINY, **kwargs))
+
+
+@register_model
+def moejet_vit_tiny(pretrained: bool = False, **kwargs) -> MoEVisionTransformer:
+    """Alias of ``moejet_vit_tiny_patch16_224``."""
+    return _create_moejet('moejet_vit_tiny', pretrained=pretrained, **dict(_MOEJET_TINY, **kwargs))
+
+
+@register_model
+def moejet_vit_small_patch16_224(pretrained: bool = False, **kwargs) -> MoEVisionTransformer:
+    """V-JetMoE-S: ViT-S/16 with SpheroMoE (98 core + 196 universal experts) in blocks 6..11."""
+    return _create_moejet('moejet_vit_small_patch16_224', pretrained=pretrained, **dict(_MOEJET_SMALL, **kwargs))
+
+
+@register_model
+def moejet_vit_small(pretrained: bool = False, **kwargs) -> MoEVisionTransformer:
+    """Alias of ``moejet_vit_small_patch16_224``."""
+    return _create_moejet('moejet_vit_small', pretrained=pretrained, **dict(_MOEJET_SMALL, **kwargs))
+
+
+@register_model
+def softmoe_vit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> MoEVisionTransformer:
+    """Soft MoE-T baseline: ViT-Ti/16 with 197 single-path experts (softmax combine) in blocks 6..11."""
+    return _create_moejet(
+        'softmoe_vit_tiny_patch16_224', pretrained=pretrained, **dict(_MOEJET_TINY, **_SOFTMOE, **kwargs))
+
+
+@register_model
+def moejet_vit_test(pretrained: bool = False, **kwargs) -> MoEVisionTransformer:
+    """Reduced-size MoE Jetpack ViT for tests (D 64, depth 4, 4 core + 8 universal experts in blocks 2, 3)."""
+    return _create_moejet('moejet_vit_test', pretrained=pretrained, **dict(_TEST, **kwargs))
+
+
+@register_model
+def softmoe_vit_test(pretrained: bool = False, **kwargs) -> MoEVisionTransformer:
+    """Reduced-size Soft MoE ViT for tests."""
+    return _create_moejet(
+        'softmoe_vit_test', pretrained=pretrained, **dict(_TEST, **dict(_SOFTMOE, num_core_experts=12), **kwargs))

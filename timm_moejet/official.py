@@ -1,0 +1,222 @@
+""" Import of official MoE Jetpack checkpoints (``VisionTransformerMoe`` with ``DualPathSoftMoELayerWrapper``).
+
+The official state dict uses its own key names; this module maps them and the official constructor kwargs onto
+``MoEVisionTransformer``, checking every shape before any weight is written.
+"""
+import logging
+import os
+import re
+from typing import Any, Dict, Mapping, Union
+
+import torch
+
+from .checkpoint_io import load_state_dict_file
+
+__all__ = ['load_official', 'official_config_to_kwargs', 'convert_official_state_dict', 'is_official_state_dict']
+
+_logger = logging.getLogger(__name__)
+
+# official kwarg -> ours (same meaning)
+_DIRECT = {
+    'img_size': 'img_size',
+    'patch_size': 'patch_size',
+    'in_chans': 'in_chans',
+    'embed_dim': 'embed_dim',
+    'depth': 'depth',
+    'num_heads': 'num_heads',
+    'num_classes': 'num_classes',
+    'global_pool': 'global_pool',
+    'mlp_ratio': 'mlp_ratio',
+    'qkv_bias': 'qkv_bias',
+    'class_token': 'class_token',
+    'drop_rate': 'drop_rate',
+    'pos_drop_rate': 'pos_drop_rate',
+    'attn_drop_rate': 'attn_drop_rate',
+    'proj_drop_rate': 'proj_drop_rate',
+    'drop_path_rate': 'drop_path_rate',
+    'slots_per_expert': 'slots_per_expert',
+    'core_experts': 'num_core_experts',
+    'univ_experts': 'num_univ_experts',
+    'slot_layernorm': 'moe_slot_norm',
+    'moe_droprate': 'moe_expert_drop',
+    'moe_drop_path_rate': 'moe_drop_path_rate',
+}
+# accepted and handled below, or accepted because they change nothing in the released forward
+_HANDLED = {'moe_layers', 'univ_factor', 'compress_ratio', 'add_noise', 'noise_mult', 'if_dualpath'}
+_NO_EFFECT = {
+    'num_experts',  # ignored by the dual path
+    'moe_logits_drop',  # a no-op in the released code
+    'use_rot_pos_emb',  # computed but never used in the released code
+    'with_cp', 'init_cfg', 'type', 'model_name', 'pretrained', 'weight_init', 'fix_init',
+}
+# options of the official code this project does not implement: refused when switched on
+_UNSUPPORTED = {
+    'key_proj', 'query_proj', 'multi_head', 'glu', 'input_as_phi', 'only_phi', 'layer_scale', 'init_values',
+    'moe_groups_dict', 'phi_groups_dict', 'freeze_moe', 'no_embed_class', 'reg_tokens', 'dynamic_img_size',
+}
+# official VisionTransformerMoe defaults (a timm ViT-B/16 copy) where a config leaves a key out
+_DEFAULTS = dict(
+    img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12, num_classes=1000,
+    global_pool='token', mlp_ratio=4.0, qkv_bias=True, class_token=True,
+)
+
+
+def official_config_to_kwargs(config: Mapping[str, Any]) -> Dict[str, Any]:
+    """Map official ``VisionTransformerMoe`` kwargs to ``MoEVisionTransformer`` kwargs.
+
+    Args:
+        config: The official constructor kwargs.
+
+    Returns:
+        Keyword arguments for ``timm.create_model('moejet_vit_*', **kwargs)``.
+
+    Raises:
+        ValueError: On unknown keys, unsupported options or a config without ``moe_layers``/``core_experts``.
+    """
+    if not isinstance(config, Mapping):
+        raise TypeError(f'config must be a dict of official VisionTransformerMoe kwargs, got {type(config).__name__}.')
+    known = set(_DIRECT) | _HANDLED | _NO_EFFECT | _UNSUPPORTED
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ValueError(f'config has keys the official VisionTransformerMoe does not take: {unknown}; '
+                         f'known keys: {sorted(known)}.')
+    switched_on = sorted(k for k in _UNSUPPORTED if config.get(k))
+    if switched_on:
+        raise ValueError(f'config enables official options this project does not implement: {switched_on}.')
+    if not config.get('if_dualpath', True):
+        raise ValueError('config has if_dualpath=False: only the dual-path SpheroMoE layer '
+                         '(DualPathSoftMoELayerWrapper) can be imported.')
+    for key in ('moe_layers', 'core_experts'):
+        if key not in config:
+            raise ValueError(f'config must give {key!r} (the official default builds a model without experts).')
+
+    cfg = dict(_DEFAULTS, **config)
+    kwargs = {ours: cfg[theirs] for theirs, ours in _DIRECT.items() if theirs in cfg}
+    kwargs['moe_blocks'] = tuple(int(i) for i in cfg['moe_layers'])
+    core_hidden = int(cfg['embed_dim'] * cfg['mlp_ratio'] * cfg.get('compress_ratio', 1.0))
+    kwargs['core_hidden'] = core_hidden
+    kwargs['univ_hidden'] = int(round(core_hidden * cfg.get('univ_factor', 0.25)))
+    kwargs.setdefault('num_univ_experts', int(round(cfg['core_experts'] / cfg.get('univ_factor', 0.25))))
+    if cfg.get('add_noise', True):
+        if 'noise_mult' in cfg:
+            kwargs['moe_noise_std'] = float(cfg['noise_mult'])
+    else:
+        kwargs['moe_noise_std'] = 0.
+    # the official slot LayerNorm is a plain nn.LayerNorm(dim): eps 1e-5
+    kwargs['moe_slot_norm_eps'] = 1e-5
+    return kwargs
+
+
+_MOE_KEY = re.compile(r'^(blocks\.\d+\.mlp)\.(phi|scales\.[01]|slot_norm\.(?:weight|bias)|'
+                      r'(core|univ)_experts\.vit_(fc[12])\.(weight|bias))$')
+
+
+def unwrap_state_dict(state_dict: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
+    """Strip mmpretrain/DDP wrappers: a ``state_dict``/``model`` entry and ``model.``/``module.`` key prefixes."""
+    for wrapper in ('state_dict', 'model'):
+        if wrapper in state_dict and isinstance(state_dict[wrapper], Mapping):
+            state_dict = state_dict[wrapper]
+    out = {}
+    for k, v in state_dict.items():
+        for prefix in ('module.', 'model.', 'backbone.'):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def is_official_state_dict(state_dict: Mapping[str, Any]) -> bool:
+    """True if the dict holds official SpheroMoE keys (``blocks.N.mlp.phi``)."""
+    return any(k.endswith('.mlp.phi') for k in state_dict)
+
+
+def convert_official_state_dict(state_dict: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
+    """Rename official keys to ours; non-MoE keys pass unchanged.
+
+    Raises:
+        ValueError: If a temperature is not positive (it cannot be represented by a positive temperature).
+    """
+    state_dict = unwrap_state_dict(state_dict)
+    out: Dict[str, torch.Tensor] = {}
+    scales: Dict[str, Dict[int, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        m = _MOE_KEY.match(key)
+        if m is None:
+            out[key] = value
+            continue
+        prefix, name = m.group(1), m.group(2)
+        if name == 'phi':
+            out[f'{prefix}.slot_queries'] = value.reshape(-1, value.shape[-1])
+        elif name.startswith('scales'):
+            scales.setdefault(prefix, {})[int(name[-1])] = value
+        elif name.startswith('slot_norm'):
+            out[f'{prefix}.{name}'] = value
+        else:
+            out[f'{prefix}.{m.group(3)}.{m.group(4)}.{m.group(5)}'] = value
+    for prefix, pair in scales.items():
+        if set(pair) != {0, 1}:
+            raise ValueError(f'{prefix}.scales needs both entries 0 (dispatch) and 1 (combine), got {sorted(pair)}.')
+        temps = torch.stack([pair[0].reshape(()), pair[1].reshape(())]).float()
+        if not bool((temps > 0).all()):
+            raise ValueError(f'{prefix}.scales holds a non-positive temperature {temps.tolist()}; '
+                             f'this project keeps temperatures positive and cannot represent it.')
+        out[f'{prefix}.log_temperature'] = torch.log(temps).to(pair[0].dtype)
+    return out
+
+
+def check_state_dict_fits(state_dict: Mapping[str, torch.Tensor], model: torch.nn.Module, source: str) -> None:
+    """Raise a ValueError naming every missing/unexpected key and every shape mismatch."""
+    expected = model.state_dict()
+    mismatched = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}'
+                  for k, v in state_dict.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    problems = []
+    if mismatched:
+        problems.append('shape mismatch: ' + '; '.join(mismatched))
+    if missing:
+        problems.append(f'missing keys: {missing[:20]}' + (' ...' if len(missing) > 20 else ''))
+    if unexpected:
+        problems.append(f'unexpected keys: {unexpected[:20]}' + (' ...' if len(unexpected) > 20 else ''))
+    if problems:
+        raise ValueError(f'{source} does not fit the model built from its config: ' + ' | '.join(problems))
+
+
+def _architecture_for(kwargs: Mapping[str, Any]) -> str:
+    dims = (kwargs.get('embed_dim'), kwargs.get('num_heads'))
+    return 'moejet_vit_small_patch16_224' if dims == (384, 6) else 'moejet_vit_tiny_patch16_224'
+
+
+def load_official(
+        checkpoint: Union[str, os.PathLike, Mapping[str, Any]],
+        config: Mapping[str, Any],
+) -> torch.nn.Module:
+    """Build our model from an official MoE Jetpack checkpoint and its constructor config.
+
+    Args:
+        checkpoint: An official state dict (official key names; mmpretrain ``state_dict``/``model.`` wrappers are
+            unwrapped), or a path to one (``.pth``/``.pt`` read with ``weights_only=True``, or ``.safetensors``).
+        config: The official ``VisionTransformerMoe`` constructor kwargs.
+
+    Returns:
+        A ``MoEVisionTransformer`` (in train mode, as ``timm.create_model`` returns) holding those weights.
+
+    Raises:
+        ValueError: If the config is not supported or the checkpoint does not fit it (naming keys and shapes).
+    """
+    import timm
+
+    kwargs = official_config_to_kwargs(config)
+    source = 'checkpoint'
+    if isinstance(checkpoint, (str, os.PathLike)):
+        source = str(checkpoint)
+        checkpoint = load_state_dict_file(checkpoint)
+    if not isinstance(checkpoint, Mapping):
+        raise TypeError(f'checkpoint must be a state dict or a file path, got {type(checkpoint).__name__}.')
+    state_dict = convert_official_state_dict(checkpoint)
+    model = timm.create_model(_architecture_for(kwargs), pretrained=False, **kwargs)
+    check_state_dict_fits(state_dict, model, source)
+    model.load_state_dict(state_dict, strict=True)
+    model.pretrained_cfg = dict(model.pretrained_cfg, tag='official', notes='imported from an official checkpoint')
+    _logger.info('Loaded official checkpoint %s into %s', source, type(model).__name__)
+    return model
