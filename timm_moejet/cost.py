@@ -1,0 +1,63 @@
+""" Cost accounting: parameters and multiply-accumulates, routing included, counted by torch's FLOP counter. """
+from typing import Dict, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .layers import SpheroMoE
+
+__all__ = ['count_params', 'count_macs']
+
+
+def count_params(model: nn.Module) -> Dict[str, int]:
+    """Parameter counts.
+
+    Returns:
+        ``total``; ``experts`` (in SpheroMoE expert groups); ``router`` (slot queries, slot norms, temperatures);
+        ``dense`` (everything else).
+    """
+    total = sum(p.numel() for p in model.parameters())
+    experts = router = 0
+    for m in model.modules():
+        if isinstance(m, SpheroMoE):
+            for group in (m.core, m.univ):
+                if group is not None:
+                    experts += sum(p.numel() for p in group.parameters())
+            router += sum(p.numel() for n, p in m.named_parameters() if not n.startswith(('core.', 'univ.')))
+    return dict(total=total, experts=experts, router=router, dense=total - experts - router)
+
+
+@torch.no_grad()
+def count_macs(
+        model: nn.Module,
+        input_size: Optional[Sequence[int]] = None,
+        batch_size: int = 1,
+        device: Optional[torch.device] = None,
+) -> Dict[str, float]:
+    """Multiply-accumulates per image of one eval forward, counted op by op (matmul, bmm, conv, attention).
+
+    Args:
+        model: The model (put in eval mode for the count, then restored).
+        input_size: (C, H, W); defaults to the model's ``pretrained_cfg['input_size']``.
+        batch_size: Images in the counted forward; the result is divided by it.
+        device: Where to run; defaults to the model's device.
+
+    Returns:
+        ``macs`` per image and ``gmacs`` per image.
+    """
+    if input_size is None:
+        input_size = getattr(model, 'pretrained_cfg', {}).get('input_size', (3, 224, 224))
+    if device is None:
+        device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        x = torch.randn(batch_size, *input_size, device=device)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    macs = counter.get_total_flops() / 2 / batch_size
+    return dict(macs=macs, gmacs=macs / 1e9)
