@@ -11,6 +11,7 @@ This keeps the function a plain composition of tensor ops, so it scripts, traces
 differentiates without a custom ``autograd.Function``.
 """
 import torch
+from timm.layers import register_notrace_function
 
 __all__ = ['entmax15', 'entmax15_threshold']
 
@@ -39,6 +40,7 @@ def entmax15_threshold(z: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return tau.gather(dim, support - 1)
 
 
+@register_notrace_function  # data-dependent threshold: a leaf for torch.fx feature extraction
 def entmax15(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Entmax-1.5 over ``dim``: non-negative, sums to 1, exact zeros below the threshold.
 

@@ -1,0 +1,54 @@
+"""conftest.py for timm's own ``tests/test_models.py`` run against timm-moejet's models.
+
+Copied next to the ``test_models.py`` taken from the timm sdist (never committed). It imports the plugin and
+wraps ``timm.list_models``/``list_pretrained`` (bound by ``test_models.py`` at import) so that our models are
+treated like timm's ViTs: listed wherever ``vit_*`` is (NON_STD, token features), excluded wherever ``vit_*`` is
+excluded, and in the ``vision_transformer`` module group (forward_intermediates, pruning). Only our models are
+returned, so the run covers nothing else.
+"""
+import fnmatch
+import importlib
+import os
+
+import timm
+
+PLUGIN = os.environ.get('PLUGIN_PKG', 'timm_moejet')
+PATTERNS = os.environ.get('PLUGIN_PATTERNS', 'moejet_*,softmoe_*').split(',')
+MODULE = os.environ.get('PLUGIN_MODULE', 'moejet')
+
+importlib.import_module(PLUGIN)
+_list_models = timm.list_models
+_list_pretrained = timm.list_pretrained
+
+
+def _as_list(value):
+    if not value:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _ours(names):
+    return [n for n in names if any(fnmatch.fnmatch(n, p) for p in PATTERNS)]
+
+
+def list_models(filter='', module='', pretrained=False, exclude_filters='', name_matches_cfg=False,
+                include_tags=None):
+    filters, excludes, modules = _as_list(filter), _as_list(exclude_filters), _as_list(module)
+    if 'vit_*' in filters:
+        filters = filters + PATTERNS
+    if 'vit_*' in excludes:
+        excludes = excludes + PATTERNS
+    if 'vision_transformer' in modules:
+        modules = modules + [MODULE]
+    names = _list_models(
+        filter=filters or '', module=modules or '', pretrained=pretrained, exclude_filters=excludes or '',
+        name_matches_cfg=name_matches_cfg, include_tags=include_tags)
+    return _ours(names)
+
+
+def list_pretrained(filter='', exclude_filters=''):
+    return _ours(_list_pretrained(filter=filter, exclude_filters=exclude_filters))
+
+
+timm.list_models = list_models
+timm.list_pretrained = list_pretrained
