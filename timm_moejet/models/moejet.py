@@ -8,8 +8,9 @@ everything timm's ViT offers (features, intermediates, grad checkpointing, dynam
 keeps working.
 """
 from functools import partial
-from typing import Any, Dict, Optional, Sequence, Type
+from typing import Any, Dict, Optional, Sequence, Set, Type
 
+import torch
 import torch.nn as nn
 from timm.layers import calculate_drop_path_rates
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -162,6 +163,27 @@ class MoEVisionTransformer(VisionTransformer):
     def moe_layers(self) -> Dict[int, SpheroMoE]:
         """The SpheroMoE layers by block index."""
         return {i: self.blocks[i].mlp for i in self.moe_blocks}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """Parameter groups for layer-wise lr decay (timm's ``--layer-decay``).
+
+        As in the released recipe, the MoE layers (experts, slot queries, temperatures, slot norm) and the norm2
+        feeding them are new or re-cut weights, so they train at the full lr together with the head; the dense
+        trunk (stem, attention, dense MLPs) decays by depth. The block regex skips those parameters, so they fall
+        through to the unmatched group, which timm places last (lr scale 1.0).
+        """
+        matcher = super().group_matcher(coarse=coarse)
+        if self.moe_blocks:
+            moe_ids = '|'.join(str(i) for i in self.moe_blocks)
+            block_re = rf'^blocks\.(?!(?:{moe_ids})\.(?:mlp|norm2)\.)(\d+)'
+            matcher['blocks'] = [(block_re, None)] + [s for s in matcher['blocks'] if s[0] != r'^blocks\.(\d+)']
+        return matcher
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        """timm's ViT set plus routing temperatures, biases of every shape (experts' are 2-D) and norms."""
+        return super().no_weight_decay() | {'*.log_temperature', '*.bias', '*norm*.weight', '*pos_embed*'}
 
 
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
