@@ -1,0 +1,380 @@
+""" Activation statistics of a dense ViT donor, and the data-free proxy used when there are none.
+
+For every donor block ``i`` two points are measured, as in the released ``gen_ViT_MoE_weight.py``:
+
+* ``blocks.i.hidden.*``: the MLP hidden units (output of ``blocks[i].mlp.act``), used to pick expert hidden units;
+* ``blocks.i.channel.*``: the MLP input channels (output of ``blocks[i].norm2``), used to pick expert channels.
+
+Each point stores, per unit and over every token of every image (class token included):
+``l1`` = mean |x|, ``l2`` = sqrt(mean x^2) (the released default statistic), ``freq`` = fraction of x > 0, and
+for hidden units ``coact`` = the fraction of tokens where both units are > 0 (diagonal zero), the co-activation
+graph of the ``graph`` strategy. Sums are accumulated exactly, so the result does not depend on the batching
+(the released code averaged per-batch norms instead; the ranking is the same up to batch-size effects).
+"""
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+
+from ..checkpoint_io import save_safetensors_atomic
+
+__all__ = ['ActivationStats', 'collect_statistics', 'weights_hash', 'weight_proxy_statistics', 'METRICS']
+
+_logger = logging.getLogger(__name__)
+
+METRICS = ('l2', 'l1', 'freq')
+FORMAT = 'timm_moejet.activation_stats.v1'
+_KEY = re.compile(r'^blocks\.(\d+)\.(hidden|channel)\.(l1|l2|freq|coact)$')
+# keys that do not change any block activation (heads, final norms) are left out of the donor hash
+_HASH_SKIP = re.compile(r'^(head|fc_norm|norm|pre_logits|attn_pool)\.')
+
+
+def weights_hash(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over the donor tensors that shape the block activations (heads and final norms excluded).
+
+    Tensors are hashed as float32 in key order, so a checkpoint and the model it was loaded into give the
+    same hash whatever the file dtype.
+    """
+    h = hashlib.sha256()
+    for key in sorted(state_dict):
+        value = state_dict[key]
+        if _HASH_SKIP.match(key) or not isinstance(value, torch.Tensor):
+            continue
+        h.update(f'{key}:{tuple(value.shape)};'.encode())
+        h.update(value.detach().to('cpu', torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class ActivationStats:
+    """Per-block activation statistics of one dense donor, with that donor's identity.
+
+    Attributes:
+        tensors: ``blocks.{i}.{hidden|channel}.{l1|l2|freq|coact}`` -> tensor.
+        architecture: Donor architecture (timm model name).
+        hub_id: Donor hub id ('' if unknown).
+        weights_hash: :func:`weights_hash` of the donor.
+        num_tokens: Tokens the statistics were averaged over (0 for the data-free proxy).
+        source: 'data' (measured) or 'weights-proxy' (data-free estimate).
+    """
+
+    def __init__(
+            self,
+            tensors: Mapping[str, torch.Tensor],
+            architecture: str = '',
+            hub_id: str = '',
+            weights_hash: str = '',
+            num_tokens: int = 0,
+            source: str = 'data',
+    ) -> None:
+        bad = [k for k in tensors if not _KEY.match(k)]
+        if bad:
+            raise ValueError(f'ActivationStats: unexpected tensor names {bad[:5]}; expected '
+                             f'blocks.<i>.<hidden|channel>.<l1|l2|freq|coact>.')
+        self.tensors = {k: v.detach().float().cpu() for k, v in tensors.items()}
+        self.architecture = architecture
+        self.hub_id = hub_id
+        self.weights_hash = weights_hash
+        self.num_tokens = int(num_tokens)
+        self.source = source
+
+    @property
+    def blocks(self) -> Sequence[int]:
+        """Donor block indices present."""
+        return sorted({int(_KEY.match(k).group(1)) for k in self.tensors})
+
+    def identity(self) -> Dict[str, Any]:
+        """The donor identity and provenance (JSON-serialisable)."""
+        return dict(architecture=self.architecture, hub_id=self.hub_id, weights_hash=self.weights_hash,
+                    num_tokens=self.num_tokens, source=self.source)
+
+    def describe(self) -> str:
+        """One line naming the donor, for messages."""
+        name = self.hub_id or self.architecture or 'unknown donor'
+        return f'{name} (weights sha256 {self.weights_hash[:12] or "?"})'
+
+    def get(self, block: int, point: str, metric: str) -> torch.Tensor:
+        """One statistic, e.g. ``get(6, 'hidden', 'l2')``.
+
+        Raises:
+            ValueError: If it is missing (naming what is present).
+        """
+        key = f'blocks.{block}.{point}.{metric}'
+        if key not in self.tensors:
+            raise ValueError(f'activation statistics of {self.describe()} have no {key!r}; blocks present: '
+                             f'{list(self.blocks)}, metrics: {sorted({k.split(".")[-1] for k in self.tensors})}.')
+        return self.tensors[key]
+
+    def validate(self, blocks: Iterable[int], hidden: int, channels: int, need_coact: bool = False,
+                 metric: str = 'l2') -> None:
+        """Check the statistics cover ``blocks`` with the donor's sizes and hold only finite values.
+
+        Raises:
+            ValueError: Naming the offending statistic, its shape and the expected one.
+        """
+        for i in blocks:
+            wanted = [('hidden', metric, (hidden,)), ('channel', metric, (channels,))]
+            if need_coact:
+                wanted.append(('hidden', 'coact', (hidden, hidden)))
+            for point, m, shape in wanted:
+                t = self.get(i, point, m)
+                if tuple(t.shape) != shape:
+                    raise ValueError(f'activation statistic blocks.{i}.{point}.{m} has shape {tuple(t.shape)}, '
+                                     f'the donor needs {shape}: the statistics were made for another donor size.')
+                if not bool(torch.isfinite(t).all()):
+                    raise ValueError(f'activation statistic blocks.{i}.{point}.{m} holds NaN or inf values.')
+                if bool((t < 0).any()):
+                    raise ValueError(f'activation statistic blocks.{i}.{point}.{m} holds negative values.')
+
+    def check_donor(self, donor: Union[nn.Module, Mapping[str, torch.Tensor]], donor_name: str = '') -> None:
+        """Refuse statistics made for another donor.
+
+        Args:
+            donor: The donor model or its state dict.
+            donor_name: How to name the donor in the message.
+
+        Raises:
+            ValueError: If the donor's weights hash differs, naming both donors.
+        """
+        sd = donor.state_dict() if isinstance(donor, nn.Module) else donor
+        digest = weights_hash(sd)
+        if self.weights_hash and digest != self.weights_hash:
+            if not donor_name and isinstance(donor, nn.Module):
+                cfg = getattr(donor, 'pretrained_cfg', None) or {}
+                donor_name = cfg.get('hf_hub_id') or cfg.get('architecture') or type(donor).__name__
+            raise ValueError(
+                f'These activation statistics were made for donor {self.describe()}, not for '
+                f'{donor_name or "the given donor"} (weights sha256 {digest[:12]}); collect statistics on this '
+                f'donor or pass the matching file.')
+
+    def save(self, path: Union[str, os.PathLike]) -> str:
+        """Write the statistics and the donor identity to a safetensors file (atomically)."""
+        meta = {'format': FORMAT, 'identity': json.dumps(self.identity())}
+        save_safetensors_atomic(self.tensors, path, metadata=meta)
+        return str(path)
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike], donor_model: Optional[nn.Module] = None) -> 'ActivationStats':
+        """Read statistics written by :meth:`save`.
+
+        Args:
+            path: The safetensors file.
+            donor_model: If given, refuse statistics made for another donor.
+
+        Raises:
+            FileNotFoundError: If the file does not exist.
+            ValueError: If it is not a statistics file, or was made for another donor.
+        """
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'activation statistics file not found: {path}')
+        try:
+            with safe_open(path, framework='pt') as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # safetensors raises several types on a bad header
+            raise ValueError(f'{path} is not a readable safetensors statistics file ({e}).') from e
+        if meta.get('format') != FORMAT:
+            raise ValueError(f'{path} is not an activation statistics file (metadata format '
+                             f'{meta.get("format")!r}, expected {FORMAT!r}).')
+        try:
+            ident = json.loads(meta.get('identity', '{}'))
+        except json.JSONDecodeError as e:
+            raise ValueError(f'{path}: unreadable donor identity in the metadata ({e}).') from e
+        stats = cls(tensors, **{k: ident[k] for k in ('architecture', 'hub_id', 'weights_hash', 'num_tokens',
+                                                        'source') if k in ident})
+        if donor_model is not None:
+            stats.check_donor(donor_model)
+        return stats
+
+    def __repr__(self) -> str:
+        return f'ActivationStats(donor={self.describe()}, blocks={list(self.blocks)}, source={self.source!r})'
+
+
+class _Accumulator:
+    """Exact sums of |x|, x^2, [x > 0] (and co-activation) over tokens for one hook point."""
+
+    def __init__(self, coact: bool) -> None:
+        self.coact = coact
+        self.n = 0
+        self.sums: Dict[str, torch.Tensor] = {}
+
+    def __call__(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        x = output.detach().reshape(-1, output.shape[-1]).float()
+        pos = (x > 0).float()
+        parts = {'l1': x.abs().sum(0), 'l2': x.square().sum(0), 'freq': pos.sum(0)}
+        if self.coact:
+            # counts per batch are exact in float32 below 2**24 tokens; summed across batches in float64
+            parts['coact'] = pos.t() @ pos
+        for k, v in parts.items():
+            v = v.double()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.n += x.shape[0]
+
+    def result(self) -> Dict[str, torch.Tensor]:
+        n = max(self.n, 1)
+        out = {'l1': self.sums['l1'] / n, 'l2': (self.sums['l2'] / n).sqrt(), 'freq': self.sums['freq'] / n}
+        if self.coact:
+            c = self.sums['coact'] / n
+            c.fill_diagonal_(0)
+            out['coact'] = c
+        return {k: v.float().cpu() for k, v in out.items()}
+
+
+def _donor_blocks(donor_model: nn.Module) -> Sequence[nn.Module]:
+    blocks = getattr(donor_model, 'blocks', None)
+    ok = blocks is not None and len(blocks) > 0 and all(
+        hasattr(b, 'norm2') and hasattr(getattr(b, 'mlp', None), 'act') for b in blocks)
+    if not ok:
+        raise TypeError(f'donor_model must be a dense timm VisionTransformer (blocks with norm2 and mlp.act), '
+                        f'got {type(donor_model).__name__}.')
+    return blocks
+
+
+def collect_statistics(
+        donor_model: nn.Module,
+        loader: Iterable,
+        *,
+        max_batches: Optional[int] = None,
+        device: Union[str, torch.device] = 'cpu',
+        progress: bool = True,
+        donor_id: Optional[str] = None,
+        blocks: Optional[Sequence[int]] = None,
+        coactivation: bool = True,
+) -> ActivationStats:
+    """Run a dense donor over a DataLoader and measure its per-block activation statistics.
+
+    Args:
+        donor_model: A dense timm ``VisionTransformer`` (the donor whose MLPs will be recycled).
+        loader: Yields ``(images, targets)`` or ``images`` batches, preprocessed for the donor.
+        max_batches: Stop after this many batches (None: the whole loader).
+        device: Where to run the donor.
+        progress: Show a tqdm progress bar.
+        donor_id: Hub id (or any name) of the donor, recorded with the statistics.
+        blocks: Donor blocks to measure (default all).
+        coactivation: Also measure the hidden-unit co-activation matrix (needed by the ``graph`` strategy).
+
+    Returns:
+        The statistics, carrying the donor's architecture, hub id and weights hash.
+
+    Raises:
+        TypeError: If the donor is not a dense ViT.
+        ValueError: If ``max_batches`` or ``blocks`` is invalid, or the loader yields nothing.
+    """
+    from tqdm import tqdm
+
+    donor_blocks = _donor_blocks(donor_model)
+    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
+                                    or max_batches < 1):
+        raise ValueError(f'max_batches must be a positive int or None, got {max_batches!r}.')
+    block_ids = list(range(len(donor_blocks))) if blocks is None else list(blocks)
+    bad = [i for i in block_ids if not isinstance(i, int) or not 0 <= i < len(donor_blocks)]
+    if bad:
+        raise ValueError(f'blocks {bad} are outside the donor depth; allowed 0..{len(donor_blocks) - 1}.')
+
+    accs: Dict[str, _Accumulator] = {}
+    handles = []
+    for i in block_ids:
+        for point, module, coact in (('hidden', donor_blocks[i].mlp.act, coactivation),
+                                     ('channel', donor_blocks[i].norm2, False)):
+            acc = accs[f'blocks.{i}.{point}'] = _Accumulator(coact)
+            handles.append(module.register_forward_hook(acc))
+
+    was_training = donor_model.training
+    donor_model.eval().to(device)
+    num_batches = 0
+    total = max_batches
+    if total is None and hasattr(loader, '__len__'):
+        total = len(loader)
+    try:
+        with torch.no_grad():
+            for batch in tqdm(loader, total=total, disable=not progress, desc='activation statistics'):
+                images = batch[0] if isinstance(batch, (tuple, list)) else batch
+                donor_model(images.to(device))
+                num_batches += 1
+                if max_batches is not None and num_batches >= max_batches:
+                    break
+    finally:
+        for h in handles:
+            h.remove()
+        donor_model.train(was_training)
+    if num_batches == 0:
+        raise ValueError('the loader yielded no batches; activation statistics need at least one.')
+
+    tensors = {}
+    num_tokens = 0
+    for name, acc in accs.items():
+        num_tokens = acc.n
+        for metric, value in acc.result().items():
+            tensors[f'{name}.{metric}'] = value
+    cfg = getattr(donor_model, 'pretrained_cfg', None) or {}
+    return ActivationStats(
+        tensors,
+        architecture=str(cfg.get('architecture') or type(donor_model).__name__),
+        hub_id=str(donor_id or cfg.get('hf_hub_id') or ''),
+        weights_hash=weights_hash(donor_model.state_dict()),
+        num_tokens=num_tokens,
+        source='data',
+    )
+
+
+# Gauss-Hermite nodes for E[f(mu + sigma * z)], z ~ N(0, 1)
+_GH_NODES, _GH_WEIGHTS = (torch.from_numpy(a) for a in __import__('numpy').polynomial.hermite_e.hermegauss(48))
+_GH_WEIGHTS = _GH_WEIGHTS / math.sqrt(2 * math.pi)
+
+
+def weight_proxy_statistics(
+        state_dict: Mapping[str, torch.Tensor],
+        blocks: Sequence[int],
+        coactivation: bool = False,
+        hub_id: str = '',
+        architecture: str = '',
+        weights_hash_value: Optional[str] = None,
+) -> ActivationStats:
+    """Data-free statistics estimated from the donor's weights alone (a Gaussian model of the MLP input).
+
+    The LayerNorm output feeding block ``i``'s MLP is modelled as ``x_c = gamma_c * z_c + beta_c`` with
+    independent ``z_c ~ N(0, 1)``. Then a channel's RMS (``l2``) is ``sqrt(gamma_c^2 + beta_c^2)``; a hidden
+    unit's pre-activation is Gaussian with mean ``fc1.b + fc1.W @ beta`` and variance ``(fc1.W^2) @ gamma^2``,
+    and its post-GELU ``l1``/``l2``/``freq`` are computed by Gauss-Hermite quadrature. The co-activation proxy is
+    the positive part of the correlation between pre-activations, ``cos(W_h * gamma, W_h' * gamma)``.
+
+    Args:
+        state_dict: Dense ViT state dict (``blocks.i.norm2.*``, ``blocks.i.mlp.fc1.*`` are read).
+        blocks: Donor blocks to estimate.
+        coactivation: Also build the co-activation proxy.
+        hub_id: Donor hub id, recorded.
+        architecture: Donor architecture, recorded.
+        weights_hash_value: The donor's :func:`weights_hash` if already known.
+    """
+    tensors = {}
+    for i in blocks:
+        gamma = state_dict[f'blocks.{i}.norm2.weight'].double()
+        beta = state_dict[f'blocks.{i}.norm2.bias'].double()
+        w1 = state_dict[f'blocks.{i}.mlp.fc1.weight'].double()
+        b1 = state_dict[f'blocks.{i}.mlp.fc1.bias'].double()
+        tensors[f'blocks.{i}.channel.l2'] = (gamma.square() + beta.square()).sqrt()
+        tensors[f'blocks.{i}.channel.l1'] = gamma.abs() * math.sqrt(2 / math.pi) + beta.abs()  # rough, |E| bound
+        tensors[f'blocks.{i}.channel.freq'] = torch.special.ndtr(beta / gamma.abs().clamp_min(1e-12))
+        mu = b1 + w1 @ beta
+        scaled = w1 * gamma
+        sigma = scaled.square().sum(1).sqrt().clamp_min(1e-12)
+        a = mu[:, None] + sigma[:, None] * _GH_NODES[None, :]
+        g = torch.nn.functional.gelu(a)
+        tensors[f'blocks.{i}.hidden.l2'] = (g.square() @ _GH_WEIGHTS).clamp_min(0).sqrt()
+        tensors[f'blocks.{i}.hidden.l1'] = g.abs() @ _GH_WEIGHTS
+        tensors[f'blocks.{i}.hidden.freq'] = torch.special.ndtr(mu / sigma)
+        if coactivation:
+            unit = scaled / sigma[:, None]
+            c = (unit @ unit.t()).clamp_min(0)
+            c.fill_diagonal_(0)
+            tensors[f'blocks.{i}.hidden.coact'] = c
+    digest = weights_hash_value or weights_hash(state_dict)
+    return ActivationStats(tensors, architecture=architecture, hub_id=hub_id, weights_hash=digest, num_tokens=0,
+                           source='weights-proxy')
