@@ -1,0 +1,71 @@
+""" ``calibrate``: activation statistics of a dense donor over an image folder, for data-driven recycling. """
+import argparse
+import textwrap
+import time
+
+import torch
+
+from ..common import CommandError, apply_umask, check_output_free, load_donor_model
+
+EXAMPLE = textwrap.dedent('''\
+    example:
+      python -m timm_moejet.data ./digits --image-size 32          # or any folder of class_name/*.png
+      python -m weights_tools calibrate --donor vit_small_patch16_224.augreg_in21k --images ./digits \\
+          --limit 1000 --batch-size 64 --output vit_small_digits_stats.safetensors''')
+
+
+def add_parser(subparsers, parent: argparse.ArgumentParser, formatter) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        'calibrate', parents=[parent], formatter_class=formatter, epilog=EXAMPLE,
+        help='measure a dense donor\'s activation statistics on your images',
+        description='Run a dense timm ViT donor over an image folder (timm\'s dataset and the donor\'s eval '
+                    'transform) and write its per-block activation statistics (safetensors, with the donor\'s '
+                    'identity) for recycle --stats / create_model(..., recycle_stats=FILE).')
+    p.add_argument('--donor', required=True,
+                   help='the dense donor: a timm name (from the Hub cache), hf-hub:ORG/REPO, a Hub folder, or a '
+                        'weights file (then also --donor-arch)')
+    p.add_argument('--donor-arch', default=None, help='timm architecture of a weights-file donor')
+    p.add_argument('--images', required=True, metavar='FOLDER', help='image folder (class_name/*.png ...)')
+    p.add_argument('--split', default='train',
+                   help='split subfolder used when the folder has them (train, validation ...)')
+    p.add_argument('--limit', type=int, default=None, help='use at most this many images (class-balanced)')
+    p.add_argument('--seed', type=int, default=0, help='seed of the class-balanced random subset')
+    p.add_argument('--batch-size', type=int, default=32, help='images per forward')
+    p.add_argument('--workers', type=int, default=0, help='DataLoader worker processes')
+    p.add_argument('--device', default='cpu', help='torch device, e.g. cpu or cuda')
+    p.add_argument('--no-coactivation', action='store_true',
+                   help='skip the hidden-unit co-activation matrices (needed only by --strategy graph)')
+    p.add_argument('--no-progress', action='store_true', help='no progress bar')
+    p.add_argument('--output', '-o', required=True, metavar='FILE.safetensors', help='the statistics file')
+    p.add_argument('--overwrite', action='store_true', help='replace an existing output file')
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from timm_moejet.recycling import collect_statistics
+
+    from ..images import image_loader
+
+    if not args.output.endswith('.safetensors'):
+        raise CommandError(f'--output must be a .safetensors file, got {args.output}.')
+    check_output_free(args.output, args.overwrite, 'output file')
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        raise CommandError(f'--device {args.device!r} is not a torch device ({e}).') from e
+    donor, donor_id = load_donor_model(args.donor, args.donor_arch)
+    loader, summary = image_loader(args.images, donor, args.limit, args.batch_size, args.seed, args.workers,
+                                   split=args.split)
+    start = time.perf_counter()
+    stats = collect_statistics(donor, loader, device=device, progress=not args.no_progress, donor_id=donor_id,
+                               coactivation=not args.no_coactivation)
+    seconds = time.perf_counter() - start
+    check_output_free(args.output, args.overwrite, 'output file')
+    stats.save(args.output)
+    apply_umask(args.output)
+    print(f'calibrated {stats.describe()} on {summary["images"]} of {summary["available"]} images '
+          f'({summary["classes"]} classes, seed {args.seed}) from {args.images}: {len(loader)} batches of '
+          f'<= {args.batch_size}, {stats.num_tokens} tokens per statistic, blocks {list(stats.blocks)}, '
+          f'{seconds:.1f}s on {device}')
+    print(f'statistics written to {args.output}')
+    return 0

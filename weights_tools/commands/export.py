@@ -1,0 +1,38 @@
+""" ``export``: any registered model or checkpoint -> a timm Hub folder (model.safetensors + config.json). """
+import argparse
+import logging
+import textwrap
+
+from ..common import check_output_free, load_model, save_hub_folder
+from ._args import add_model_args, model_kwargs_from
+
+_logger = logging.getLogger('weights_tools')
+
+EXAMPLE = textwrap.dedent('''\
+    example:
+      python -m weights_tools export moejet_vit_test --num-classes 10 --checkpoint finetuned.safetensors \\
+          --output ./moejet_test_digits
+      python -c "import timm, timm_moejet; timm.create_model('local-dir:./moejet_test_digits', pretrained=True)"''')
+
+
+def add_parser(subparsers, parent: argparse.ArgumentParser, formatter) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        'export', parents=[parent], formatter_class=formatter, epilog=EXAMPLE,
+        help='write a model or checkpoint as a timm Hub folder',
+        description='Write a registered model (optionally with --checkpoint weights or --pretrained), a Hub folder '
+                    'or an hf-hub: model as a timm Hub folder: model.safetensors + config.json, loadable with '
+                    'timm.create_model("local-dir:FOLDER", pretrained=True).')
+    add_model_args(p)
+    p.add_argument('--output', '-o', required=True, metavar='FOLDER', help='the folder to write')
+    p.add_argument('--overwrite', action='store_true', help='replace an existing output folder')
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    check_output_free(args.output, args.overwrite, 'output folder')
+    model, extra = load_model(args.model, args.checkpoint, args.pretrained, model_kwargs_from(args))
+    out = save_hub_folder(model.eval(), args.output, args.overwrite, extra_config=extra)
+    n = sum(p.numel() for p in model.parameters())
+    print(f'exported {args.model} ({type(model).__name__}, {n / 1e6:.2f}M parameters) to {out}/ '
+          f'(model.safetensors + config.json)')
+    return 0
