@@ -256,7 +256,7 @@ def load_donor_model(spec: str, arch: Optional[str] = None) -> Tuple[nn.Module, 
     path = Path(spec)
     if path.is_file() or path.suffix in WEIGHT_SUFFIXES:
         if not path.is_file():
-            raise CommandError(f'donor file {path} does not exist.')
+            raise FileNotFoundError(f'donor file {path} does not exist.')
         if not arch:
             raise CommandError(f'donor {path} is a weights file: name its timm architecture with --donor-arch '
                                f'(e.g. vit_tiny_patch16_224).')
@@ -281,7 +281,7 @@ def load_donor_state_dict(spec: str) -> Dict[str, torch.Tensor]:
     path = Path(spec)
     if path.is_file() or path.suffix in WEIGHT_SUFFIXES:
         if not path.is_file():
-            raise CommandError(f'donor file {path} does not exist.')
+            raise FileNotFoundError(f'donor file {path} does not exist.')
         return unwrap_state_dict(load_state_dict_file(path))
     model, _ = load_model(spec, pretrained=True)
     return model.state_dict()

@@ -3,6 +3,8 @@ import argparse
 import os
 import textwrap
 
+import torch
+
 from ..common import CommandError, check_output_free, json_safe, load_donor_state_dict, save_hub_folder
 from ._args import model_kwargs_from
 
@@ -39,7 +41,9 @@ def add_parser(subparsers, parent: argparse.ArgumentParser, formatter) -> argpar
                         'a data-free proxy from the donor\'s weights)')
     p.add_argument('--metric', default='l2', help='importance statistic: l2 (released default), l1 or freq')
     p.add_argument('--graph-method', default='metis', help='graph strategy partitioner: metis or spectral')
-    p.add_argument('--seed', type=int, default=3407, help='seed of the sampling (same seed, same checkpoint)')
+    p.add_argument('--seed', type=int, default=3407,
+                   help='seed of the sampling and of the initial values of what is not recycled (head, slot '
+                        'queries): the same command gives a bit-identical checkpoint')
     p.add_argument('--num-classes', type=int, default=None, help='classifier size of the MoE model')
     p.add_argument('--model-kwargs', nargs='*', default=None, metavar='KEY=VALUE',
                    help='extra create_model kwargs of the MoE model, values parsed as Python literals')
@@ -61,7 +65,10 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f'--strategy must be one of {", ".join(strategies)}, got {args.strategy!r}.')
     check_output_free(args.output, args.overwrite, 'output folder')
     _check_model_name(args.model)
-    model = timm.create_model(args.model, pretrained=False, **model_kwargs_from(args))
+    with torch.random.fork_rng(devices=[]):
+        # the seed also fixes what is not recycled (head, slot queries), so the same command gives the same file
+        torch.manual_seed(args.seed)
+        model = timm.create_model(args.model, pretrained=False, **model_kwargs_from(args))
     if not moe_layers(model):
         raise CommandError(f'--model {args.model} has no SpheroMoE layer; recycle builds MoE models '
                            f'(e.g. moejet_vit_tiny).')

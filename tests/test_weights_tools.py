@@ -1,0 +1,171 @@
+""" weights_tools end to end on real images (the scikit-learn digits), import-official, push (fake HfApi), help. """
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+
+import timm_moejet  # noqa: F401  (registers the models)
+from weights_tools.cli import main
+
+FIXTURE = Path(__file__).resolve().parents[1].parent / 'shared' / 'fixtures' / 'official_moejet_reference.safetensors'
+if not FIXTURE.is_file():  # the checkout may sit elsewhere; the fixture folder is beside the main checkout
+    FIXTURE = Path('/work/shared/fixtures/official_moejet_reference.safetensors')
+
+
+def _dense_vit(width: int, seed: int) -> torch.nn.Module:
+    """A small dense timm ViT donor: depth 4 like moejet_vit_test, 64x64 input."""
+    torch.manual_seed(seed)
+    return timm.create_model('vit_tiny_patch16_224', embed_dim=width, depth=4, num_heads=2, img_size=64,
+                             num_classes=10)
+
+
+@pytest.fixture(scope='module')
+def workspace(tmp_path_factory):
+    """Digits image folder, a trunk donor as a weights file and an expert donor as a Hub folder."""
+    from timm.models import save_for_hf
+
+    from timm_moejet.data import write_digits_image_folder
+
+    root = tmp_path_factory.mktemp('weights_tools')
+    write_digits_image_folder(str(root / 'digits'), image_size=16)
+    save_file(_dense_vit(64, seed=1).state_dict(), str(root / 'trunk.safetensors'))
+    save_for_hf(_dense_vit(128, seed=2), str(root / 'experts'), safe_serialization=True)
+    return root
+
+
+def test_end_to_end_calibrate_recycle_inspect_export(workspace, capsys):
+    from PIL import Image
+
+    from timm_moejet.checkpoint_io import load_state_dict_file
+    from timm_moejet.recycling import recycle_into
+
+    root = workspace
+    stats, moe, png, export = root / 'e2e_stats.safetensors', root / 'e2e_moe', root / 'e2e.png', root / 'e2e_export'
+    assert main(['calibrate', '--donor', str(root / 'experts'), '--images', str(root / 'digits'), '--limit', '120',
+                 '--batch-size', '40', '--no-progress', '--output', str(stats)]) == 0
+    out = capsys.readouterr().out
+    assert 'on 120 of 1438 images (10 classes' in out, out
+    assert main(['recycle', '--model', 'moejet_vit_test', '--num-classes', '10',
+                 '--trunk', str(root / 'trunk.safetensors'), '--experts', str(root / 'experts'),
+                 '--strategy', 'importance', '--stats', str(stats), '--seed', '11', '--output', str(moe)]) == 0
+    assert sorted(os.listdir(moe)) == ['config.json', 'model.safetensors']
+    assert main(['inspect', str(moe), '--images', str(root / 'digits'), '--limit', '20', '--plot', str(png),
+                 '--json', str(root / 'e2e.json')]) == 0
+    out = capsys.readouterr().out
+    assert 'GMACs per image' in out and 'core contrib' in out, out
+    assert main(['export', str(moe), '--output', str(export)]) == 0
+
+    # the PNG is a valid image of a plausible size
+    with Image.open(png) as im:
+        im.verify()
+    with Image.open(png) as im:
+        assert im.format == 'PNG' and im.size[0] >= 400 and im.size[1] >= 300, im.size
+    figures = json.loads((root / 'e2e.json').read_text())
+    assert [layer['block'] for layer in figures['layers']] == [2, 3]
+    for layer in figures['layers']:
+        assert abs(sum(layer['expert_share']) - 1) < 1e-5  # shares of all experts sum to 1 (float32 sums)
+        assert abs(layer['core_share'] + layer['univ_share'] - 1) < 1e-5
+
+    # the exported folder holds the recipe and rebuilds, through timm alone, the model recycled in memory
+    config = json.loads((export / 'config.json').read_text())
+    assert config['architecture'] == 'moejet_vit_test'
+    assert config['recycling']['strategy'] == 'importance' and config['recycling']['seed'] == 11
+    assert config['recycling']['stats']['source'] == 'data'
+    assert 'recycling' not in config['pretrained_cfg']  # timm's PretrainedCfg would refuse it
+    torch.manual_seed(11)  # recycle seeds the values that are not recycled (head, slot queries) with --seed
+    reference = timm.create_model('moejet_vit_test', num_classes=10)
+    recycle_into(reference, load_state_dict_file(root / 'trunk.safetensors'),
+                 load_state_dict_file(root / 'experts' / 'model.safetensors'), strategy='importance',
+                 stats=str(stats), seed=11)
+    loaded = timm.create_model(f'local-dir:{export}', pretrained=True)
+    reference.eval()
+    loaded.eval()
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), reference(x))  # bit-identical: same seed, same weights, same code
+
+
+def test_import_official_reproduces_fixture_logits(tmp_path):
+    out = tmp_path / 'official'
+    assert main(['import-official', str(FIXTURE), '--output', str(out)]) == 0
+    ref = load_file(str(FIXTURE))
+    model = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
+    with torch.no_grad():
+        err = (model(ref['input']) - ref['logits']).abs().max().item()
+    assert err <= 1e-5, err  # float32 parity with the official implementation
+
+    # the same checkpoint as a .pth (read with weights_only=True) with the config as a JSON file
+    from safetensors import safe_open
+    with safe_open(str(FIXTURE), 'pt') as f:
+        config = f.metadata()['config']
+    sd = {k[len('state_dict.'):]: v for k, v in ref.items() if k.startswith('state_dict.')}
+    torch.save({'state_dict': sd}, tmp_path / 'official.pth')
+    (tmp_path / 'official.json').write_text(config)
+    out2 = tmp_path / 'official_pth'
+    assert main(['import-official', str(tmp_path / 'official.pth'), '--config', str(tmp_path / 'official.json'),
+                 '--output', str(out2)]) == 0
+    assert load_file(str(out2 / 'model.safetensors')).keys() == load_file(str(out / 'model.safetensors')).keys()
+
+
+class FakeHfApi:
+    """Records what timm's push_to_hf_hub would upload; nothing leaves the machine."""
+    uploads = []
+
+    def __init__(self, token=None, library_name=None, library_version=None):
+        self.token = token
+
+    def create_repo(self, repo_id, private=False, exist_ok=False):
+        from types import SimpleNamespace
+        return SimpleNamespace(repo_id=repo_id)
+
+    def file_exists(self, repo_id, filename, revision=None):
+        return False
+
+    def upload_folder(self, repo_id, folder_path, revision=None, create_pr=False, commit_message=''):
+        folder = Path(folder_path)
+        FakeHfApi.uploads.append(dict(
+            repo_id=repo_id, files=sorted(p.name for p in folder.iterdir()),
+            config=json.loads((folder / 'config.json').read_text()),
+            tensors=load_file(str(folder / 'model.safetensors')), commit_message=commit_message))
+        return f'https://huggingface.co/{repo_id}/commit/fake'
+
+
+def test_push_uploads_safetensors_and_config(workspace, tmp_path, monkeypatch, capsys):
+    import timm.models._hub as hub
+
+    monkeypatch.setattr(hub, 'HfApi', FakeHfApi)
+    FakeHfApi.uploads.clear()
+    folder = tmp_path / 'moe'
+    assert main(['recycle', '--model', 'moejet_vit_test', '--trunk', str(workspace / 'trunk.safetensors'),
+                 '--strategy', 'uniform', '--output', str(folder)]) == 0
+    assert main(['push', str(folder), 'someone/moejet-test', '--commit-message', 'first']) == 0
+    assert len(FakeHfApi.uploads) == 1
+    up = FakeHfApi.uploads[0]
+    assert up['repo_id'] == 'someone/moejet-test' and up['commit_message'] == 'first'
+    assert up['files'] == ['README.md', 'config.json', 'model.safetensors']  # no pickled pytorch_model.bin
+    assert up['config']['architecture'] == 'moejet_vit_test'
+    assert up['config']['recycling']['strategy'] == 'uniform'
+    local = load_file(str(folder / 'model.safetensors'))
+    assert up['tensors'].keys() == local.keys()
+    assert all(torch.equal(up['tensors'][k], local[k]) for k in local)
+
+
+def test_help_as_subprocess():
+    res = subprocess.run([sys.executable, '-m', 'weights_tools', '--help'], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    for command in ('calibrate', 'recycle', 'export', 'push', 'import-official', 'inspect'):
+        assert command in res.stdout
+
+
+@pytest.mark.parametrize('command', ['calibrate', 'recycle', 'export', 'push', 'import-official', 'inspect'])
+def test_each_command_help_has_an_example(command, capsys):
+    assert main([command, '--help']) == 0
+    out = capsys.readouterr().out
+    assert 'example' in out and f'weights_tools {command}' in out, out
