@@ -27,7 +27,9 @@ def _dense_vit(width: int, seed: int) -> torch.nn.Module:
 
 @pytest.fixture(scope='module')
 def workspace(tmp_path_factory):
-    """Digits image folder, a trunk donor as a weights file and an expert donor as a Hub folder."""
+    """Digits image folder, a trunk donor as a weights file, an expert donor as a Hub folder and in a fake Hub cache
+    (with a full-size ViT-Ti under its timm hub id)."""
+    from hub_cache import DenseDonor, build_hub_cache
     from timm.models import save_for_hf
 
     from timm_moejet.data import write_digits_image_folder
@@ -35,24 +37,32 @@ def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp('weights_tools')
     write_digits_image_folder(str(root / 'digits'), image_size=16)
     save_file(_dense_vit(64, seed=1).state_dict(), str(root / 'trunk.safetensors'))
-    save_for_hf(_dense_vit(128, seed=2), str(root / 'experts'), safe_serialization=True)
+    experts = _dense_vit(128, seed=2)
+    save_for_hf(experts, str(root / 'experts'), safe_serialization=True)
+    build_hub_cache(root / 'hf_cache', {
+        'testorg/vit_dense128.digits': experts,
+        'timm/vit_tiny_patch16_224.augreg_in21k': DenseDonor('vit_tiny_patch16_224'),
+    })
     return root
 
 
-def test_end_to_end_calibrate_recycle_inspect_export(workspace, capsys):
+def test_end_to_end_calibrate_recycle_inspect_export(workspace, capsys, monkeypatch):
+    from hub_cache import repo_snapshot, use_offline_hub
     from PIL import Image
 
     from timm_moejet.checkpoint_io import load_state_dict_file
     from timm_moejet.recycling import recycle_into
 
     root = workspace
+    use_offline_hub(monkeypatch, root / 'hf_cache')
+    expert_donor = 'hf-hub:testorg/vit_dense128.digits'
     stats, moe, png, export = root / 'e2e_stats.safetensors', root / 'e2e_moe', root / 'e2e.png', root / 'e2e_export'
-    assert main(['calibrate', '--donor', str(root / 'experts'), '--images', str(root / 'digits'), '--limit', '120',
+    assert main(['calibrate', '--donor', expert_donor, '--images', str(root / 'digits'), '--limit', '120',
                  '--batch-size', '40', '--no-progress', '--output', str(stats)]) == 0
     out = capsys.readouterr().out
     assert 'on 120 of 1438 images (10 classes' in out, out
     assert main(['recycle', '--model', 'moejet_vit_test', '--num-classes', '10',
-                 '--trunk', str(root / 'trunk.safetensors'), '--experts', str(root / 'experts'),
+                 '--trunk', str(root / 'trunk.safetensors'), '--experts', expert_donor,
                  '--strategy', 'importance', '--stats', str(stats), '--seed', '11', '--output', str(moe)]) == 0
     assert sorted(os.listdir(moe)) == ['config.json', 'model.safetensors']
     assert main(['inspect', str(moe), '--images', str(root / 'digits'), '--limit', '20', '--plot', str(png),
@@ -81,7 +91,8 @@ def test_end_to_end_calibrate_recycle_inspect_export(workspace, capsys):
     torch.manual_seed(11)  # recycle seeds the values that are not recycled (head, slot queries) with --seed
     reference = timm.create_model('moejet_vit_test', num_classes=10)
     recycle_into(reference, load_state_dict_file(root / 'trunk.safetensors'),
-                 load_state_dict_file(root / 'experts' / 'model.safetensors'), strategy='importance',
+                 load_state_dict_file(repo_snapshot(root / 'hf_cache', expert_donor[7:]) / 'model.safetensors'),
+                 strategy='importance',
                  stats=str(stats), seed=11)
     loaded = timm.create_model(f'local-dir:{export}', pretrained=True)
     reference.eval()
@@ -89,6 +100,26 @@ def test_end_to_end_calibrate_recycle_inspect_export(workspace, capsys):
     x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(loaded(x), reference(x))  # bit-identical: same seed, same weights, same code
+
+
+def test_calibrate_timm_name_donor_from_hub_cache(workspace, tmp_path, monkeypatch, capsys):
+    from hub_cache import DenseDonor, dense_vit_state_dict, use_offline_hub
+
+    from timm_moejet.recycling import ActivationStats
+
+    use_offline_hub(monkeypatch, workspace / 'hf_cache')
+    out = tmp_path / 'stats.safetensors'
+    assert main(['calibrate', '--donor', 'vit_tiny_patch16_224.augreg_in21k', '--images', str(workspace / 'digits'),
+                 '--split', 'validation', '--limit', '6', '--batch-size', '3', '--no-coactivation',
+                 '--output', str(out)]) == 0
+    assert 'on 6 of 359 images (6 classes' in capsys.readouterr().out
+    stats = ActivationStats.load(out)
+    assert stats.hub_id == 'vit_tiny_patch16_224.augreg_in21k' and stats.source == 'data'
+    assert stats.num_tokens == 6 * 197  # 224x224 (the donor's data config), 196 patches + class token
+    assert list(stats.blocks) == list(range(12))
+    stats.check_donor(dense_vit_state_dict(DenseDonor('vit_tiny_patch16_224')))  # the cached donor
+    with pytest.raises(ValueError, match='made for donor'):
+        stats.check_donor(dense_vit_state_dict(DenseDonor('vit_tiny_patch16_224', seed=1)))
 
 
 def test_import_official_reproduces_fixture_logits(tmp_path):

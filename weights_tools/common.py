@@ -268,7 +268,8 @@ def load_donor_model(spec: str, arch: Optional[str] = None) -> Tuple[nn.Module, 
         model.load_state_dict(state_dict, strict=True)
         donor_id = str(path.resolve())
     else:
-        model, _ = load_model(spec, pretrained=True)
+        # no head: statistics and recycling never read it, and a cached donor's head may differ from its cfg's
+        model, _ = load_model(spec, pretrained=True, model_kwargs=dict(num_classes=0))
         donor_id = spec
     return model.eval(), donor_id
 
@@ -283,7 +284,7 @@ def load_donor_state_dict(spec: str) -> Dict[str, torch.Tensor]:
         if not path.is_file():
             raise FileNotFoundError(f'donor file {path} does not exist.')
         return unwrap_state_dict(load_state_dict_file(path))
-    model, _ = load_model(spec, pretrained=True)
+    model, _ = load_model(spec, pretrained=True, model_kwargs=dict(num_classes=0))  # the head is never recycled
     return model.state_dict()
 
 
