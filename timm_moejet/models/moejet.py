@@ -17,6 +17,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..layers import COMBINE_MODES, SpheroMoE
+from ..recycling.pretrained import RecyclingArgs, RecyclingRecipe
 
 __all__ = ['MoEVisionTransformer']
 
@@ -207,7 +208,30 @@ def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
     }
 
 
+# A pretrained tag is a checkpoint-recycling recipe: its hf_hub_id is the trunk donor (timm downloads it), the
+# recipe names the expert donor and strategy; the filter turns both into MoE weights on load.
+_RECIPES: Dict[str, RecyclingRecipe] = {}
+
+
+def _recycled_cfgs(names: Sequence[str], tag: str, trunk: str, recipe: RecyclingRecipe) -> Dict[str, Any]:
+    for name in names:
+        _RECIPES[f'{name}.{tag}'] = recipe
+    return {f'{name}.{tag}': _cfg(hf_hub_id=trunk, description=recipe.describe()) for name in names}
+
+
+_TINY_NAMES = ('moejet_vit_tiny_patch16_224', 'moejet_vit_tiny')
+_SMALL_NAMES = ('moejet_vit_small_patch16_224', 'moejet_vit_small')
+_VIT_TINY_IN21K = 'timm/vit_tiny_patch16_224.augreg_in21k'
+_VIT_SMALL_IN21K = 'timm/vit_small_patch16_224.augreg_in21k'
+_VIT_BASE_IN21K = 'timm/vit_base_patch16_224.augreg_in21k'
+
 default_cfgs = generate_default_cfgs({
+    # the released recipe (default tag): experts carved from the next wider in21k ViT, the rest from the same width
+    **_recycled_cfgs(_TINY_NAMES, 'recycled_in21k', _VIT_TINY_IN21K, RecyclingRecipe(experts=_VIT_SMALL_IN21K)),
+    **_recycled_cfgs(_SMALL_NAMES, 'recycled_in21k', _VIT_SMALL_IN21K, RecyclingRecipe(experts=_VIT_BASE_IN21K)),
+    # sparse upcycling of the same-width checkpoint (core experts are copies of its MLPs)
+    **_recycled_cfgs(_TINY_NAMES, 'upcycled_in21k', _VIT_TINY_IN21K, RecyclingRecipe(strategy='upcycle')),
+    **_recycled_cfgs(_SMALL_NAMES, 'upcycled_in21k', _VIT_SMALL_IN21K, RecyclingRecipe(strategy='upcycle')),
     'moejet_vit_tiny_patch16_224.untrained': _cfg(),
     'moejet_vit_tiny.untrained': _cfg(),
     'moejet_vit_small_patch16_224.untrained': _cfg(),
@@ -220,13 +244,18 @@ default_cfgs = generate_default_cfgs({
 
 def _create_moejet(variant: str, pretrained: bool = False, **kwargs) -> MoEVisionTransformer:
     out_indices = kwargs.pop('out_indices', 3)
-    return build_model_with_cfg(
-        MoEVisionTransformer,
-        variant,
-        pretrained,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs,
-    )
+    # recycle_strategy / recycle_stats / recycle_seed / ... configure the dense->MoE pretrained filter
+    recycling = RecyclingArgs.pop_from(variant, kwargs, _RECIPES)
+    with recycling.naming_missing_donors():
+        model = build_model_with_cfg(
+            MoEVisionTransformer,
+            variant,
+            pretrained,
+            pretrained_filter_fn=recycling.filter_fn,
+            feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+            **kwargs,
+        )
+    return recycling.finish(model)
 
 
 # MoE Jetpack defaults (released code): MoE in the second half, 98 core + 196 universal experts, 1 slot each.
