@@ -1,0 +1,198 @@
+""" The timm train.py path, driven through the same timm APIs train.py calls, on the real digits (CPU, offline).
+
+train.py itself is not shipped with timm's wheel, so CI exercises its wiring: ``create_model`` with
+``--model-kwargs``-style kwargs, ``--pretrained-path`` / ``--initial-checkpoint`` loading, ``create_optimizer_v2``
+with layer decay, ``create_dataset``/``create_loader`` (RandAugment, random erasing), ``Mixup``, ``ModelEmaV3``,
+bf16 autocast, gradient checkpointing, ``torch.compile`` and ``CheckpointSaver``/``resume_checkpoint``.
+"""
+import math
+import os
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from timm.data import Mixup, create_dataset, create_loader, resolve_data_config
+from timm.loss import SoftTargetCrossEntropy
+from timm.models import resume_checkpoint
+from timm.optim import create_optimizer_v2
+from timm.utils import CheckpointSaver, ModelEmaV3, dispatch_clip_grad
+
+import timm_moejet  # noqa: F401  (registers the models, as train.py's --device-modules timm_moejet does)
+from timm_moejet.data import write_digits_image_folder
+
+IMG = 32
+# what `--model-kwargs img_size=32 patch_size=8 moe_expert_drop=0.1` gives train.py's create_model call
+MODEL_KWARGS = dict(img_size=IMG, patch_size=8, moe_expert_drop=0.1)
+LAYER_DECAY = 0.6
+
+
+@pytest.fixture(scope='module')
+def digits_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp('digits') / 'folder'
+    counts = write_digits_image_folder(str(root), image_size=IMG, val_fraction=0.2, seed=0)
+    assert counts['train'] + counts['validation'] == 1797
+    return str(root)
+
+
+def _create(**kwargs):
+    # the arguments train.py passes (drop path from --drop-path), plus --model-kwargs
+    return timm.create_model('moejet_vit_test', **{**MODEL_KWARGS, 'num_classes': 10, 'drop_path_rate': 0.1, **kwargs})
+
+
+def _param_groups(optimizer, model):
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)]: (g['lr_scale'], g['weight_decay']) for g in optimizer.param_groups for p in g['params']}
+
+
+def _assert_all_grads(model, step):
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, f'step {step}: parameters without a gradient (DDP would fail): {missing}'
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p.grad).all()]
+    assert not bad, f'step {step}: non-finite gradients in {bad}'
+
+
+def _loader(root, model, split, batch_size, is_training):
+    dataset = create_dataset('', root=root, split=split, is_training=is_training)
+    cfg = resolve_data_config({'img_size': IMG}, model=model)  # train.py's --img-size
+    return create_loader(
+        dataset, input_size=cfg['input_size'], batch_size=batch_size, is_training=is_training,
+        mean=cfg['mean'], std=cfg['std'], interpolation=cfg['interpolation'], crop_pct=cfg['crop_pct'],
+        num_workers=0, auto_augment='rand-m9-mstd0.5-inc1' if is_training else None,
+        re_prob=0.25 if is_training else 0., device=torch.device('cpu'))
+
+
+def test_layer_decay_groups_moe_at_full_lr_and_trunk_decays():
+    model = timm.create_model('moejet_vit_tiny', num_classes=10, device='meta')  # groups only: no memory
+    groups = _param_groups(create_optimizer_v2(model, 'adamw', lr=4e-3, weight_decay=0.05,
+                                               layer_decay=LAYER_DECAY), model)
+    moe_names = [n for n in groups if n.split('.')[0] == 'blocks' and int(n.split('.')[1]) in model.moe_blocks
+                 and n.split('.')[2] in ('mlp', 'norm2')]
+    assert len(moe_names) == 6 * 14  # per MoE block: norm2 (2), slot queries, slot norm (2), temperature, experts (8)
+    assert {groups[n][0] for n in moe_names} == {1.0}
+    assert groups['head.weight'][0] == 1.0
+    # the dense trunk decays by depth (released recipe: block i at 0.6 ** (12 - i), the stem at 0.6 ** 13)
+    for i in range(12):
+        assert math.isclose(groups[f'blocks.{i}.attn.qkv.weight'][0], LAYER_DECAY ** (12 - i), rel_tol=1e-9)
+    for i in range(6):
+        assert math.isclose(groups[f'blocks.{i}.mlp.fc1.weight'][0], LAYER_DECAY ** (12 - i), rel_tol=1e-9)
+    assert math.isclose(groups['patch_embed.proj.weight'][0], LAYER_DECAY ** 13, rel_tol=1e-9)
+    # weight decay: none for temperatures, biases of every shape (experts' are 2-D), norms, position embedding
+    no_wd = ['blocks.6.mlp.log_temperature', 'blocks.6.mlp.core.fc1.bias', 'blocks.11.mlp.univ.fc2.bias',
+             'blocks.6.mlp.slot_norm.weight', 'blocks.6.norm2.weight', 'fc_norm.weight', 'pos_embed', 'head.bias']
+    assert model.blocks[6].mlp.core.fc1.bias.ndim == 2
+    assert {n: groups[n][1] for n in no_wd} == {n: 0. for n in no_wd}
+    wd = ['blocks.6.mlp.core.fc1.weight', 'blocks.6.mlp.univ.fc2.weight', 'blocks.6.mlp.slot_queries',
+          'blocks.0.attn.qkv.weight', 'head.weight']
+    assert {n: groups[n][1] for n in wd} == {n: 0.05 for n in wd}
+
+
+def test_train_path_steps_ema_amp_checkpoint_resume(digits_root, tmp_path):
+    torch.manual_seed(0)
+    model = _create()
+    loader = _loader(digits_root, model, 'train', batch_size=16, is_training=True)
+    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=10)
+    criterion = SoftTargetCrossEntropy()
+    optimizer = create_optimizer_v2(model, 'adamw', lr=4e-3, weight_decay=0.05, layer_decay=LAYER_DECAY)
+    ema = ModelEmaV3(model, decay=0.9)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.set_grad_checkpointing(True)
+    model.train()
+    losses = []
+    for step, (x, y) in enumerate(loader):
+        assert x.shape == (16, 3, IMG, IMG)
+        x, y = mixup(x, y)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            loss = criterion(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        _assert_all_grads(model, step)
+        dispatch_clip_grad(model.parameters(), 5.0)
+        optimizer.step()
+        ema.update(model, step=step)
+        losses.append(loss.item())
+        if step == 3:
+            break
+    assert all(math.isfinite(v) for v in losses), losses
+    moved = [n for n, p in model.named_parameters() if not torch.equal(p, start[n])]
+    assert len(moved) == len(start), f'not updated: {sorted(set(start) - set(moved))}'
+    ema_sd = ema.module.state_dict()
+    assert all(torch.isfinite(v).all() for v in ema_sd.values() if v.is_floating_point())
+    assert not torch.equal(ema_sd['blocks.3.mlp.core.fc1.weight'], model.blocks[3].mlp.core.fc1.weight)
+
+    # CheckpointSaver as train.py uses it, then --resume into a fresh model and optimizer
+    saver = CheckpointSaver(model, optimizer, model_ema=ema, checkpoint_dir=str(tmp_path), recovery_dir=str(tmp_path),
+                            max_history=1)
+    saver.save_checkpoint(epoch=0, metric=10.)
+    path = os.path.join(str(tmp_path), 'last.pth.tar')
+    fresh = _create()
+    fresh_opt = create_optimizer_v2(fresh, 'adamw', lr=4e-3, weight_decay=0.05, layer_decay=LAYER_DECAY)
+    next_epoch = resume_checkpoint(fresh, path, optimizer=fresh_opt, log_info=False)
+    assert next_epoch == 1
+    for n, p in fresh.named_parameters():
+        assert torch.equal(p, model.get_parameter(n)), n
+    assert fresh_opt.state_dict()['state'].keys() == optimizer.state_dict()['state'].keys()
+    exp_avg = [s['exp_avg'] for s in fresh_opt.state_dict()['state'].values()]
+    assert all(torch.equal(a, b['exp_avg']) for a, b in zip(exp_avg, optimizer.state_dict()['state'].values()))
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = _create()
+    x, y = torch.randn(4, 3, IMG, IMG), torch.tensor([0, 3, 5, 9])
+    grads = []
+    for checkpointing in (False, True):
+        model.set_grad_checkpointing(checkpointing)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # same dropout, drop path and routing noise in both runs
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        _assert_all_grads(model, 0)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_torch_compile_matches_eager():
+    torch.manual_seed(0)
+    model = _create().eval()
+    x = torch.randn(2, 3, IMG, IMG)
+    # aot_eager traces the whole graph (fullgraph: no breaks) and autograd, without inductor's C++ compile time
+    # one compiled graph (eval: no dropout or noise, so eager is the reference); backward through it too
+    compiled = torch.compile(model, backend='aot_eager', fullgraph=True)
+    out = compiled(x)
+    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    _assert_all_grads(model, 0)
+
+
+def test_pretrained_path_and_initial_checkpoint(digits_root, tmp_path):
+    torch.manual_seed(0)
+    source = _create(num_classes=7)
+    path = str(tmp_path / 'model.safetensors')
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, path)
+
+    # --pretrained-path P: file overlay, head dropped (num_classes=-1) and re-made for the new task
+    model = _create(pretrained=True, pretrained_cfg_overlay=dict(file=path, num_classes=-1))
+    assert model.head.weight.shape == (10, 64)
+    for n, v in source.state_dict().items():
+        if not n.startswith('head.'):
+            assert torch.equal(model.state_dict()[n], v), n
+
+    # --initial-checkpoint P: strict load after build (same head size)
+    model = _create(num_classes=7, checkpoint_path=path)
+    for n, v in source.state_dict().items():
+        assert torch.equal(model.state_dict()[n], v), n
+
+    # a few steps on the real digits from the loaded weights, the validation loader as train.py builds it
+    model = _create(pretrained=True, pretrained_cfg_overlay=dict(file=path, num_classes=-1))
+    optimizer = create_optimizer_v2(model, 'adamw', lr=1e-3, weight_decay=0.05, layer_decay=LAYER_DECAY)
+    loader = _loader(digits_root, model, 'validation', batch_size=32, is_training=False)
+    model.train()
+    for step, (x, y) in enumerate(loader):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        _assert_all_grads(model, step)
+        optimizer.step()
+        if step == 1:
+            break
