@@ -297,7 +297,7 @@ def plot_diagnostics(
     ax_bar.set_ylim(0, 1)
     ax_bar.set_xlabel('MoE block')
     ax_bar.set_ylabel('share of output mass')
-    ax_bar.legend(loc='upper right')
+    ax_bar.legend(loc='upper left', bbox_to_anchor=(1.01, 1.0))
     if title:
         fig.suptitle(title)
 
