@@ -75,7 +75,9 @@ def partition_graph(
     c.fill_diagonal_(0)
     labels = _metis(c, num_parts, seed) if method == 'metis' else _spectral(c, num_parts, seed)
     labels = torch.as_tensor(labels, dtype=torch.long)
-    parts = [torch.nonzero(labels == j).flatten() for j in range(int(labels.max()) + 1)]
-    parts = [p for p in parts if p.numel()]
-    weights = torch.stack([c[p][:, p].sum() / 2 for p in parts])
+    _, labels = torch.unique(labels, return_inverse=True)  # drop empty parts
+    order = torch.argsort(labels, stable=True)
+    parts = list(torch.split(order, torch.bincount(labels).tolist()))
+    onehot = torch.nn.functional.one_hot(labels).double()
+    weights = ((onehot.t() @ c) * onehot.t()).sum(1) / 2  # sum of edge weights inside each part
     return parts, weights

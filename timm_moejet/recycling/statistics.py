@@ -77,7 +77,8 @@ class ActivationStats:
         if bad:
             raise ValueError(f'ActivationStats: unexpected tensor names {bad[:5]}; expected '
                              f'blocks.<i>.<hidden|channel>.<l1|l2|freq|coact>.')
-        self.tensors = {k: v.detach().float().cpu() for k, v in tensors.items()}
+        # own copies: callers may pass one tensor under several names, which safetensors cannot save
+        self.tensors = {k: v.detach().to('cpu', torch.float32).clone() for k, v in tensors.items()}
         self.architecture = architecture
         self.hub_id = hub_id
         self.weights_hash = weights_hash

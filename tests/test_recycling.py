@@ -1,0 +1,309 @@
+""" Checkpoint recycling: strategies, statistics and bad input, on reduced-size donors (no Hub involved). """
+import logging
+
+import pytest
+import timm
+import torch
+from hub_cache import DenseDonor, dense_vit_state_dict
+from scipy.stats import binomtest
+
+import timm_moejet  # noqa: F401
+from timm_moejet.recycling import (
+    STRATEGIES,
+    ActivationStats,
+    collect_statistics,
+    partition_graph,
+    recycle_into,
+    recycle_state_dict,
+    weights_hash,
+)
+
+# moejet_vit_test: D 64, depth 4, MoE blocks 2, 3, 4 core experts (hidden 256) + 8 universal (hidden 64)
+TRUNK = DenseDonor('vit_tiny_patch16_224', depth=4, seed=1, model_kwargs=dict(embed_dim=64, num_heads=2, img_size=64))
+WIDE = DenseDonor('vit_tiny_patch16_224', depth=4, seed=2, model_kwargs=dict(embed_dim=128, num_heads=2, img_size=64))
+MOE_BLOCKS = (2, 3)
+FRESH = ('head.', 'fc_norm.')
+
+
+@pytest.fixture(scope='module')
+def donors():
+    return dense_vit_state_dict(TRUNK), dense_vit_state_dict(WIDE)
+
+
+def _new_model():
+    torch.manual_seed(0)
+    return timm.create_model('moejet_vit_test', num_classes=7)
+
+
+@pytest.fixture(scope='module')
+def model():
+    return _new_model()
+
+
+@pytest.fixture
+def fresh_model():
+    return _new_model()
+
+
+def _is_router_key(key: str) -> bool:
+    return any(key.startswith(f'blocks.{i}.mlp.') for i in MOE_BLOCKS) and '.fc' not in key
+
+
+def _params_snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize('strategy', STRATEGIES)
+def test_trunk_copied_experts_are_donor_submatrices(strategy, donors, model):
+    trunk, wide = donors
+    experts = trunk if strategy == 'upcycle' else wide
+    before = model.state_dict()
+    sd, idx = recycle_state_dict(model, trunk, None if strategy == 'upcycle' else wide, strategy=strategy,
+                                 return_indices=True)
+    assert set(sd) == set(before)
+    for key, value in sd.items():
+        assert value.shape == before[key].shape, key
+        if key.startswith(FRESH) or _is_router_key(key):
+            assert torch.equal(value, before[key]), f'{key} must keep the model value'
+        elif not key.startswith(tuple(f'blocks.{i}.mlp.' for i in MOE_BLOCKS)):
+            assert torch.equal(value, trunk[key]), f'{key} must equal the trunk donor'
+    hidden_pop = experts['blocks.0.mlp.fc1.weight'].shape[0]
+    width_pop = experts['blocks.0.norm2.weight'].shape[0]
+    for i in MOE_BLOCKS:
+        w1, b1 = experts[f'blocks.{i}.mlp.fc1.weight'], experts[f'blocks.{i}.mlp.fc1.bias']
+        w2, b2 = experts[f'blocks.{i}.mlp.fc2.weight'], experts[f'blocks.{i}.mlp.fc2.bias']
+        for group, (h, c) in idx[i].items():
+            n, k = h.shape
+            assert (n, k) == tuple(sd[f'blocks.{i}.mlp.{group}.fc1.bias'].shape)
+            assert c.shape == (n, 64)
+            for rows, pop in ((h, hidden_pop), (c, width_pop)):
+                assert int(rows.min()) >= 0 and int(rows.max()) < pop
+                for r in rows:
+                    assert r.unique().numel() == r.numel(), 'indices repeat within an expert'
+                    assert torch.equal(r, r.sort().values)
+            for e in range(n):
+                p = f'blocks.{i}.mlp.{group}.'
+                assert torch.equal(sd[p + 'fc1.weight'][e], w1[h[e]][:, c[e]])
+                assert torch.equal(sd[p + 'fc1.bias'][e], b1[h[e]])
+                assert torch.equal(sd[p + 'fc2.weight'][e], w2[c[e]][:, h[e]])
+                assert torch.equal(sd[p + 'fc2.bias'][e], b2[c[e]])
+    model.load_state_dict(sd, strict=True)
+    assert torch.isfinite(model(torch.randn(1, 3, 64, 64))).all()
+
+
+@pytest.mark.parametrize('strategy', ['random', 'importance', 'graph'])
+def test_seed_reproducible_bit_for_bit_and_seed_matters(strategy, donors, model):
+    trunk, wide = donors
+    a = recycle_state_dict(model, trunk, wide, strategy=strategy, seed=11)
+    b = recycle_state_dict(model, trunk, wide, strategy=strategy, seed=11)
+    c = recycle_state_dict(model, trunk, wide, strategy=strategy, seed=12)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    key = 'blocks.2.mlp.core.fc1.weight'
+    assert not torch.equal(a[key], c[key]), 'another seed must give other experts'
+
+
+def test_upcycle_experts_equal_donor_mlp(donors, model):
+    trunk, _ = donors
+    sd = recycle_state_dict(model, trunk, strategy='upcycle')
+    for i in MOE_BLOCKS:
+        for name in ('fc1.weight', 'fc1.bias', 'fc2.weight', 'fc2.bias'):
+            core = sd[f'blocks.{i}.mlp.core.{name}']
+            dense = trunk[f'blocks.{i}.mlp.{name}']
+            for e in range(core.shape[0]):
+                assert torch.equal(core[e], dense), f'core expert {e} {name} differs from the donor MLP'
+        # universal experts: the same evenly spaced 64 of the 256 donor units (released uniform shrink)
+        units = torch.linspace(0, 255, 64, dtype=torch.float64).round().long()
+        univ = sd[f'blocks.{i}.mlp.univ.fc1.weight']
+        assert all(torch.equal(univ[e], trunk[f'blocks.{i}.mlp.fc1.weight'][units]) for e in range(univ.shape[0]))
+
+
+def test_uniform_same_for_every_expert(donors, model):
+    trunk, wide = donors
+    sd, idx = recycle_state_dict(model, trunk, wide, strategy='uniform', seed=1, return_indices=True)
+    h, c = idx[2]['core']
+    assert torch.equal(h[0], torch.linspace(0, 511, 256, dtype=torch.float64).round().long())
+    assert torch.equal(c[0], torch.linspace(0, 127, 64, dtype=torch.float64).round().long())
+    assert all(torch.equal(h[0], r) for r in h) and all(torch.equal(c[0], r) for r in c)
+
+
+def _stats_for(wide, hidden_imp, channel_imp=None, coact=None, digest=None):
+    tensors = {}
+    for i in range(4):
+        tensors[f'blocks.{i}.hidden.l2'] = hidden_imp
+        tensors[f'blocks.{i}.channel.l2'] = channel_imp if channel_imp is not None else torch.ones(128)
+        if coact is not None:
+            tensors[f'blocks.{i}.hidden.coact'] = coact
+    return ActivationStats(tensors, architecture='vit_tiny_patch16_224', hub_id='test/wide',
+                           weights_hash=digest or weights_hash(wide))
+
+
+def test_importance_samples_important_units_more(donors, model):
+    trunk, wide = donors
+    imp = torch.ones(512)
+    high = torch.arange(0, 512, 4)  # 128 units, 8x as important
+    imp[high] = 8.
+    stats = _stats_for(wide, imp)
+    _, idx = recycle_state_dict(model, trunk, wide, strategy='importance', stats=stats, seed=5, return_indices=True)
+    picks = torch.cat([idx[i]['core'][0].flatten() for i in MOE_BLOCKS])  # 2 layers x 4 experts x 256 units
+    is_high = torch.isin(picks, high)
+    trials = len(MOE_BLOCKS) * 4 * 128  # each high unit can be picked once per expert
+    # under importance-blind sampling each high unit is in an expert with probability 256 / 512
+    result = binomtest(int(is_high.sum()), trials, p=0.5, alternative='greater')
+    assert result.pvalue < 1e-9, f'high-importance units not favoured: {int(is_high.sum())} of {trials}'
+    # and the same test on a random selection does not reject (guards the test itself)
+    _, rnd = recycle_state_dict(model, trunk, wide, strategy='random', seed=5, return_indices=True)
+    rpicks = torch.cat([rnd[i]['core'][0].flatten() for i in MOE_BLOCKS])
+    assert binomtest(int(torch.isin(rpicks, high).sum()), trials, p=0.5).pvalue > 1e-3
+
+
+def test_data_free_proxy_favours_large_weights_and_is_logged(donors, model, caplog):
+    trunk, wide = donors
+    wide = dict(wide)
+    strong = torch.arange(0, 512, 4)
+    for i in MOE_BLOCKS:
+        w1 = wide[f'blocks.{i}.mlp.fc1.weight'].clone()
+        w1[strong] *= 6  # larger pre-activation spread -> larger post-GELU RMS under the proxy
+        wide[f'blocks.{i}.mlp.fc1.weight'] = w1
+    with caplog.at_level(logging.WARNING):
+        _, idx = recycle_state_dict(model, trunk, wide, strategy='importance', seed=3, return_indices=True)
+    assert 'data-free' in caplog.text
+    picks = torch.cat([idx[i]['core'][0].flatten() for i in MOE_BLOCKS])
+    hits = int(torch.isin(picks, strong).sum())
+    assert binomtest(hits, 1024, p=0.5, alternative='greater').pvalue < 1e-9
+
+
+def _planted_coact(groups: int = 16, size: int = 32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    n = groups * size
+    perm = torch.randperm(n, generator=g)  # scatter the groups over the unit indices
+    label = torch.empty(n, dtype=torch.long)
+    label[perm] = torch.arange(n) // size
+    same = label[:, None] == label[None, :]
+    c = torch.where(same, 0.5, 0.01) + 0.005 * torch.rand(n, n, generator=g)
+    c = (c + c.t()) / 2
+    c.fill_diagonal_(0)
+    return c, label
+
+
+@pytest.mark.parametrize('method', ['metis', 'spectral'])
+def test_graph_experts_are_unions_of_parts(method, donors, model):
+    trunk, wide = donors
+    coact, label = _planted_coact()
+    parts, weights = partition_graph(coact, 16, method=method, seed=3407)
+    # the partitioner recovers the planted co-activation groups
+    assert sorted(tuple(sorted(label[p].unique().tolist())) for p in parts) == [(j,) for j in range(16)]
+    stats = _stats_for(wide, torch.rand(512, generator=torch.Generator().manual_seed(1)) + 0.5, coact=coact)
+    _, idx = recycle_state_dict(model, trunk, wide, strategy='graph', stats=stats, graph_parts=16,
+                                graph_method=method, return_indices=True)
+    for i in MOE_BLOCKS:
+        for h in idx[i]['core'][0]:
+            covered = [int(torch.isin(p, h).sum()) for p in parts]
+            whole = [c for c, p in zip(covered, parts) if c == p.numel()]
+            partial = [c for c, p in zip(covered, parts) if 0 < c < p.numel()]
+            # 256 units = 8 whole parts of 32 (an expert may end with one part cut short)
+            assert len(partial) <= 1 and sum(whole) + sum(partial) == 256, (whole, partial)
+
+
+def _loader(n_batches: int, batch: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n_batches * batch, 3, 64, 64, generator=g)
+    return [(images[i:i + batch], torch.zeros(batch)) for i in range(0, len(images), batch)]
+
+
+@pytest.fixture(scope='module')
+def small_donor():
+    torch.manual_seed(0)
+    return timm.create_model('vit_tiny_patch16_224', embed_dim=64, num_heads=2, depth=2, img_size=64,
+                             num_classes=3).eval()
+
+
+def test_statistics_match_direct_computation_and_batching(small_donor):
+    stats = collect_statistics(small_donor, _loader(2, 3), progress=False, donor_id='me/donor')
+    # independent reference: capture every token, then compute the statistics in one go
+    seen = {}
+    hooks = [small_donor.blocks[1].mlp.act.register_forward_hook(lambda m, i, o: seen.setdefault('h', []).append(o)),
+             small_donor.blocks[1].norm2.register_forward_hook(lambda m, i, o: seen.setdefault('c', []).append(o))]
+    with torch.no_grad():
+        small_donor(torch.cat([b[0] for b in _loader(2, 3)]))
+    for h in hooks:
+        h.remove()
+    x = seen['h'][0].reshape(-1, 256).double()
+    pos = (x > 0).double()
+    co = pos.t() @ pos / x.shape[0]
+    co.fill_diagonal_(0)
+    tol = dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats.get(1, 'hidden', 'l2').double(), x.square().mean(0).sqrt(), **tol)
+    torch.testing.assert_close(stats.get(1, 'hidden', 'l1').double(), x.abs().mean(0), **tol)
+    torch.testing.assert_close(stats.get(1, 'hidden', 'freq').double(), pos.mean(0), **tol)
+    torch.testing.assert_close(stats.get(1, 'hidden', 'coact').double(), co, **tol)
+    c = seen['c'][0].reshape(-1, 64).double()
+    torch.testing.assert_close(stats.get(1, 'channel', 'l2').double(), c.square().mean(0).sqrt(), **tol)
+    assert stats.num_tokens == 6 * 17 and stats.hub_id == 'me/donor'
+    # other batching, same statistics (exact sums, not per-batch averages)
+    other = collect_statistics(small_donor, _loader(3, 2), progress=False)
+    for key, value in stats.tensors.items():
+        torch.testing.assert_close(other.tensors[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_statistics_file_round_trip_and_donor_check(small_donor, tmp_path):
+    stats = collect_statistics(small_donor, _loader(1, 2), progress=False, max_batches=1, donor_id='me/donor')
+    path = tmp_path / 'stats.safetensors'
+    stats.save(path)
+    loaded = ActivationStats.load(path, donor_model=small_donor)
+    assert loaded.identity() == stats.identity()
+    assert all(torch.equal(loaded.tensors[k], v) for k, v in stats.tensors.items())
+    torch.manual_seed(1)
+    other = timm.create_model('vit_tiny_patch16_224', embed_dim=64, num_heads=2, depth=2, img_size=64,
+                              num_classes=3)
+    with pytest.raises(ValueError, match=r'me/donor.*' + weights_hash(other.state_dict())[:12]):
+        ActivationStats.load(path, donor_model=other)
+    with pytest.raises(FileNotFoundError, match='missing.safetensors'):
+        ActivationStats.load(tmp_path / 'missing.safetensors')
+
+
+def test_recycle_into_records_recipe(donors, fresh_model, tmp_path):
+    model = fresh_model
+    trunk, wide = donors
+    stats = _stats_for(wide, torch.rand(512) + 0.1)
+    stats.save(tmp_path / 's.safetensors')
+    recycle_into(model, trunk, wide, strategy='importance', stats=tmp_path / 's.safetensors', seed=9,
+                 trunk_id='org/trunk', expert_id='org/wide')
+    rec = model.pretrained_cfg['recycling']
+    assert (rec['strategy'], rec['seed'], rec['trunk'], rec['experts']) == ('importance', 9, 'org/trunk', 'org/wide')
+    assert rec['stats']['hub_id'] == 'test/wide' and rec['stats']['weights_hash'] == weights_hash(wide)
+
+
+def _bad_inputs(trunk, wide):
+    narrow = dense_vit_state_dict(DenseDonor('vit_tiny_patch16_224', depth=4, model_kwargs=dict(
+        embed_dim=32, num_heads=2, img_size=64)))
+    shallow = dense_vit_state_dict(DenseDonor('vit_tiny_patch16_224', depth=3, model_kwargs=dict(
+        embed_dim=128, num_heads=2, img_size=64)))
+    nan_stats = _stats_for(wide, torch.full((512,), float('nan')))
+    short_stats = _stats_for(wide, torch.ones(300))
+    return [
+        (dict(expert_state_dict=narrow), ValueError, 'narrower'),
+        (dict(expert_state_dict=shallow), ValueError, 'depth 4'),
+        (dict(trunk_state_dict=wide), ValueError, 'width 64'),
+        (dict(strategy='magic'), ValueError, 'upcycle, uniform, random, importance, graph'),
+        (dict(strategy='upcycle'), ValueError, 'upcycle'),
+        (dict(stats=nan_stats), ValueError, 'NaN'),
+        (dict(stats=short_stats), ValueError, r'shape \(300,\)'),
+        (dict(stats=_stats_for(wide, torch.ones(512), digest='0' * 64)), ValueError, 'another donor|not for'),
+        (dict(trunk_state_dict={'weight': torch.zeros(3)}), ValueError, 'not a dense timm ViT'),
+        (dict(seed=-1), ValueError, 'seed'),
+    ]
+
+
+def test_bad_input_raises_before_writing(donors, fresh_model):
+    model = fresh_model
+    trunk, wide = donors
+    snapshot = _params_snapshot(model)
+    for overrides, exc, pattern in _bad_inputs(trunk, wide):
+        kwargs = dict(trunk_state_dict=trunk, expert_state_dict=wide, strategy='importance')
+        kwargs.update(overrides)
+        t, e = kwargs.pop('trunk_state_dict'), kwargs.pop('expert_state_dict')
+        with pytest.raises(exc, match=pattern):
+            recycle_into(model, t, e, **kwargs)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in snapshot.items()), 'a failed recycle wrote into the model'
+    assert 'recycling' not in (model.pretrained_cfg or {})
