@@ -85,9 +85,9 @@ def test_end_to_end_calibrate_recycle_inspect_export(workspace, capsys, monkeypa
     # the exported folder holds the recipe and rebuilds, through timm alone, the model recycled in memory
     config = json.loads((export / 'config.json').read_text())
     assert config['architecture'] == 'moejet_vit_test'
-    assert config['recycling']['strategy'] == 'importance' and config['recycling']['seed'] == 11
-    assert config['recycling']['stats']['source'] == 'data'
-    assert 'recycling' not in config['pretrained_cfg']  # timm's PretrainedCfg would refuse it
+    record = config['pretrained_cfg']['recycling']
+    assert record['strategy'] == 'importance' and record['seed'] == 11 and record['stats']['source'] == 'data'
+    assert record['experts'] == expert_donor
     torch.manual_seed(11)  # recycle seeds the values that are not recycled (head, slot queries) with --seed
     reference = timm.create_model('moejet_vit_test', num_classes=10)
     recycle_into(reference, load_state_dict_file(root / 'trunk.safetensors'),
@@ -95,6 +95,7 @@ def test_end_to_end_calibrate_recycle_inspect_export(workspace, capsys, monkeypa
                  strategy='importance',
                  stats=str(stats), seed=11)
     loaded = timm.create_model(f'local-dir:{export}', pretrained=True)
+    assert loaded.pretrained_cfg['recycling'] == record  # the moejet entrypoint puts the recipe back
     reference.eval()
     loaded.eval()
     x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -181,10 +182,21 @@ def test_push_uploads_safetensors_and_config(workspace, tmp_path, monkeypatch, c
     assert up['repo_id'] == 'someone/moejet-test' and up['commit_message'] == 'first'
     assert up['files'] == ['README.md', 'config.json', 'model.safetensors']  # no pickled pytorch_model.bin
     assert up['config']['architecture'] == 'moejet_vit_test'
-    assert up['config']['recycling']['strategy'] == 'uniform'
+    assert up['config']['pretrained_cfg']['recycling']['strategy'] == 'uniform'
     local = load_file(str(folder / 'model.safetensors'))
     assert up['tensors'].keys() == local.keys()
     assert all(torch.equal(up['tensors'][k], local[k]) for k in local)
+
+
+def test_export_leaves_out_load_time_recycle_kwargs(tmp_path):
+    # recycle_* kwargs configure the dense->MoE filter at load time; a recycle_stats path would not exist elsewhere
+    out = tmp_path / 'moe'
+    assert main(['export', 'moejet_vit_test', '--model-kwargs', 'recycle_strategy="uniform"', 'num_classes=3',
+                 '--output', str(out)]) == 0
+    config = json.loads((out / 'config.json').read_text())
+    assert config['model_args']['num_classes'] == 3
+    assert not [k for k in config['model_args'] if k.startswith('recycle_')], config['model_args']
+    assert timm.create_model(f'local-dir:{out}', pretrained=True).num_classes == 3
 
 
 def test_help_as_subprocess():

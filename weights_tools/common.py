@@ -110,24 +110,44 @@ def _pretrained_cfg_fields() -> set:
     return _CFG_FIELDS
 
 
+# pretrained_cfg entries timm's PretrainedCfg does not know but the moejet entrypoints pop and re-attach on load
+_MOE_CFG_RECORDS = ('recycling',)
+
+
 @contextlib.contextmanager
 def hub_export_config(model: nn.Module, extra_config: Optional[Dict[str, Any]] = None) -> Iterator[Dict[str, Any]]:
-    """Make ``model.pretrained_cfg`` exportable for the duration; yield the extra top-level config entries.
+    """Make ``model`` exportable with timm's ``save_for_hf`` for the duration; yield the extra top-level entries.
 
-    timm rebuilds ``PretrainedCfg(**config['pretrained_cfg'])`` when loading a Hub folder, which fails on keys it
-    does not know (such as the ``recycling`` record). Those keys are moved to the top level of ``config.json``,
-    where timm's loader ignores them and ``read_folder_config`` finds them again.
+    * timm rebuilds ``PretrainedCfg(**config['pretrained_cfg'])`` when loading a Hub folder, which fails on keys it
+      does not know. The ``recycling`` record of a MoE model stays in ``pretrained_cfg`` (the moejet entrypoints
+      take it out before timm sees it and put it back on the model); any other unknown key goes to the top level
+      of ``config.json``, where timm's loader ignores it.
+    * ``recycle_*`` factory kwargs are load-time options of the dense->MoE filter, not architecture: they are left
+      out of ``model_args`` (a ``recycle_stats`` path would not exist where the folder is loaded).
     """
+    from timm_moejet.models.moejet import MoEVisionTransformer
+
     cfg = dict(getattr(model, 'pretrained_cfg', None) or {})
-    known = _pretrained_cfg_fields()
-    extra = {k: v for k, v in cfg.items() if k not in known}
-    extra.update(extra_config or {})
-    original = model.pretrained_cfg
-    model.pretrained_cfg = {k: v for k, v in cfg.items() if k in known}
+    extra = dict(extra_config or {})
+    keep = set(_pretrained_cfg_fields())
+    if isinstance(model, MoEVisionTransformer):
+        keep.update(_MOE_CFG_RECORDS)
+        for key in _MOE_CFG_RECORDS:
+            if key in extra and key not in cfg:
+                cfg[key] = extra.pop(key)
+    for key in [k for k in cfg if k not in keep]:
+        extra[key] = cfg.pop(key)
+    had_args = hasattr(model, '_model_args')
+    original_cfg, original_args = model.pretrained_cfg, getattr(model, '_model_args', None)
+    model.pretrained_cfg = json_safe(cfg)
+    if had_args:
+        model._model_args = {k: v for k, v in original_args.items() if not k.startswith('recycle_')}
     try:
         yield json_safe(extra)
     finally:
-        model.pretrained_cfg = original
+        model.pretrained_cfg = original_cfg
+        if had_args:
+            model._model_args = original_args
 
 
 def save_hub_folder(

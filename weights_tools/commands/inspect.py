@@ -91,8 +91,9 @@ def run(args: argparse.Namespace) -> int:
     print(f'GMACs per image: {macs["gmacs"]:.4f} (counted by torch FlopCounterMode, routing matmuls included)')
     print(f'router diagnostics on {source}:')
     print(format_diagnostics(diags))
-    if extra.get('recycling'):
-        print(f'recycling record: {json.dumps(extra["recycling"], sort_keys=True)}')
+    record = (model.pretrained_cfg or {}).get('recycling') or extra.get('recycling')
+    if record:
+        print(f'recycling record: {json.dumps(json_safe(record), sort_keys=True)}')
 
     if args.plot is not None:
         plot_diagnostics(diags, args.plot, title=f'{args.model}: router diagnostics')

@@ -38,8 +38,8 @@ def run(args: argparse.Namespace) -> int:
     model, extra = load_model(args.model, args.checkpoint, args.pretrained, model_kwargs_from(args))
     model.eval()
     description = f'{type(model).__name__} exported with timm-moejet (`weights_tools push`).'
-    if extra.get('recycling'):
-        description += ' Recycled from dense checkpoints; recipe in config.json under "recycling".'
+    if (model.pretrained_cfg or {}).get('recycling') or extra.get('recycling'):
+        description += ' Recycled from dense checkpoints; recipe in config.json, pretrained_cfg.recycling.'
     model_card = dict(
         description=description,
         usage='```python\nimport timm, timm_moejet\n'
