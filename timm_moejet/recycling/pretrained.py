@@ -45,7 +45,8 @@ class RecyclingRecipe:
 
     Attributes:
         experts: Expert donor: a Hub id (``org/repo[@rev]``, optional ``hf-hub:`` prefix), ``local-dir:<dir>``,
-            a local checkpoint file, or None for the trunk donor itself (single-donor recycling).
+            a local checkpoint file, or None for the trunk donor itself (single-donor recycling; the
+            ``recycle_experts='trunk'`` kwarg selects it).
         strategy: One of ``STRATEGIES``.
         stats: Path of an activation statistics file of the expert donor (None: data-free proxy).
         seed: Selection seed (3407 as released).
@@ -106,6 +107,8 @@ def resolve_recipe(base: Optional[RecyclingRecipe] = None, **overrides: Any) -> 
                         f'{", ".join(RECYCLE_KWARGS)}.')
     overrides = {k: (os.fspath(v) if k == 'stats' and isinstance(v, os.PathLike) else v)
                  for k, v in overrides.items() if v is not None}
+    if overrides.get('experts') == 'trunk':
+        overrides['experts'] = None
     return dataclasses.replace(base or RecyclingRecipe(), **overrides)
 
 
