@@ -177,3 +177,38 @@ def test_debug_shows_the_exception(donors, tmp_path):
     with pytest.raises(FileNotFoundError):
         main(['recycle', '--debug', '--model', 'moejet_vit_test', '--trunk', str(donors / 'missing.pth'),
               '--output', str(tmp_path / 'moe')])
+
+
+def test_interrupted_write_leaves_nothing(donors, tmp_path, capsys, monkeypatch):
+    import timm.models
+
+    def interrupted_save(model, save_directory, **kwargs):
+        (Path(save_directory) / 'model.safetensors').write_bytes(b'half')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(timm.models, 'save_for_hf', interrupted_save)
+    status, err = _run(['recycle', '--model', 'moejet_vit_test', '--trunk', donors / 'a.safetensors',
+                        '--strategy', 'uniform', '--output', tmp_path / 'moe'], capsys)
+    assert status == 130 and 'interrupted' in err, (status, err)
+    assert os.listdir(tmp_path) == []
+
+
+def test_more_bad_inputs(donors, tmp_path, capsys):
+    # a device this machine does not have
+    status, err = _run(['inspect', 'moejet_vit_test', '--device', 'cuda:99'], capsys)
+    _assert_failed(status, err, 'cuda:99', 'CUDA device')
+    # a dense model has no router to inspect
+    status, err = _run(['inspect', 'vit_tiny_patch16_224', '--model-kwargs', 'depth=1', '--plot',
+                        tmp_path / 'p.png'], capsys)
+    _assert_failed(status, err, 'no SpheroMoE layer')
+    # a Hub folder with a broken config.json
+    broken = tmp_path / 'broken'
+    broken.mkdir()
+    (broken / 'config.json').write_text('{"architecture": ')
+    status, err = _run(['export', broken, '--output', tmp_path / 'out'], capsys)
+    _assert_failed(status, err, 'config.json', 'not valid JSON')
+    # a model name without pretrained weights as a donor
+    status, err = _run(['calibrate', '--donor', 'moejet_vit_test', '--images', donors / 'images_empty',
+                        '--output', tmp_path / 's.safetensors'], capsys)
+    _assert_failed(status, err, 'No pretrained weights exist for moejet_vit_test')
+    assert sorted(os.listdir(tmp_path)) == ['broken']

@@ -41,6 +41,7 @@ def _is_input_error(e: BaseException) -> bool:
     msg = str(e)
     return isinstance(e, RuntimeError) and any(
         s in msg for s in ('Unknown model', 'No suitable checkpoints', 'Error(s) in loading state_dict',
+                           'No pretrained weights exist',
                            'Found 0 images', 'Found no valid file'))
 
 

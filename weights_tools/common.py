@@ -15,8 +15,9 @@ import torch
 import torch.nn as nn
 
 __all__ = [
-    'CommandError', 'parse_model_kwargs', 'check_output_free', 'atomic_output_dir', 'load_model', 'load_donor_model',
-    'load_donor_state_dict', 'save_hub_folder', 'hub_export_config', 'read_folder_config', 'json_safe', 'apply_umask',
+    'CommandError', 'resolve_device', 'parse_model_kwargs', 'check_output_free', 'atomic_output_dir', 'load_model',
+    'load_donor_model', 'load_donor_state_dict', 'save_hub_folder', 'hub_export_config', 'read_folder_config',
+    'json_safe', 'apply_umask',
 ]
 
 HUB_PREFIXES = ('hf-hub:', 'local-dir:')
@@ -25,6 +26,22 @@ WEIGHT_SUFFIXES = ('.safetensors', '.pth', '.pt', '.bin', '.tar')
 
 class CommandError(Exception):
     """Bad input to a command: reported as one line on stderr with exit status 2."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """A torch device from ``--device``, refusing one this machine does not have (before any work starts)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise CommandError(f'--device {name!r} is not a torch device ({e}).') from e
+    if device.type == 'cuda':
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index is not None and device.index >= count):
+            raise CommandError(f'--device {name}: this machine has {count} CUDA device(s); use cpu or cuda:0..'
+                               f'{max(count - 1, 0)}.')
+    elif device.type == 'mps' and not (hasattr(torch.backends, 'mps') and torch.backends.mps.is_available()):
+        raise CommandError(f'--device {name}: MPS is not available on this machine.')
+    return device
 
 
 def parse_model_kwargs(items: Optional[Sequence[str]]) -> Dict[str, Any]:

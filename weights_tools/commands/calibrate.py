@@ -3,9 +3,7 @@ import argparse
 import textwrap
 import time
 
-import torch
-
-from ..common import CommandError, apply_umask, check_output_free, load_donor_model
+from ..common import CommandError, apply_umask, check_output_free, load_donor_model, resolve_device
 
 EXAMPLE = textwrap.dedent('''\
     example:
@@ -49,10 +47,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.output.endswith('.safetensors'):
         raise CommandError(f'--output must be a .safetensors file, got {args.output}.')
     check_output_free(args.output, args.overwrite, 'output file')
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as e:
-        raise CommandError(f'--device {args.device!r} is not a torch device ({e}).') from e
+    device = resolve_device(args.device)
     donor, donor_id = load_donor_model(args.donor, args.donor_arch)
     loader, summary = image_loader(args.images, donor, args.limit, args.batch_size, args.seed, args.workers,
                                    split=args.split)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..common import CommandError, apply_umask, check_output_free, json_safe, load_model
+from ..common import CommandError, apply_umask, check_output_free, json_safe, load_model, resolve_device
 from ._args import add_model_args, model_kwargs_from
 
 EXAMPLE = textwrap.dedent('''\
@@ -55,10 +55,7 @@ def run(args: argparse.Namespace) -> int:
     for out, what in ((args.plot, '--plot file'), (args.json, '--json file')):
         if out is not None:
             check_output_free(out, args.overwrite, what)
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as e:
-        raise CommandError(f'--device {args.device!r} is not a torch device ({e}).') from e
+    device = resolve_device(args.device)
     model, extra = load_model(args.model, args.checkpoint, args.pretrained, model_kwargs_from(args))
     if not moe_layers(model):
         raise CommandError(f'{args.model} ({type(model).__name__}) has no SpheroMoE layer to inspect.')
