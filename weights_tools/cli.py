@@ -52,8 +52,19 @@ def _one_line(e: BaseException) -> str:
     return msg or type(e).__name__
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+class _Formatter(argparse.HelpFormatter):
+    """Wraps one-paragraph descriptions, keeps multi-line examples as written, shows only meaningful defaults."""
+
+    def _fill_text(self, text, width, indent):
+        if '\n' in text:
+            return ''.join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+    def _get_help_string(self, action):
+        help_text = action.help or ''
+        if action.default not in (None, False, argparse.SUPPRESS) and '%(default)' not in help_text:
+            help_text += ' (default: %(default)s)'
+        return help_text
 
 
 def build_parser() -> argparse.ArgumentParser:
