@@ -32,7 +32,10 @@ def uniform_indices(population: int, k: int) -> torch.Tensor:
 
 
 def select_upcycle(num_experts: int, population: int, k: int) -> torch.Tensor:
-    """Every expert keeps every donor unit (sparse upcycling: experts are copies). Needs ``k == population``."""
+    """Every expert keeps every donor unit (sparse upcycling: experts are copies). Needs ``k == population``.
+
+    Universal experts, smaller than the donor MLP, then keep evenly spaced units of it (see ``subselect_uniform``).
+    """
     if k != population:
         raise ValueError(f'upcycle copies the donor MLP, so the expert needs all {population} donor units, '
                          f'but it has {k}; use a donor of the expert size or another strategy.')

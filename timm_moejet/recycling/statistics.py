@@ -288,6 +288,8 @@ def collect_statistics(
             handles.append(module.register_forward_hook(acc))
 
     was_training = donor_model.training
+    first = next(donor_model.parameters(), None)
+    home = first.device if first is not None else torch.device('cpu')
     donor_model.eval().to(device)
     num_batches = 0
     total = max_batches
@@ -304,7 +306,7 @@ def collect_statistics(
     finally:
         for h in handles:
             h.remove()
-        donor_model.train(was_training)
+        donor_model.train(was_training).to(home)
     if num_batches == 0:
         raise ValueError('the loader yielded no batches; activation statistics need at least one.')
 
