@@ -52,6 +52,13 @@ def load_state_dict_file(path: PathLike) -> Dict[str, torch.Tensor]:
     raise ValueError(f'{path}: unsupported checkpoint format {suffix!r}; use .safetensors, .pth, .pt or .bin.')
 
 
+def _umask_mode() -> int:
+    # mkstemp creates 0600 files; give the final file the permissions a plain open() would
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _atomic_target(path: Path, overwrite: bool) -> Path:
     path = Path(path)
     if path.exists() and not overwrite:
@@ -72,6 +79,7 @@ def save_safetensors_atomic(
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -87,6 +95,7 @@ def atomic_write_bytes(data: bytes, path: PathLike, overwrite: bool = True) -> P
     try:
         with os.fdopen(fd, 'wb') as f:
             f.write(data)
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
