@@ -1,0 +1,43 @@
+"""Safe reading and atomic writing of weights."""
+import os
+import stat
+
+import pytest
+import torch
+
+from timm_moejet.checkpoint_io import atomic_write_bytes, load_state_dict_file, save_safetensors_atomic
+
+
+def test_round_trip_and_permissions(tmp_path):
+    path = save_safetensors_atomic({'w': torch.arange(6.).reshape(2, 3)}, tmp_path / 'm.safetensors', {'k': 'v'})
+    assert torch.equal(load_state_dict_file(path)['w'], torch.arange(6.).reshape(2, 3))
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~mask
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    target = tmp_path / 'm.safetensors'
+    with pytest.raises(Exception):
+        save_safetensors_atomic({'w': 'not a tensor'}, target)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_overwrite_without_permission(tmp_path):
+    target = atomic_write_bytes(b'old', tmp_path / 'f.bin')
+    with pytest.raises(FileExistsError, match='f.bin exists'):
+        atomic_write_bytes(b'new', target, overwrite=False)
+    assert target.read_bytes() == b'old'
+
+
+def test_pth_is_read_with_weights_only(tmp_path):
+    class NotAllowed:
+        pass
+
+    path = tmp_path / 'evil.pth'
+    torch.save({'obj': NotAllowed()}, path)
+    with pytest.raises(ValueError, match='weights_only=True'):
+        load_state_dict_file(path)
+    good = tmp_path / 'good.pt'
+    torch.save({'w': torch.ones(2)}, good)
+    assert torch.equal(load_state_dict_file(good)['w'], torch.ones(2))
