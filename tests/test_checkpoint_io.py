@@ -1,4 +1,5 @@
 """Safe reading and atomic writing of weights."""
+import argparse
 import os
 import stat
 
@@ -31,11 +32,9 @@ def test_no_overwrite_without_permission(tmp_path):
 
 
 def test_pth_is_read_with_weights_only(tmp_path):
-    class NotAllowed:
-        pass
-
+    # an arbitrary Python object, as a malicious checkpoint would carry: refused, never unpickled
     path = tmp_path / 'evil.pth'
-    torch.save({'obj': NotAllowed()}, path)
+    torch.save({'obj': argparse.Namespace(payload=1)}, path)
     with pytest.raises(ValueError, match='weights_only=True'):
         load_state_dict_file(path)
     good = tmp_path / 'good.pt'
