@@ -310,6 +310,9 @@ def recycle_state_dict(
             out[key] = value.detach().clone()
             continue
         src = trunk.sd.get(key)
+        if src is None and key.startswith('attn_pool.'):  # a pooling head the dense donor lacks: new, like the head
+            out[key] = value.detach().clone()
+            continue
         if src is None:
             problems.append(f'missing {key}')
             continue
