@@ -138,7 +138,26 @@ def recycle_moe(
             wide, _calibration_batches(data.upstream_train[0]), progress=progress, donor_id='digits-wide-donor',
             coactivation=strategy == 'graph')
     return recycle_into(
-        model, narrow.state_dict(), wide.state_dict(), strategy=strategy, stats=stats, seed=seed)
+        model, narrow.state_dict(), wide.state_dict(), strategy=strategy, stats=stats, seed=seed,
+        trunk_id='digits-narrow-donor', expert_id='digits-wide-donor')
+
+
+def _build_arm_model(arm: str, data: DigitsData, seed: int, donors: Optional[Dict[str, nn.Module]],
+                     strategy: str) -> nn.Module:
+    is_moe, pretrained = ARMS[arm]
+    if arm == 'moe_jetpack':
+        assert donors is not None
+        return recycle_moe(donors['narrow'], donors['wide'], data, seed, strategy=strategy)
+    if is_moe:
+        return moe_model()
+    model = dense_model('narrow')
+    if pretrained:
+        assert donors is not None
+        state = {k: v for k, v in donors['narrow'].state_dict().items() if not k.startswith('head.')}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or set(missing) != {'head.weight', 'head.bias'}:
+            raise RuntimeError(f'donor does not fit: missing {missing}, unexpected {unexpected}')
+    return model
 
 
 def run_arm(
@@ -149,6 +168,7 @@ def run_arm(
         strategy: str = 'importance',
         cfg: FinetuneConfig = DOWNSTREAM,
         on_epoch: Optional[Callable[[int, float, float], None]] = None,
+        model: Optional[nn.Module] = None,
 ) -> List[float]:
     """Build one arm's model and fine-tune it downstream; returns its per-epoch test accuracy.
 
@@ -160,24 +180,16 @@ def run_arm(
         strategy: Recycling strategy of the ``moe_jetpack`` arm.
         cfg: Downstream recipe; pre-trained arms get layer decay ``PRETRAINED_LAYER_DECAY``.
         on_epoch: Progress callback ``(epoch, train_loss, test_acc)``.
+        model: The arm's model, already built (e.g. recycled); trained in place. None: built here.
     """
     if arm not in ARMS:
         raise ValueError(f'arm must be one of {tuple(ARMS)}, got {arm!r}.')
-    is_moe, pretrained = ARMS[arm]
+    pretrained = ARMS[arm][1]
     if pretrained and not donors:
         raise ValueError(f'arm {arm!r} needs the pre-trained donors (donors={{"narrow": ..., "wide": ...}}).')
     torch.manual_seed(seed)
-    if arm == 'moe_jetpack':
-        model = recycle_moe(donors['narrow'], donors['wide'], data, seed, strategy=strategy)
-    elif is_moe:
-        model = moe_model()
-    else:
-        model = dense_model('narrow')
-        if pretrained:
-            state = {k: v for k, v in donors['narrow'].state_dict().items() if not k.startswith('head.')}
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            if unexpected or set(missing) != {'head.weight', 'head.bias'}:
-                raise RuntimeError(f'donor does not fit: missing {missing}, unexpected {unexpected}')
+    if model is None:
+        model = _build_arm_model(arm, data, seed, donors, strategy)
     if pretrained:
         cfg = FinetuneConfig(**dict(vars(cfg), layer_decay=PRETRAINED_LAYER_DECAY))
     return train_classifier(model, data.downstream_train, data.downstream_test, cfg, seed=seed, on_epoch=on_epoch)
