@@ -14,7 +14,9 @@ Typical use in a test::
         build_hub_cache(offline_hub, {'timm/vit_tiny_patch16_224.augreg_in21k': DenseDonor('vit_tiny_patch16_224')})
         model = timm.create_model('moejet_vit_tiny', pretrained=True)
 
-``build_pretrained_tag_cache(root, model_names)`` builds every donor the registered moejet pretrained tags need.
+``build_pretrained_tag_cache(root, model_names)`` builds every donor the registered moejet pretrained tags need
+(for a subprocess such as timm's own suite, then set ``HF_HUB_CACHE=<root>`` and ``HF_HUB_OFFLINE=1`` in its
+environment).
 """
 import dataclasses
 import hashlib
