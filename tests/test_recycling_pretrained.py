@@ -65,10 +65,11 @@ def _check_experts_are_submatrices(sd, expert_donor, blocks, width):
             assert torch.equal(sd[p + 'fc2.weight'], w2[c[:, :, None], h[:, None, :]])
 
 
-def _check_trunk(sd, trunk, skip=(), moe_blocks=range(6, 12)):
+def _check_trunk(sd, trunk, skip=(), moe_blocks=range(6, 12), num_blocks=12):
     moe = tuple(f'blocks.{i}.mlp.' for i in moe_blocks)
     keys = [k for k in sd if not k.startswith(('head.', 'fc_norm.') + moe)]
-    assert len(keys) == 4 + 12 * 8 + 6 * 4  # embeddings, attention and norms of 12 blocks, 6 dense MLPs
+    # embeddings, attention and norms of every block, the dense MLPs
+    assert len(keys) == 4 + num_blocks * 8 + (num_blocks - len(moe)) * 4
     for key in keys:
         if key not in skip:
             assert torch.equal(sd[key], trunk[key]), f'{key} differs from the trunk donor'
@@ -111,6 +112,26 @@ def test_default_tag_full_size_with_new_classes_channels_and_size(hub, donors):
     with torch.no_grad():
         out = model(torch.randn(2, 1, 32, 32))
     assert out.shape == (2, 10) and bool(torch.isfinite(out).all())
+
+
+def test_small_default_tag_experts_from_base_at_reduced_depth(monkeypatch, tmp_path):
+    base = 'timm/vit_base_patch16_224.augreg_in21k'
+    repos = {SMALL: DenseDonor('vit_small_patch16_224', depth=4, seed=7),
+             base: DenseDonor('vit_base_patch16_224', depth=4, seed=8)}
+    use_offline_hub(monkeypatch, build_hub_cache(tmp_path / 'cache', repos))
+    model = timm.create_model('moejet_vit_small', pretrained=True, depth=4, moe_blocks=(2, 3), num_core_experts=2,
+                              num_univ_experts=3)
+    sd = model.state_dict()
+    trunk, experts = dense_vit_state_dict(repos[SMALL]), dense_vit_state_dict(repos[base])
+    _check_trunk(sd, trunk, moe_blocks=(2, 3), num_blocks=4)
+    for i in (2, 3):
+        for group, hidden in (('core', 1536), ('univ', 384)):
+            p = f'blocks.{i}.mlp.{group}.'
+            h = _recover(sd[p + 'fc1.bias'], experts[f'blocks.{i}.mlp.fc1.bias'])
+            c = _recover(sd[p + 'fc2.bias'], experts[f'blocks.{i}.mlp.fc2.bias'])
+            assert h.shape[1] == hidden and c.shape[1] == 384  # of ViT-B's 3072 units and 768 channels
+            assert torch.equal(sd[p + 'fc1.weight'], experts[f'blocks.{i}.mlp.fc1.weight'][h[:, :, None], c[:, None]])
+    assert model.pretrained_cfg['recycling']['experts'] == base
 
 
 def test_upcycled_tag_copies_donor_mlp(hub, donors):
