@@ -1,11 +1,79 @@
 """ Batched experts: many same-shaped MLPs applied with one matmul per linear layer. """
-from typing import Type
+from typing import Optional, Type
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import trunc_normal_
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
-__all__ = ['BatchedLinear', 'BatchedExperts']
+__all__ = ['BatchedLinear', 'BatchedExperts', 'ExpertDropout', 'batched_linear']
+
+
+def _batched_linear_ops(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    w = weight.transpose(1, 2)
+    if bias is None:
+        return torch.bmm(x, w)
+    return torch.baddbmm(bias.unsqueeze(1), x, w)
+
+
+class _BatchedLinearFunction(torch.autograd.Function):
+    """x @ W^T + b per expert, with the weight gradient computed straight in W's [E, out, in] layout.
+
+    Autograd's own bmm backward yields the gradient of W^T ([E, in, out]) and then copies it into W's layout:
+    a full transpose of every expert weight on every step (measured: the largest single cost of a train step).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _batched_linear_ops(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None
+        grad_w = torch.bmm(grad.transpose(1, 2), x) if ctx.needs_input_grad[1] else None
+        grad_b = grad.sum(1) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
+@torch.jit.unused
+def _batched_linear_eager(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    if is_fx_symbolic_tracing() or torch.is_autocast_enabled(x.device.type) or not torch.is_grad_enabled():
+        # fx records plain ops; autocast casts inside the ops; no autograd needs no custom backward
+        return _batched_linear_ops(x, weight, bias)
+    return _BatchedLinearFunction.apply(x, weight, bias)
+
+
+def batched_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-expert linear layer: x [E, M, in], weight [E, out, in], bias [E, out] -> [E, M, out]."""
+    if torch.jit.is_scripting():
+        return _batched_linear_ops(x, weight, bias)
+    return _batched_linear_eager(x, weight, bias)
+
+
+@torch.jit.unused
+def _rand_mask_dropout_ok(x: torch.Tensor) -> bool:
+    return not is_fx_symbolic_tracing() and x.device.type == 'cpu'
+
+
+class ExpertDropout(nn.Dropout):
+    """``nn.Dropout`` whose CPU mask comes from ``torch.rand`` >= p instead of ``bernoulli_``.
+
+    Same distribution (keep with probability 1 - p, scale by 1 / (1 - p)); on CPU ``bernoulli_`` is about 3x
+    slower than drawing uniforms, and expert dropout runs on every hidden unit of every expert. Other devices
+    (and TorchScript, fx) use ``F.dropout``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.:
+            return x
+        if torch.jit.is_scripting() or self.p == 1. or not _rand_mask_dropout_ok(x):
+            return F.dropout(x, self.p, True, self.inplace)
+        keep = torch.rand_like(x).ge_(self.p).mul_(1. / (1. - self.p))
+        return x * keep
 
 
 class BatchedLinear(nn.Module):
@@ -41,10 +109,7 @@ class BatchedLinear(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.transpose(1, 2)
-        if self.bias is None:
-            return torch.bmm(x, w)
-        return torch.baddbmm(self.bias.unsqueeze(1), x, w)
+        return batched_linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f'num_experts={self.num_experts}, in_features={self.in_features}, ' \
@@ -83,9 +148,9 @@ class BatchedExperts(nn.Module):
         self.slots_per_expert = slots_per_expert
         self.fc1 = BatchedLinear(num_experts, dim, hidden_features, bias=bias, **dd)
         self.act = act_layer()
-        self.drop1 = nn.Dropout(drop)
+        self.drop1 = ExpertDropout(drop)
         self.fc2 = BatchedLinear(num_experts, hidden_features, dim, bias=bias, **dd)
-        self.drop2 = nn.Dropout(drop)
+        self.drop2 = ExpertDropout(drop)
 
     def forward_expert_major(self, x: torch.Tensor) -> torch.Tensor:
         """
@@ -98,21 +163,30 @@ class BatchedExperts(nn.Module):
         x = self.drop1(self.act(self.fc1(x)))
         return self.drop2(self.fc2(x))
 
+    def to_expert_major(self, slots: torch.Tensor) -> torch.Tensor:
+        """[B, E * slots_per_expert, D] -> [E, B * slots_per_expert, D]; a strided view (no copy) when s == 1."""
+        b, es, d = slots.shape
+        s = self.slots_per_expert
+        return slots.reshape(b, es // s, s, d).transpose(0, 1).reshape(es // s, b * s, d)
+
+    def from_expert_major(self, h: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """[E, B * s, D] -> [B, E * s, D]; a strided view (no copy) when s == 1, which bmm consumes as is."""
+        e, bs, d = h.shape
+        s = self.slots_per_expert
+        if s == 1:
+            return h.transpose(0, 1)
+        return h.reshape(e, batch_size, s, d).transpose(0, 1).reshape(batch_size, e * s, d)
+
     def forward(self, slots: torch.Tensor) -> torch.Tensor:
         """
         Args:
             slots: Slot inputs [B, E * slots_per_expert, dim], expert-major within the slot axis.
 
         Returns:
-            Slot outputs of the same shape.
+            Slot outputs of the same shape (a strided view of the expert-major result when s == 1).
         """
-        b, es, d = slots.shape
-        s = self.slots_per_expert
-        e = es // s
-        # [B, E*s, D] -> [E, B*s, D]: a strided view when s == 1, which bmm consumes without a copy
-        h = slots.reshape(b, e, s, d).transpose(0, 1).reshape(e, b * s, d)
-        h = self.forward_expert_major(h)
-        return h.reshape(e, b, s, d).transpose(0, 1).reshape(b, es, d)
+        h = self.forward_expert_major(self.to_expert_major(slots))
+        return self.from_expert_major(h, slots.shape[0])
 
     def macs_per_row(self) -> int:
         """Multiply-accumulates for one slot row through one expert."""
