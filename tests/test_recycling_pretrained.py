@@ -168,6 +168,18 @@ def test_recycle_stats_file_used_and_foreign_stats_refused(hub, donors, tmp_path
         timm.create_model('moejet_vit_tiny', pretrained=True, recycle_stats=tmp_path / 'tiny.safetensors', **REDUCED)
 
 
+def test_overlay_checkpoint_is_both_donors(donors, monkeypatch, tmp_path):
+    use_offline_hub(monkeypatch, tmp_path / 'empty')  # the tag's Hub donors are not needed, nor available
+    save_file(donors[TINY], str(tmp_path / 'dense.safetensors'))
+    model = timm.create_model('moejet_vit_tiny', pretrained=True, recycle_strategy='upcycle', **REDUCED,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / 'dense.safetensors')))
+    sd = model.state_dict()
+    _check_trunk(sd, donors[TINY])
+    assert torch.equal(sd['blocks.9.mlp.core.fc2.weight'][1], donors[TINY]['blocks.9.mlp.fc2.weight'])
+    rec = model.pretrained_cfg['recycling']
+    assert rec['trunk'] == rec['experts'] == str(tmp_path / 'dense.safetensors')
+
+
 def test_bad_recycle_kwargs(hub, tmp_path):
     with pytest.raises(ValueError, match='upcycle, uniform, random, importance, graph'):
         timm.create_model('moejet_vit_tiny', pretrained=True, recycle_strategy='magic', **REDUCED)

@@ -152,6 +152,21 @@ def load_donor(spec: str, cache_dir: Optional[Union[str, os.PathLike]] = None, r
         raise FileNotFoundError(f'{role} donor repository {repo!r} does not exist on the Hub ({e}).') from e
 
 
+def _source_name(cfg: Mapping[str, Any]) -> str:
+    """Where timm loaded the checkpoint from, in timm's order (``_resolve_pretrained_source``)."""
+    source = cfg.get('source')
+    if source == 'hf-hub' and cfg.get('hf_hub_id'):
+        return cfg['hf_hub_id']
+    if source == 'local-dir' and cfg.get('file'):
+        return f'local-dir:{cfg["file"]}'
+    if cfg.get('state_dict') is not None:
+        return 'in-memory state dict'
+    for key in ('file', 'hf_hub_id', 'url'):
+        if cfg.get(key):
+            return str(cfg[key])
+    return 'pretrained checkpoint'
+
+
 def _record(model: nn.Module, record: Dict[str, Any]) -> None:
     cfg = dict(getattr(model, 'pretrained_cfg', None) or {})
     cfg['recycling'] = record
@@ -191,7 +206,7 @@ def checkpoint_filter_fn(
                              f'(first keys: {list(raw)[:6]}); cannot load it into {type(model).__name__}.')
         recipe = recipe or RecyclingRecipe()
         cfg = getattr(model, 'pretrained_cfg', None) or {}
-        trunk_id = cfg.get('hf_hub_id') or cfg.get('file') or cfg.get('url') or 'pretrained checkpoint'
+        trunk_id = _source_name(cfg)
         if recipe.experts is None:
             # the raw dict keeps the donor's own pos embed, so a statistics file's weights hash still matches
             experts, expert_id = (raw if is_dense_vit_state_dict(raw) else trunk), trunk_id
@@ -261,9 +276,12 @@ class RecyclingArgs:
             # an exported model's config: keep the recorded recipe (timm's PretrainedCfg has no such field)
             record = cfg['recycling']
             kwargs['pretrained_cfg'] = cfg = {k: v for k, v in cfg.items() if k != 'recycling'}
-        resolved = resolve_pretrained_cfg(variant, pretrained_cfg=cfg,
-                                          pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
+        overlay = kwargs.get('pretrained_cfg_overlay') or {}
+        resolved = resolve_pretrained_cfg(variant, pretrained_cfg=cfg, pretrained_cfg_overlay=overlay)
         base = recipes.get(f'{resolved.architecture or variant}.{resolved.tag}')
+        if any(overlay.get(k) is not None for k in ('file', 'url', 'hf_hub_id', 'state_dict')):
+            # the user replaced the tag's trunk checkpoint: it is also the expert donor unless recycle_experts says
+            base = dataclasses.replace(base, experts=None) if base is not None else None
         cache_dir = kwargs.get('cache_dir')
         recipe = resolve_recipe(base, cache_dir=os.fspath(cache_dir) if cache_dir is not None else None,
                                 **overrides)
