@@ -183,6 +183,17 @@ def test_pretrained_path_and_initial_checkpoint(digits_root, tmp_path):
     for n, v in source.state_dict().items():
         assert torch.equal(model.state_dict()[n], v), n
 
+    # --pretrained-path to a *dense* ViT checkpoint of the trunk's shape: recycled into the MoE on load
+    dense = timm.create_model('vit_tiny_patch16_224', img_size=IMG, patch_size=8, embed_dim=64, depth=4, num_heads=2,
+                              global_pool='avg', num_classes=7)
+    dense_path = str(tmp_path / 'dense.safetensors')
+    save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, dense_path)
+    model = _create(pretrained=True, pretrained_cfg_overlay=dict(file=dense_path, num_classes=-1))
+    assert torch.equal(model.blocks[3].attn.qkv.weight, dense.blocks[3].attn.qkv.weight)
+    donor_rows = {tuple(r.tolist()) for r in dense.blocks[3].mlp.fc1.weight}
+    for expert in model.blocks[3].mlp.univ.fc1.weight:  # universal experts: hidden units of the donor MLP
+        assert all(tuple(r.tolist()) in donor_rows for r in expert)
+
     # a few steps on the real digits from the loaded weights, the validation loader as train.py builds it
     model = _create(pretrained=True, pretrained_cfg_overlay=dict(file=path, num_classes=-1))
     optimizer = create_optimizer_v2(model, 'adamw', lr=1e-3, weight_decay=0.05, layer_decay=LAYER_DECAY)
