@@ -223,3 +223,38 @@ def test_paper_randaugment_runs_every_op_at_full_magnitude():
         assert out.size == img.size, op.name
         names.append(op.name)
     assert 'PosterizeIncreasing' in names
+
+
+def test_digits_image_folder_is_deterministic_and_refuses_to_overwrite(tmp_path):
+    a = write_digits_image_folder(str(tmp_path / 'a'), image_size=8, val_fraction=0.25, seed=1)
+    b = write_digits_image_folder(str(tmp_path / 'b'), image_size=8, val_fraction=0.25, seed=1)
+    write_digits_image_folder(str(tmp_path / 'c'), image_size=8, val_fraction=0.25, seed=2)
+
+    def listing(root, split):
+        return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(os.path.join(root, split))
+                      for f in fs)
+    assert a == b and a['train'] + a['validation'] == 1797
+    assert abs(a['validation'] / 1797 - 0.25) < 0.01  # stratified rounding per class
+    assert listing(str(tmp_path / 'a'), 'validation') == listing(str(tmp_path / 'b'), 'validation')
+    assert listing(str(tmp_path / 'a'), 'validation') != listing(str(tmp_path / 'c'), 'validation')
+    assert len(os.listdir(tmp_path / 'a' / 'train')) == 10
+    with pytest.raises(ValueError, match='not empty'):
+        write_digits_image_folder(str(tmp_path / 'a'), image_size=8)
+    with pytest.raises(ValueError, match='image_size'):
+        write_digits_image_folder(str(tmp_path / 'd'), image_size=4)
+    assert not (tmp_path / 'd').exists()
+
+
+def test_demo_runs_recycling_and_fine_tuning(tmp_path, capsys):
+    from timm_moejet.demo import main
+    threads = torch.get_num_threads()
+    try:
+        curves = main(['--epochs', '2', '--donor-epochs', '2', '--out-dir', str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)  # the demo sets its own
+    out = capsys.readouterr().out
+    assert set(curves) == {'moe_jetpack', 'moe_scratch', 'dense_donor'}
+    assert all(len(c) == 2 and all(0. <= a <= 100. for a in c) for c in curves.values())
+    assert "'strategy': 'importance'" in out and 'summary' in out
+    for name in ('donor_narrow', 'donor_wide', 'wide_donor_stats', 'moe_recycled', 'moe_finetuned'):
+        assert (tmp_path / f'{name}.safetensors').is_file(), name

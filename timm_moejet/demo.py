@@ -26,6 +26,7 @@ from .digits_experiment import (
     DOWNSTREAM,
     DOWNSTREAM_CLASSES,
     MOE,
+    PRETRAIN,
     PRETRAINED_LAYER_DECAY,
     UPSTREAM_CLASSES,
     _calibration_batches,
@@ -47,13 +48,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, List[float]]:
     parser = argparse.ArgumentParser(
         prog='python -m timm_moejet.demo', description='MoE Jetpack on the scikit-learn digits, end to end.')
     parser.add_argument('--epochs', type=int, default=15, help='downstream fine-tuning epochs (default 15)')
+    parser.add_argument('--donor-epochs', type=int, default=PRETRAIN.epochs,
+                        help=f'upstream pre-training epochs of each donor (default {PRETRAIN.epochs})')
     parser.add_argument('--seed', type=int, default=0)
     # one thread: these models are tiny, and extra threads only spin when the CPU is shared (10x slower measured)
     parser.add_argument('--threads', type=int, default=1, help='torch CPU threads (default 1)')
     parser.add_argument('--out-dir', default=None, help='keep donors, statistics and MoE weights here')
     args = parser.parse_args(argv)
-    if args.epochs < 1:
-        parser.error(f'--epochs must be >= 1, got {args.epochs}.')
+    for name in ('epochs', 'donor_epochs'):
+        if getattr(args, name) < 1:
+            parser.error(f'--{name.replace("_", "-")} must be >= 1, got {getattr(args, name)}.')
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     out_dir = args.out_dir or tempfile.mkdtemp(prefix='moejet-demo-')
@@ -69,12 +73,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, List[float]]:
 
     # 1. donors
     donors, paths = {}, {}
+    donor_cfg = FinetuneConfig(**dict(vars(PRETRAIN), epochs=args.donor_epochs))
     for width in ('narrow', 'wide'):
         def progress(epoch: int, loss: float, acc: float, width: str = width) -> None:
-            if (epoch + 1) % 10 == 0:
+            if (epoch + 1) % 10 == 0 or epoch + 1 == args.donor_epochs:
                 _log(f'  {width} donor epoch {epoch + 1}: loss {loss:.3f}, upstream test acc {acc:.1f}%', start)
         _log(f'1. pre-training the {width} dense donor upstream ...', start)
-        donors[width], acc = pretrain_donor(width, data, args.seed, on_epoch=progress)
+        donors[width], acc = pretrain_donor(width, data, args.seed, on_epoch=progress, cfg=donor_cfg)
         paths[width] = path = os.path.join(out_dir, f'donor_{width}.safetensors')
         save_safetensors_atomic(donors[width].state_dict(), path, overwrite=True)
         _log(f'  {width} donor: {count_params(donors[width])["total"] / 1e3:.0f}k params, upstream test acc '

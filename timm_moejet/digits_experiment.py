@@ -104,11 +104,12 @@ def pretrain_donor(
         data: DigitsData,
         seed: int,
         on_epoch: Optional[Callable[[int, float, float], None]] = None,
+        cfg: FinetuneConfig = PRETRAIN,
 ) -> Tuple[nn.Module, float]:
     """Pre-train a dense donor on the upstream classes; returns it and its upstream test accuracy."""
     torch.manual_seed(seed)
     donor = dense_model(width, num_classes=len(UPSTREAM_CLASSES))
-    train_classifier(donor, data.upstream_train, data.upstream_test, PRETRAIN, seed=seed, on_epoch=on_epoch)
+    train_classifier(donor, data.upstream_train, data.upstream_test, cfg, seed=seed, on_epoch=on_epoch)
     return donor.eval(), evaluate(donor, *data.upstream_test)
 
 
