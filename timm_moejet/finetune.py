@@ -4,7 +4,6 @@ It runs the same recipe pieces as timm's ``train.py`` (``create_optimizer_v2`` w
 with warmup, label smoothing, gradient clipping) on tensors that fit in memory, for the demo and the convergence
 benchmark. Real runs use timm's ``train.py`` (see the README).
 """
-import time
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
@@ -110,12 +109,3 @@ def train_classifier(
             on_epoch(epoch, loss_sum / len(images), accuracies[-1])
     return accuracies
 
-
-class Stopwatch:
-    """Wall-clock seconds since creation."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-
-    def __call__(self) -> float:
-        return time.perf_counter() - self.start
