@@ -258,3 +258,16 @@ def test_demo_runs_recycling_and_fine_tuning(tmp_path, capsys):
     assert "'strategy': 'importance'" in out and 'summary' in out
     for name in ('donor_narrow', 'donor_wide', 'wide_donor_stats', 'moe_recycled', 'moe_finetuned'):
         assert (tmp_path / f'{name}.safetensors').is_file(), name
+
+
+def test_float16_autocast_step_gives_finite_gradients_everywhere():
+    # train.py --amp --amp-dtype float16 (GPUs without bf16); routing runs in float32 inside the layer
+    torch.manual_seed(0)
+    model = _create()
+    x, y = torch.randn(4, 3, IMG, IMG), torch.tensor([0, 3, 5, 9])
+    with torch.autocast('cpu', dtype=torch.float16):
+        logits = model(x)
+        loss = torch.nn.functional.cross_entropy(logits, y)
+    assert logits.dtype == torch.float16
+    loss.backward()
+    _assert_all_grads(model, 0)
