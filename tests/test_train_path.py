@@ -271,3 +271,24 @@ def test_float16_autocast_step_gives_finite_gradients_everywhere():
     assert logits.dtype == torch.float16
     loss.backward()
     _assert_all_grads(model, 0)
+
+
+def test_ddp_without_find_unused_parameters(tmp_path):
+    # train.py wraps the model in DDP without find_unused_parameters: a parameter left out of a step's graph makes
+    # the next step raise ("Expected to have finished reduction in the prior iteration"). gloo, one process, CPU.
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path}/store', rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = DistributedDataParallel(_create())
+        optimizer = create_optimizer_v2(model.module, 'adamw', lr=1e-3, layer_decay=LAYER_DECAY)
+        x, y = torch.randn(4, 3, IMG, IMG), torch.tensor([0, 3, 5, 9])
+        for step in range(3):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            _assert_all_grads(model.module, step)
+            optimizer.step()
+    finally:
+        dist.destroy_process_group()
