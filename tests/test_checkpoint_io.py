@@ -6,6 +6,7 @@ import stat
 import pytest
 import torch
 
+from timm_moejet import checkpoint_io
 from timm_moejet.checkpoint_io import atomic_write_bytes, load_state_dict_file, save_safetensors_atomic
 
 
@@ -17,11 +18,20 @@ def test_round_trip_and_permissions(tmp_path):
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~mask
 
 
-def test_failed_write_leaves_nothing(tmp_path):
+def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    def half_write(tensors, filename, metadata=None):
+        with open(filename, 'wb') as f:
+            f.write(b'partial')
+        raise OSError('disk full')
+
     target = tmp_path / 'm.safetensors'
-    with pytest.raises(Exception):
-        save_safetensors_atomic({'w': 'not a tensor'}, target)
-    assert list(tmp_path.iterdir()) == []
+    save_safetensors_atomic({'w': torch.ones(1)}, target)
+    monkeypatch.setattr(checkpoint_io, 'save_file', half_write)
+    with pytest.raises(OSError, match='disk full'):
+        save_safetensors_atomic({'w': torch.zeros(1)}, target)
+    # the old file is intact and no temporary file is left
+    assert [p.name for p in tmp_path.iterdir()] == ['m.safetensors']
+    assert torch.equal(load_state_dict_file(target)['w'], torch.ones(1))
 
 
 def test_no_overwrite_without_permission(tmp_path):

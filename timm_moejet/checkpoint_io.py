@@ -6,7 +6,7 @@ unpickled), and written as safetensors through a temporary file and a rename, so
 import os
 import tempfile
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Union
+from typing import Callable, Dict, Mapping, Optional, Union
 
 import torch
 from safetensors import SafetensorError
@@ -59,11 +59,22 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
-def _atomic_target(path: Path, overwrite: bool) -> Path:
+def _atomic_write(path: PathLike, write: Callable[[str], None], overwrite: bool) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place; on failure remove it."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f'{path} exists; pass overwrite to replace it.')
     path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, _umask_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
     return path
 
 
@@ -74,31 +85,10 @@ def save_safetensors_atomic(
         overwrite: bool = True,
 ) -> Path:
     """Write tensors as safetensors via a temporary file in the same folder, then rename into place."""
-    path = _atomic_target(Path(path), overwrite)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return _atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=metadata), overwrite)
 
 
 def atomic_write_bytes(data: bytes, path: PathLike, overwrite: bool = True) -> Path:
     """Write bytes via a temporary file in the same folder, then rename into place."""
-    path = _atomic_target(Path(path), overwrite)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data)
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return _atomic_write(path, lambda tmp: Path(tmp).write_bytes(data), overwrite)
