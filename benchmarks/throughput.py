@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import timm_moejet  # noqa: F401  (registers the moejet_* models)
@@ -154,11 +155,15 @@ def train_step(member: _Member, x: torch.Tensor, device: torch.device, dtype: st
 
 
 def macs_per_image(member: _Member, device: torch.device) -> float:
-    """Eval MACs of one image, every matmul/conv/attention op counted (routing included)."""
+    """Eval MACs of one image, every matmul/conv/attention op counted (routing included).
+
+    Attention runs through SDPA's math backend while counting: the counter has no formula for the fused CPU
+    kernel, and would silently skip timm's attention and the SDPA routing path.
+    """
     member.module.eval()
     x = member.make_input()[:1]
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
         member.module(x)
     return counter.get_total_flops() / 2
 

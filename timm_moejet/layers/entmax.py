@@ -120,6 +120,9 @@ def entmax15_threshold_newton(
         (tau with ``dim`` kept as size 1, root = [z - tau]_+ of the shape of ``z``). No autograd.
     """
     with torch.no_grad():
+        if z.device.type == 'meta':  # shape propagation only: no values to verify
+            tau = _lower_bound(z, dim)
+            return tau, torch.clamp(z - tau, min=0.)
         root = torch.empty_like(z)
         buf = torch.empty_like(z)
         tau = _lower_bound(z, dim)

@@ -40,8 +40,16 @@ class _BatchedLinearFunction(torch.autograd.Function):
 
 
 @torch.jit.unused
+def fx_tracing(x: torch.Tensor) -> bool:
+    """True while any torch.fx tracer (torch.fx, timm's, torchvision's feature extraction) runs this code."""
+    return isinstance(x, torch.fx.Proxy) or is_fx_symbolic_tracing()
+
+
+@torch.jit.unused
 def _batched_linear_eager(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    if is_fx_symbolic_tracing() or torch.is_autocast_enabled(x.device.type) or not torch.is_grad_enabled():
+    if fx_tracing(x) or not torch.is_grad_enabled():
+        return _batched_linear_ops(x, weight, bias)
+    if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
         # fx records plain ops; autocast casts inside the ops; no autograd needs no custom backward
         return _batched_linear_ops(x, weight, bias)
     return _BatchedLinearFunction.apply(x, weight, bias)
@@ -56,7 +64,7 @@ def batched_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
 
 @torch.jit.unused
 def _rand_mask_dropout_ok(x: torch.Tensor) -> bool:
-    return not is_fx_symbolic_tracing() and x.device.type == 'cpu'
+    return not fx_tracing(x) and x.device.type == 'cpu'
 
 
 class ExpertDropout(nn.Dropout):

@@ -8,24 +8,66 @@ softmax) over all slots. Slots belong to "core" experts (large hidden) or "unive
 Defaults reproduce the released MoE Jetpack code, except where that code is buggy (see README, "Deviations").
 """
 import math
-from typing import Optional, Tuple, Type
+from typing import List, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import DropPath
 from torch.jit import Final
 
-from .entmax import entmax15
-from .experts import BatchedExperts
+from .entmax import entmax15_halved
+from .experts import BatchedExperts, fx_tracing
 
 __all__ = ['SpheroMoE', 'COMBINE_MODES']
 
 COMBINE_MODES = ('entmax15', 'softmax')
 
+# the entmax threshold has data-dependent control flow: a leaf for plain torch.fx too (timm's tracer already
+# treats it as one through register_notrace_function)
+torch.fx.wrap('entmax15_halved')
+
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """x / (||x|| + eps), the released code's form (not F.normalize's max(||x||, eps))."""
     return x / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + eps)
+
+
+@torch.jit.unused
+def _autocast_on(x: torch.Tensor) -> bool:
+    device_type = x.device.type
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+@torch.jit.unused
+def _routing_logits_eager(x: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    if not fx_tracing(x) and _autocast_on(x):
+        # routing stays float32 under autocast: a bf16 cosine keeps ~3 digits, too coarse for the entmax threshold
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return torch.matmul(x.float(), queries.float().t())
+    return torch.matmul(x, queries.t())
+
+
+def routing_logits(x: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """x @ queries.T, in float32 under autocast."""
+    if torch.jit.is_scripting():
+        return torch.matmul(x, queries.t())
+    return _routing_logits_eager(x, queries)
+
+
+@torch.jit.unused
+def _attention_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    if not fx_tracing(q) and _autocast_on(q):
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=1.)
+    return F.scaled_dot_product_attention(q, k, v, scale=1.)
+
+
+def routing_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q @ k.T) @ v by ``scaled_dot_product_attention`` (scale folded into q or k), float32 under autocast."""
+    if torch.jit.is_scripting():
+        return F.scaled_dot_product_attention(q, k, v, scale=1.)
+    return _attention_eager(q, k, v)
 
 
 def _check_positive_int(name: str, value: int, allow_zero: bool = False) -> None:
@@ -155,19 +197,25 @@ class SpheroMoE(nn.Module):
             dispatch [B, N, S], a distribution over tokens for each slot, and combine [B, N, S], a distribution
             over slots for each token.
         """
-        keys = l2_normalize(x, self.eps)
         queries = l2_normalize(self.slot_norm(self.slot_queries), self.eps)
-        logits = torch.matmul(keys, queries.t())
-        inv_temp = torch.exp(-self.log_temperature)
-        dispatch_logits = logits * inv_temp[0]
-        combine_logits = logits * inv_temp[-1]
+        # cosine logits as (x . q) / (||x|| + eps): the token normalisation folds into the temperature scaling
+        # below, which saves a pass over x and one over the [B, N, S] logits
+        raw = routing_logits(x, queries)
+        inv_norm = 1. / (torch.linalg.vector_norm(x, dim=-1, keepdim=True).to(raw.dtype) + self.eps)
+        inv_temp = torch.exp(-self.log_temperature).to(raw.dtype)
+        dispatch_scale = inv_norm * inv_temp[0]
+        # entmax-1.5 works on halved scores: fold the 1/2 into the scale
+        combine_scale = inv_norm * (inv_temp[-1] * 0.5 if self.sparse_combine else inv_temp[-1])
         if self.training and self.noise_std > 0.:
-            noise = torch.randn_like(logits) * self.noise_std
-            dispatch_logits = dispatch_logits + noise
-            combine_logits = combine_logits + noise
+            noise = torch.randn_like(raw).mul_(self.noise_std)
+            dispatch_logits = torch.addcmul(noise, raw, dispatch_scale)
+            combine_logits = torch.addcmul(noise * 0.5 if self.sparse_combine else noise, raw, combine_scale)
+        else:
+            dispatch_logits = raw * dispatch_scale
+            combine_logits = raw * combine_scale
         dispatch = torch.softmax(dispatch_logits, dim=1)
         if self.sparse_combine:
-            combine = entmax15(combine_logits, dim=-1)
+            combine = entmax15_halved(combine_logits, dim=-1)
         else:
             combine = torch.softmax(combine_logits, dim=-1)
         return dispatch, combine
@@ -180,22 +228,53 @@ class SpheroMoE(nn.Module):
         Returns:
             Tokens [B, N, D].
         """
+        if not self.sparse_combine and not (self.training and self.noise_std > 0.):
+            return self.drop_path(self._forward_attention(x))
         dispatch, combine = self.route(x)
         slots = torch.bmm(dispatch.transpose(1, 2), x)
         c = self.num_core_slots
         out: Optional[torch.Tensor] = None
-        if self.core is not None:
-            core_out = self.core(slots[:, :c])
-            out = torch.bmm(combine[:, :, :c], core_out)
-        if self.univ is not None:
-            univ_out = self.univ(slots[:, c:])
-            if out is None:
-                out = torch.bmm(combine[:, :, c:], univ_out)
-            else:
-                out = torch.baddbmm(out, combine[:, :, c:], univ_out)
+        if self.core is not None and self.univ is not None:
+            # split, not slice: the backward of a split is one concatenation, a slice's is a zero-filled copy each
+            core_slots, univ_slots = slots.split([c, self.num_slots - c], dim=1)
+            core_combine, univ_combine = combine.split([c, self.num_slots - c], dim=2)
+            out = torch.bmm(core_combine, self.core(core_slots))
+            out = torch.baddbmm(out, univ_combine, self.univ(univ_slots))
+        elif self.core is not None:
+            out = torch.bmm(combine, self.core(slots))
+        elif self.univ is not None:
+            out = torch.bmm(combine, self.univ(slots))
         assert out is not None
         # per-sample drop path on the expert outputs commutes with the (linear) combine
         return self.drop_path(out)
+
+    def _forward_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Softmax dispatch and combine as two ``scaled_dot_product_attention`` calls (no noise).
+
+        dispatch: slots = softmax_tokens(q_s . k_n / T_d) x_n; combine: y_n = softmax_slots(k_n . q_s / T_c) Y_s,
+        with k the L2-normalised tokens and q the normalised slot queries. The fused kernel never materialises
+        the [B, N, S] logits, at the price of computing them twice.
+        """
+        b, n, d = x.shape
+        queries = l2_normalize(self.slot_norm(self.slot_queries), self.eps)
+        inv_temp = torch.exp(-self.log_temperature).to(queries.dtype)
+        keys = x * (1. / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + self.eps))
+        slots = routing_attention((queries * inv_temp[0]).expand(b, -1, -1), keys, x)
+        c = self.num_core_slots
+        parts: List[torch.Tensor] = []
+        if self.core is not None and self.univ is not None:
+            core_slots, univ_slots = slots.split([c, self.num_slots - c], dim=1)
+            parts.append(self.core.forward_expert_major(self.core.to_expert_major(core_slots)))
+            parts.append(self.univ.forward_expert_major(self.univ.to_expert_major(univ_slots)))
+        elif self.core is not None:
+            parts.append(self.core.forward_expert_major(self.core.to_expert_major(slots)))
+        elif self.univ is not None:
+            parts.append(self.univ.forward_expert_major(self.univ.to_expert_major(slots)))
+        h = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+        # expert-major [E, B * s, D] -> [B, S, D] (a strided view when s == 1)
+        s = self.slots_per_expert
+        expert_out = h.reshape(h.shape[0], b, s, d).transpose(0, 1).reshape(b, self.num_slots, d)
+        return routing_attention(keys, (queries * inv_temp[-1]).expand(b, -1, -1), expert_out)
 
     def extra_repr(self) -> str:
         return f'dim={self.dim}, num_core={self.num_core}, num_univ={self.num_univ}, ' \
