@@ -62,8 +62,10 @@ def reference_layer_forward(layer: SpheroMoE, x: torch.Tensor) -> torch.Tensor:
 def make_layer(**kwargs) -> SpheroMoE:
     args = dict(dim=48, num_core=4, num_univ=8, core_hidden=96, univ_hidden=24, expert_drop=0., noise_std=0.)
     args.update(kwargs)
+    sdpa = args.pop('sdpa', False)
     torch.manual_seed(0)
     layer = SpheroMoE(**args)
+    layer.sdpa_combine = sdpa
     with torch.no_grad():  # move every parameter away from its init, temperatures included
         for p in layer.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -120,9 +122,10 @@ class TestLayerFastPaths:
     @pytest.mark.parametrize('kwargs', [
         dict(),
         dict(combine='softmax'),
-        dict(combine='softmax', num_univ=0),
+        dict(combine='softmax', sdpa=True),
+        dict(combine='softmax', num_univ=0, sdpa=True),
         dict(slots_per_expert=2),
-        dict(combine='softmax', slots_per_expert=2, shared_temperature=True),
+        dict(combine='softmax', slots_per_expert=2, shared_temperature=True, sdpa=True),
     ])
     def test_forward_and_gradients_equal_plain_formulation(self, kwargs):
         layer = make_layer(**kwargs).double()
@@ -203,6 +206,7 @@ class TestFixtureAtSpeed:
         layer = model.blocks[model.moe_blocks[0]].mlp
         layer.sparse_combine = combine == 'entmax15'
         layer.combine = combine
+        layer.sdpa_combine = combine == 'softmax'  # the explicit softmax path is the entmax graph with a softmax
         x = model.blocks[model.moe_blocks[0]].norm2(torch.randn(4, 17, 64)).detach()
         torch._dynamo.reset()
         compiled = torch.compile(layer, fullgraph=True)  # fullgraph: any graph break raises

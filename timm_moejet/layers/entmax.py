@@ -177,6 +177,8 @@ class _Entmax15Halved(torch.autograd.Function):
         else:
             _, root = entmax15_threshold_newton(z, dim, num_steps)
         ctx.dim = dim
+        if not ctx.needs_input_grad[0]:
+            return root.mul_(root)  # nothing to save: square the fresh buffer in place
         ctx.save_for_backward(root)
         return root * root
 
