@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import timm
+from hub_cache import build_pretrained_tag_cache
 
 HERE = Path(__file__).parent
 CACHE = Path(os.environ.get('TIMM_MOEJET_CACHE', Path.home() / '.cache' / 'timm-moejet'))
@@ -98,15 +99,18 @@ def test_timm_suite_reduced_variants(suite_dir):
         _check(outcomes, out, model)
 
 
-def test_timm_suite_moejet_vit_tiny(suite_dir):
-    # full size (265M parameters): forward, backward, cfg contract and intermediates; the scripted and fx
-    # variants run the same code on the reduced models above and cost minutes at this size
+def test_timm_suite_moejet_vit_tiny(suite_dir, tmp_path):
+    # full size (265M parameters): forward, backward, cfg contract, intermediates, and timm's pretrained-load test
+    # of the default recycling tag against an offline Hub cache of random-weight donors in the real layout (dense
+    # ViT-Ti trunk, ViT-S experts); the scripted and fx variants run the same code on the reduced models above
+    cache = build_pretrained_tag_cache(tmp_path / 'hub', ['moejet_vit_tiny.recycled_in21k'])
     node_ids = (
         'test_model_forward[1-moejet_vit_tiny]',
         'test_model_backward[2-moejet_vit_tiny]',
         'test_model_default_cfgs_non_std[1-moejet_vit_tiny.untrained]',
         'test_model_forward_intermediates[1-moejet_vit_tiny]',
+        'test_model_load_pretrained[1-moejet_vit_tiny.recycled_in21k]',
     )
-    rc, out, outcomes = run_timm_suite(suite_dir, node_ids=node_ids)
+    rc, out, outcomes = run_timm_suite(suite_dir, node_ids=node_ids, extra_env=dict(HF_HUB_CACHE=str(cache)))
     assert rc == 0, out[-6000:]
     assert set(outcomes) == set(node_ids) and set(outcomes.values()) == {'PASSED'}, out[-6000:]
