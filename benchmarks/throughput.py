@@ -2,8 +2,9 @@
 
 For each pair (a MoE model or layer and its dense twin) this prints, and optionally writes as JSON: total and
 active parameters; MACs per image with routing counted (torch's FLOP counter); eval images/s and train-step time,
-each the median of repeats that interleave MoE and dense (order alternating), with the MoE/dense ratio taken as
-the median of the per-repeat ratios; and the peak memory of one train step.
+each the median of repeats that interleave MoE and dense (order alternating; a repeat averages enough steps to
+last ``--min-time``), with the MoE/dense ratio taken as the median of the per-repeat ratios; and the peak memory of
+one train step.
 
 A train step is forward + backward (gradients set to None before it), no optimizer step: the optimizer's cost
 scales with the total parameter count, not with what the routing does. Peak memory is the parameters plus the
@@ -61,7 +62,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--compile', action='store_true', help='torch.compile both members of each pair')
     parser.add_argument('--threads', type=int, default=2, help='torch.set_num_threads (CPU)')
     parser.add_argument('--repeats', type=int, default=7, help='interleaved timed repeats (median is reported)')
-    parser.add_argument('--warmup', type=int, default=2, help='untimed runs of each member before timing')
+    parser.add_argument('--warmup', type=int, default=2, help='untimed runs of each member before timing (>= 1)')
+    parser.add_argument('--min-time', type=float, default=0.3,
+                        help='seconds one timed sample lasts at least (the step is repeated and averaged)')
     parser.add_argument('--no-train', action='store_true', help='measure eval only')
     parser.add_argument('--json', default=None, help='write the results to this JSON file')
     parser.add_argument('--seed', type=int, default=0)
@@ -70,6 +73,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error(f'--batch-size must be >= 1, got {args.batch_size}')
     if args.repeats < 1:
         parser.error(f'--repeats must be >= 1, got {args.repeats}')
+    if args.warmup < 1:
+        parser.error(f'--warmup must be >= 1, got {args.warmup}')
     if args.threads < 1:
         parser.error(f'--threads must be >= 1, got {args.threads}')
     if args.device == 'cuda' and not torch.cuda.is_available():
@@ -212,14 +217,17 @@ def measure_pair(name: str, args: argparse.Namespace, device: torch.device) -> D
 
     modes = [('eval', eval_step)] + ([] if args.no_train else [('train', train_step)])
     for mode, step in modes:
+        inner = []
         for m in members:
             for _ in range(args.warmup):
-                step(m, x, device, args.dtype)
+                t = step(m, x, device, args.dtype)
+            # one timed sample runs the step often enough to last --min-time: short steps are noisy alone
+            inner.append(max(1, math.ceil(args.min_time / max(t, 1e-6))))
         times: List[List[float]] = [[], []]
         for r in range(args.repeats):
             order = (0, 1) if r % 2 == 0 else (1, 0)
             for i in order:
-                times[i].append(step(members[i], x, device, args.dtype))
+                times[i].append(sum(step(members[i], x, device, args.dtype) for _ in range(inner[i])) / inner[i])
         result[f'{mode}_times_s'] = times
         result[f'{mode}_median_s'] = [statistics.median(t) for t in times]
         result[f'{mode}_ratio'] = statistics.median(a / b for a, b in zip(*times))
