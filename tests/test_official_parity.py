@@ -1,16 +1,16 @@
 """The official MoE Jetpack fixture: our model must compute the same function (float32, max abs error 1e-5)."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from paths import OFFICIAL_FIXTURE
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from timm_moejet import load_official
 from timm_moejet.official import official_config_to_kwargs
 
-FIXTURE = Path(__file__).resolve().parents[2] / 'shared' / 'fixtures' / 'official_moejet_reference.safetensors'
+FIXTURE = OFFICIAL_FIXTURE
 TOL = 1e-5
 
 

@@ -9,11 +9,12 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from paths import OFFICIAL_FIXTURE
 
 from timm_moejet.layers import SpheroMoE, entmax15, entmax15_halved, entmax15_threshold, entmax15_threshold_newton
 from timm_moejet.layers.experts import ExpertDropout
 
-FIXTURE = '/work/shared/fixtures/official_moejet_reference.safetensors'
+FIXTURE = str(OFFICIAL_FIXTURE)
 
 
 def entmax15_sorted(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -162,7 +163,7 @@ class TestLayerFastPaths:
 
 
 def _fixture_model():
-    pytest.importorskip('safetensors')
+    assert os.path.exists(FIXTURE), f'official fixture missing: {FIXTURE}'
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -174,7 +175,6 @@ def _fixture_model():
     return timm_moejet.load_official(state_dict, config).eval(), tensors
 
 
-@pytest.mark.skipif(not os.path.exists(FIXTURE), reason='official fixture not present')
 class TestFixtureAtSpeed:
 
     def test_bf16_autocast_close_to_float32(self):

@@ -8,14 +8,13 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from paths import OFFICIAL_FIXTURE
 from safetensors.torch import load_file, save_file
 
 import timm_moejet  # noqa: F401  (registers the models)
 from weights_tools.cli import main
 
-FIXTURE = Path(__file__).resolve().parents[1].parent / 'shared' / 'fixtures' / 'official_moejet_reference.safetensors'
-if not FIXTURE.is_file():  # the checkout may sit elsewhere; the fixture folder is beside the main checkout
-    FIXTURE = Path('/work/shared/fixtures/official_moejet_reference.safetensors')
+FIXTURE = OFFICIAL_FIXTURE
 
 
 def _dense_vit(width: int, seed: int) -> torch.nn.Module:
