@@ -207,7 +207,7 @@ def load_official(
     import timm
 
     kwargs = official_config_to_kwargs(config)
-    source = 'checkpoint'
+    source = 'the given state dict'
     if isinstance(checkpoint, (str, os.PathLike)):
         source = str(checkpoint)
         checkpoint = load_state_dict_file(checkpoint)
