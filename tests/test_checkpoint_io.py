@@ -7,7 +7,12 @@ import pytest
 import torch
 
 from timm_moejet import checkpoint_io
-from timm_moejet.checkpoint_io import atomic_write_bytes, load_state_dict_file, save_safetensors_atomic
+from timm_moejet.checkpoint_io import (
+    atomic_output_dir,
+    atomic_write_bytes,
+    load_state_dict_file,
+    save_safetensors_atomic,
+)
 
 
 def test_round_trip_and_permissions(tmp_path):
@@ -50,3 +55,26 @@ def test_pth_is_read_with_weights_only(tmp_path):
     good = tmp_path / 'good.pt'
     torch.save({'w': torch.ones(2)}, good)
     assert torch.equal(load_state_dict_file(good)['w'], torch.ones(2))
+
+
+def test_atomic_output_dir(tmp_path):
+    target = tmp_path / 'out'
+    with atomic_output_dir(target) as tmp:
+        (tmp / 'a.txt').write_text('first')
+    assert (target / 'a.txt').read_text() == 'first'
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o777 & ~mask
+    with pytest.raises(FileExistsError, match='pass overwrite'):
+        with atomic_output_dir(target):
+            pass
+    # a failing body leaves the old folder as it was and no temporary folder
+    with pytest.raises(RuntimeError, match='boom'):
+        with atomic_output_dir(target, overwrite=True) as tmp:
+            (tmp / 'a.txt').write_text('second')
+            raise RuntimeError('boom')
+    assert [p.name for p in tmp_path.iterdir()] == ['out'] and (target / 'a.txt').read_text() == 'first'
+    with atomic_output_dir(target, overwrite=True) as tmp:
+        (tmp / 'b.txt').write_text('second')
+    assert sorted(p.name for p in target.iterdir()) == ['b.txt']
+    assert [p.name for p in tmp_path.iterdir()] == ['out']

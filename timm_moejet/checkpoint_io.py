@@ -3,16 +3,19 @@
 Weights are read from ``.safetensors`` or from ``.pth``/``.pt``/``.bin`` with ``weights_only=True`` (never
 unpickled), and written as safetensors through a temporary file and a rename, so a failed write leaves nothing.
 """
+import contextlib
 import os
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
-from typing import Callable, Dict, Mapping, Optional, Union
+from typing import Callable, Dict, Iterator, Mapping, Optional, Union
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-__all__ = ['load_state_dict_file', 'save_safetensors_atomic', 'atomic_write_bytes']
+__all__ = ['load_state_dict_file', 'save_safetensors_atomic', 'atomic_write_bytes', 'atomic_output_dir']
 
 PathLike = Union[str, os.PathLike]
 TORCH_SUFFIXES = ('.pth', '.pt', '.bin', '.tar')
@@ -52,11 +55,11 @@ def load_state_dict_file(path: PathLike) -> Dict[str, torch.Tensor]:
     raise ValueError(f'{path}: unsupported checkpoint format {suffix!r}; use .safetensors, .pth, .pt or .bin.')
 
 
-def _umask_mode() -> int:
-    # mkstemp creates 0600 files; give the final file the permissions a plain open() would
+def _umask_mode(directory: bool = False) -> int:
+    # mkstemp/mkdtemp create 0600/0700; give the result the permissions a plain open()/mkdir() would
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return (0o777 if directory else 0o666) & ~mask
 
 
 def _atomic_write(path: PathLike, write: Callable[[str], None], overwrite: bool) -> Path:
@@ -76,6 +79,40 @@ def _atomic_write(path: PathLike, write: Callable[[str], None], overwrite: bool)
             os.unlink(tmp)
         raise
     return path
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; on success it is renamed to ``path``, on failure removed.
+
+    An existing folder is replaced only with ``overwrite`` (moved aside first, deleted after the rename).
+
+    Raises:
+        FileExistsError: If ``path`` exists (also if it appeared while the body ran) and not ``overwrite``.
+        NotADirectoryError: If ``path`` exists and is not a folder.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f'{path} exists; pass overwrite to replace it.')
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f'{path} exists and is not a folder.')
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent))
+    try:
+        os.chmod(tmp, _umask_mode(directory=True))
+        yield tmp
+        if path.exists():
+            if not overwrite:
+                raise FileExistsError(f'{path} appeared while it was being written; pass overwrite to replace it.')
+            old = path.with_name(f'.{path.name}.{uuid.uuid4().hex[:8]}.old')
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def save_safetensors_atomic(

@@ -5,13 +5,13 @@ It ships inside scikit-learn, so the demo, the convergence benchmark and the tra
 ``validation/<class>/*.png``) for timm's ``train.py``; ``digits_tensors`` gives it in memory.
 """
 import os
-import shutil
-import tempfile
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .checkpoint_io import atomic_output_dir
 
 __all__ = ['load_digits_uint8', 'stratified_split', 'digits_tensors', 'write_digits_image_folder']
 
@@ -133,14 +133,12 @@ def write_digits_image_folder(
             raise ValueError(f'root {root!r} exists and is not a folder.')
         if os.listdir(root) and not overwrite:
             raise ValueError(f'root {root!r} is not empty; pass overwrite=True (--overwrite) to replace it.')
-    parent = os.path.dirname(root)
-    os.makedirs(parent, exist_ok=True)
 
     images, targets = load_digits_uint8()
     images = _upscale(images, image_size)
     val_idx, train_idx = stratified_split(targets, val_fraction, seed=seed)
-    tmp = tempfile.mkdtemp(prefix='.digits-', dir=parent)
-    try:
+    # built beside root and renamed into place: a failure leaves nothing half-written
+    with atomic_output_dir(root, overwrite=True) as tmp:
         counts = {}
         for split, indices in (('train', train_idx), ('validation', val_idx)):
             for c in range(NUM_DIGIT_CLASSES):
@@ -148,12 +146,6 @@ def write_digits_image_folder(
             for i in indices:
                 Image.fromarray(images[i]).save(os.path.join(tmp, split, str(targets[i]), f'{i:04d}.png'))
             counts[split] = int(len(indices))
-        if os.path.exists(root):
-            shutil.rmtree(root)
-        os.replace(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return counts
 
 

@@ -5,9 +5,6 @@ import dataclasses
 import difflib
 import json
 import os
-import shutil
-import tempfile
-import uuid
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -17,7 +14,7 @@ import torch.nn as nn
 __all__ = [
     'CommandError', 'resolve_device', 'parse_model_kwargs', 'check_output_free', 'atomic_output_dir', 'load_model',
     'load_donor_model', 'load_donor_state_dict', 'save_hub_folder', 'hub_export_config', 'read_folder_config',
-    'json_safe', 'apply_umask',
+    'json_safe',
 ]
 
 HUB_PREFIXES = ('hf-hub:', 'local-dir:')
@@ -68,37 +65,14 @@ def check_output_free(path: os.PathLike, overwrite: bool, what: str = 'output') 
 
 @contextlib.contextmanager
 def atomic_output_dir(path: os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder next to ``path``; on success it is renamed to ``path``, on failure removed.
+    """``timm_moejet.checkpoint_io.atomic_output_dir`` with the CLI's messages for an occupied output."""
+    from timm_moejet.checkpoint_io import atomic_output_dir as _atomic_output_dir
 
-    An existing ``path`` is replaced only with ``overwrite`` (moved aside first, deleted after the rename).
-    """
-    path = Path(path)
-    check_output_free(path, overwrite, 'output folder')
+    path = check_output_free(path, overwrite, 'output folder')
     if path.exists() and not path.is_dir():
         raise CommandError(f'output {path} exists and is not a folder.')
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent))
-    try:
-        apply_umask(tmp)  # mkdtemp makes 0700 folders; the result should look like any other folder
+    with _atomic_output_dir(path, overwrite) as tmp:
         yield tmp
-        check_output_free(path, overwrite, 'output folder')  # appeared while we worked
-        if path.exists():
-            old = path.with_name(f'.{path.name}.{uuid.uuid4().hex[:8]}.old')
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def apply_umask(path: os.PathLike) -> None:
-    """Give a file/folder made by ``tempfile`` (0600/0700) the permissions a plain ``open``/``mkdir`` gives."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
 
 
 def json_safe(value: Any) -> Any:

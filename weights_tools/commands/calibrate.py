@@ -3,7 +3,7 @@ import argparse
 import textwrap
 import time
 
-from ..common import CommandError, apply_umask, check_output_free, load_donor_model, resolve_device
+from ..common import CommandError, check_output_free, load_donor_model, resolve_device
 
 EXAMPLE = textwrap.dedent('''\
     example:
@@ -57,7 +57,6 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     check_output_free(args.output, args.overwrite, 'output file')
     stats.save(args.output)
-    apply_umask(args.output)
     print(f'calibrated {stats.describe()} on {summary["images"]} of {summary["available"]} images '
           f'({summary["classes"]} classes, seed {args.seed}) from {args.images}: {len(loader)} batches of '
           f'<= {args.batch_size}, {stats.num_tokens} tokens per statistic, blocks {list(stats.blocks)}, '

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..common import CommandError, apply_umask, check_output_free, json_safe, load_model, resolve_device
+from ..common import CommandError, check_output_free, json_safe, load_model, resolve_device
 from ._args import add_model_args, model_kwargs_from
 
 EXAMPLE = textwrap.dedent('''\
@@ -85,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
           f'{params["experts"] / 1e6:.3f}M + router {params["router"] / 1e6:.4f}M')
     print(f'active parameters: per image {active["per_image"] / 1e6:.3f}M (soft routing: every expert sees its '
           f'slots), per token {active["per_token"] / 1e6:.3f}M (experts with non-zero combine weight, mean)')
-    print(f'GMACs per image: {macs["gmacs"]:.4f} (counted by torch FlopCounterMode, routing matmuls included)')
+    print(f'GMACs per image: {macs["gmacs"]:.4f} (counted by torch FlopCounterMode, routing and attention '
+          f'matmuls included)')
     print(f'router diagnostics on {source}:')
     print(format_diagnostics(diags))
     record = (model.pretrained_cfg or {}).get('recycling') or extra.get('recycling')
@@ -94,12 +95,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.plot is not None:
         plot_diagnostics(diags, args.plot, title=f'{args.model}: router diagnostics')
-        apply_umask(args.plot)
         print(f'plot written to {args.plot}')
     if args.json is not None:
         record = dict(model=args.model, input_size=input_size, params=params, active_params=active, macs=macs,
                       images=source, layers=[dict(d.as_dict(), expert_share=d.expert_share) for d in diags])
         atomic_write_bytes(json.dumps(json_safe(record), indent=2).encode(), args.json, overwrite=True)
-        apply_umask(args.json)
         print(f'figures written to {args.json}')
     return 0
