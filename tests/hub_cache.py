@@ -47,12 +47,15 @@ class DenseDonor:
         num_classes: Head size; small by default to keep files small (the recycling filter never reads the head).
         seed: Seed of the random weights.
         model_kwargs: Further timm model kwargs (e.g. ``embed_dim``, ``img_size``) for reduced-size donors.
+        exact: Draw every value from an integer RNG as ``k / 2**22`` (exactly representable, the same bits on every
+            CPU), for references that are compared bit for bit across machines.
     """
     architecture: str = 'vit_tiny_patch16_224'
     depth: Optional[int] = None
     num_classes: int = 10
     seed: int = 0
     model_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    exact: bool = False
 
     def kwargs(self) -> Dict[str, Any]:
         kw = dict(self.model_kwargs, num_classes=self.num_classes)
@@ -73,7 +76,10 @@ def dense_vit_state_dict(donor: DenseDonor) -> Dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(donor.seed)
     out = {}
     for key, value in model.state_dict().items():
-        t = torch.randn(value.shape, generator=g) * 0.02
+        if donor.exact:  # integers: no vectorised transcendental whose last bit depends on the CPU
+            t = torch.randint(-2 ** 18, 2 ** 18 + 1, value.shape, generator=g).float() / 2 ** 22
+        else:
+            t = torch.randn(value.shape, generator=g) * 0.02
         if 'norm' in key and key.endswith('.weight'):
             t = 1 + 5 * t
         out[key] = t
