@@ -10,7 +10,7 @@ Four arms are fine-tuned on the same downstream data with the same recipe and ep
 
 For each seed, both donors are first pre-trained on the upstream classes (digits 0-4); the arms then train on the
 downstream classes (digits 5-9, 20% of the images labelled, the rest held out for testing). Sizes and the split are
-in ``timm_moejet/digits_experiment.py`` and the README ("Convergence on real data").
+in ``benchmarks/digits/experiment.py`` and the README ("Convergence on real data").
 
 Prints per-arm progress, the per-epoch mean test accuracy, a final table (mean and std over seeds) and the two
 checks of the paper's claim; writes JSON and a PNG of the curves.
@@ -33,8 +33,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from timm_moejet.checkpoint_io import atomic_write_bytes
-from timm_moejet.digits_experiment import (
+from benchmarks.digits.experiment import (
     ARM_LABELS,
     ARMS,
     DOWNSTREAM,
@@ -50,7 +49,8 @@ from timm_moejet.digits_experiment import (
     pretrain_donor,
     run_arm,
 )
-from timm_moejet.finetune import FinetuneConfig
+from benchmarks.digits.train_loop import FinetuneConfig
+from timm_moejet.checkpoint_io import atomic_write_bytes
 from timm_moejet.recycling import STRATEGIES
 
 
@@ -119,7 +119,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     parser.add_argument('--epochs', type=int, default=DOWNSTREAM.epochs, help='downstream epochs of every arm')
     parser.add_argument('--arms', nargs='+', default=list(ARMS), choices=list(ARMS))
-    parser.add_argument('--strategy', default='importance', choices=STRATEGIES, help='recycling strategy')
+    parser.add_argument('--strategy', default='importance', choices=list(STRATEGIES), help='recycling strategy')
     # one thread: these models are tiny, and extra threads only spin when the CPU is shared (10x slower measured)
     parser.add_argument('--threads', type=int, default=1, help='torch CPU threads (default 1)')
     parser.add_argument('--out-dir', default=os.path.join('benchmarks', 'results'),

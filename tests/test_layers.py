@@ -33,7 +33,7 @@ def entmax15_reference(z: torch.Tensor) -> torch.Tensor:
 
 
 def small_layer(**kwargs) -> SpheroMoE:
-    args = dict(dim=32, num_core=3, num_univ=6, core_hidden=64, univ_hidden=16, expert_drop=0.)
+    args = dict(in_features=32, num_core=3, num_univ=6, core_hidden=64, univ_hidden=16, expert_drop=0.)
     args.update(kwargs)
     return SpheroMoE(**args)
 
@@ -195,3 +195,43 @@ class TestSpheroMoE:
     def test_bad_argument_type(self):
         with pytest.raises(TypeError, match='num_core'):
             small_layer(num_core=2.5)
+
+
+class TestTimmMlpCall:
+    """SpheroMoE takes timm's Mlp call, so timm's Block builds it through a plain partial."""
+
+    def test_block_builds_it_through_a_partial(self):
+        from functools import partial
+
+        from timm.models.vision_transformer import Block
+
+        block = Block(32, num_heads=2, mlp_ratio=2., mlp_layer=partial(SpheroMoE, num_core=2, num_univ=3))
+        assert isinstance(block.mlp, SpheroMoE)
+        # hidden_features (dim x mlp_ratio) is the default core hidden size, a quarter of it the universal one
+        assert (block.mlp.core.hidden_features, block.mlp.univ.hidden_features) == (64, 16)
+        assert block(torch.randn(2, 5, 32)).shape == (2, 5, 32)
+
+    def test_bias_and_drop_are_honoured(self):
+        layer = SpheroMoE(16, bias=False, drop=0.5, num_core=2, num_univ=2, expert_drop=0.)
+        assert layer.core.fc1.bias is None and not any(n.endswith('bias') and 'fc' in n
+                                                       for n, _ in layer.named_parameters())
+        x = torch.randn(2, 5, 16)
+        layer.train()
+        out = layer(x)
+        # output dropout: about half the outputs are exactly zero, the rest scaled by 2
+        zeros = (out == 0).float().mean().item()
+        assert 0.3 < zeros < 0.7
+        assert torch.equal(layer.eval()(x), layer(x))
+
+    def test_norm_layer_is_refused_not_dropped(self):
+        with pytest.raises(ValueError, match='norm_layer=LayerNorm.*scale_mlp_norm'):
+            SpheroMoE(16, norm_layer=torch.nn.LayerNorm)
+
+    def test_unknown_setting_named(self):
+        with pytest.raises(TypeError, match=r"unknown argument\(s\) \['experts'\].*num_core"):
+            SpheroMoE(16, experts=3)
+
+    def test_channels_last_maps(self):
+        layer = small_layer().eval()
+        x = torch.randn(2, 3, 4, 32)
+        torch.testing.assert_close(layer(x), layer(x.reshape(2, 12, 32)).reshape(2, 3, 4, 32), rtol=0, atol=0)

@@ -110,14 +110,14 @@ def test_soft_moe_variant():
 
 
 @pytest.mark.parametrize('kwargs, exc, match', [
-    (dict(num_core_experts=0, num_univ_experts=0), ValueError, 'No experts'),
+    (dict(num_core_experts=0, num_univ_experts=0), ValueError, 'at least one expert.*num_core_experts'),
     (dict(moe_blocks=(2, 4)), ValueError, r'moe_blocks \[4\] are outside the model depth; allowed block indices '
                                           r'are 0\.\.3'),
     (dict(moe_blocks=(-1,)), ValueError, 'outside the model depth'),
     (dict(embed_dim=65), ValueError, r'embed_dim \(65\) must be divisible by num_heads \(2\)'),
-    (dict(core_hidden=0), ValueError, 'core_hidden must be a positive int'),
-    (dict(univ_hidden=0), ValueError, 'univ_hidden must be a positive int'),
-    (dict(moe_combine='top2'), ValueError, r"moe_combine must be one of \('entmax15', 'softmax'\)"),
+    (dict(core_hidden=0), ValueError, 'core_hidden must be an int >= 1'),
+    (dict(univ_hidden=0), ValueError, 'univ_hidden must be an int >= 1'),
+    (dict(moe_combine='top2'), ValueError, r"moe_combine must be one of entmax15, softmax; got 'top2'"),
     (dict(not_a_kwarg=1), TypeError, 'not_a_kwarg'),
 ])
 def test_bad_construction_arguments(kwargs, exc, match):

@@ -11,6 +11,7 @@ import timm_moejet  # noqa: F401
 from timm_moejet.recycling import (
     STRATEGIES,
     ActivationStats,
+    RecyclingRecipe,
     collect_statistics,
     partition_graph,
     recycle_into,
@@ -58,8 +59,8 @@ def test_trunk_copied_experts_are_donor_submatrices(strategy, donors, model):
     trunk, wide = donors
     experts = trunk if strategy == 'upcycle' else wide
     before = model.state_dict()
-    sd, idx = recycle_state_dict(model, trunk, None if strategy == 'upcycle' else wide, strategy=strategy,
-                                 return_indices=True)
+    sd, idx = recycle_state_dict(model, trunk, None if strategy == 'upcycle' else wide,
+                                 RecyclingRecipe(strategy=strategy), return_indices=True)
     assert set(sd) == set(before)
     for key, value in sd.items():
         assert value.shape == before[key].shape, key
@@ -94,9 +95,9 @@ def test_trunk_copied_experts_are_donor_submatrices(strategy, donors, model):
 @pytest.mark.parametrize('strategy', ['random', 'importance', 'graph'])
 def test_seed_reproducible_bit_for_bit_and_seed_matters(strategy, donors, model):
     trunk, wide = donors
-    a = recycle_state_dict(model, trunk, wide, strategy=strategy, seed=11)
-    b = recycle_state_dict(model, trunk, wide, strategy=strategy, seed=11)
-    c = recycle_state_dict(model, trunk, wide, strategy=strategy, seed=12)
+    a = recycle_state_dict(model, trunk, wide, RecyclingRecipe(strategy=strategy, seed=11))
+    b = recycle_state_dict(model, trunk, wide, RecyclingRecipe(strategy=strategy, seed=11))
+    c = recycle_state_dict(model, trunk, wide, RecyclingRecipe(strategy=strategy, seed=12))
     assert all(torch.equal(a[k], b[k]) for k in a)
     key = 'blocks.2.mlp.core.fc1.weight'
     assert not torch.equal(a[key], c[key]), 'another seed must give other experts'
@@ -104,7 +105,7 @@ def test_seed_reproducible_bit_for_bit_and_seed_matters(strategy, donors, model)
 
 def test_upcycle_experts_equal_donor_mlp(donors, model):
     trunk, _ = donors
-    sd = recycle_state_dict(model, trunk, strategy='upcycle')
+    sd = recycle_state_dict(model, trunk, recipe=RecyclingRecipe(strategy='upcycle'))
     for i in MOE_BLOCKS:
         for name in ('fc1.weight', 'fc1.bias', 'fc2.weight', 'fc2.bias'):
             core = sd[f'blocks.{i}.mlp.core.{name}']
@@ -119,7 +120,7 @@ def test_upcycle_experts_equal_donor_mlp(donors, model):
 
 def test_uniform_same_for_every_expert(donors, model):
     trunk, wide = donors
-    sd, idx = recycle_state_dict(model, trunk, wide, strategy='uniform', seed=1, return_indices=True)
+    sd, idx = recycle_state_dict(model, trunk, wide, RecyclingRecipe(strategy='uniform', seed=1), return_indices=True)
     h, c = idx[2]['core']
     assert torch.equal(h[0], torch.linspace(0, 511, 256, dtype=torch.float64).round().long())
     assert torch.equal(c[0], torch.linspace(0, 127, 64, dtype=torch.float64).round().long())
@@ -143,7 +144,7 @@ def test_importance_samples_important_units_more(donors, model):
     high = torch.arange(0, 512, 4)  # 128 units, 8x as important
     imp[high] = 8.
     stats = _stats_for(wide, imp)
-    _, idx = recycle_state_dict(model, trunk, wide, strategy='importance', stats=stats, seed=5, return_indices=True)
+    _, idx = recycle_state_dict(model, trunk, wide, RecyclingRecipe(seed=5), stats=stats, return_indices=True)
     picks = torch.cat([idx[i]['core'][0].flatten() for i in MOE_BLOCKS])  # 2 layers x 4 experts x 256 units
     is_high = torch.isin(picks, high)
     trials = len(MOE_BLOCKS) * 4 * 128  # each high unit can be picked once per expert
@@ -151,7 +152,7 @@ def test_importance_samples_important_units_more(donors, model):
     result = binomtest(int(is_high.sum()), trials, p=0.5, alternative='greater')
     assert result.pvalue < 1e-9, f'high-importance units not favoured: {int(is_high.sum())} of {trials}'
     # and the same test on a random selection does not reject (guards the test itself)
-    _, rnd = recycle_state_dict(model, trunk, wide, strategy='random', seed=5, return_indices=True)
+    _, rnd = recycle_state_dict(model, trunk, wide, RecyclingRecipe(strategy='random', seed=5), return_indices=True)
     rpicks = torch.cat([rnd[i]['core'][0].flatten() for i in MOE_BLOCKS])
     assert binomtest(int(torch.isin(rpicks, high).sum()), trials, p=0.5).pvalue > 1e-3
 
@@ -165,7 +166,7 @@ def test_data_free_proxy_favours_large_weights_and_is_logged(donors, model, capl
         w1[strong] *= 6  # larger pre-activation spread -> larger post-GELU RMS under the proxy
         wide[f'blocks.{i}.mlp.fc1.weight'] = w1
     with caplog.at_level(logging.WARNING):
-        _, idx = recycle_state_dict(model, trunk, wide, strategy='importance', seed=3, return_indices=True)
+        _, idx = recycle_state_dict(model, trunk, wide, RecyclingRecipe(seed=3), return_indices=True)
     assert 'data-free' in caplog.text
     picks = torch.cat([idx[i]['core'][0].flatten() for i in MOE_BLOCKS])
     hits = int(torch.isin(picks, strong).sum())
@@ -193,8 +194,8 @@ def test_graph_experts_are_unions_of_parts(method, donors, model):
     # the partitioner recovers the planted co-activation groups
     assert sorted(tuple(sorted(label[p].unique().tolist())) for p in parts) == [(j,) for j in range(16)]
     stats = _stats_for(wide, torch.rand(512, generator=torch.Generator().manual_seed(1)) + 0.5, coact=coact)
-    _, idx = recycle_state_dict(model, trunk, wide, strategy='graph', stats=stats, graph_parts=16,
-                                graph_method=method, return_indices=True)
+    recipe = RecyclingRecipe(strategy='graph', graph_parts=16, graph_method=method)
+    _, idx = recycle_state_dict(model, trunk, wide, recipe, stats=stats, return_indices=True)
     for i in MOE_BLOCKS:
         for h in idx[i]['core'][0]:
             covered = [int(torch.isin(p, h).sum()) for p in parts]
@@ -266,7 +267,7 @@ def test_recycle_into_records_recipe(donors, fresh_model, tmp_path):
     trunk, wide = donors
     stats = _stats_for(wide, torch.rand(512) + 0.1)
     stats.save(tmp_path / 's.safetensors')
-    recycle_into(model, trunk, wide, strategy='importance', stats=tmp_path / 's.safetensors', seed=9,
+    recycle_into(model, trunk, wide, RecyclingRecipe(stats=tmp_path / 's.safetensors', seed=9),
                  trunk_id='org/trunk', expert_id='org/wide')
     rec = model.pretrained_cfg['recycling']
     assert (rec['strategy'], rec['seed'], rec['trunk'], rec['experts']) == ('importance', 9, 'org/trunk', 'org/wide')
@@ -289,7 +290,7 @@ def _bad_inputs(trunk, wide):
         (dict(stats=nan_stats), ValueError, 'NaN'),
         (dict(stats=short_stats), ValueError, r'shape \(300,\)'),
         (dict(stats=_stats_for(wide, torch.ones(512), digest='0' * 64)), ValueError, 'another donor|not for'),
-        (dict(trunk_state_dict={'weight': torch.zeros(3)}), ValueError, 'not a dense timm ViT'),
+        (dict(trunk_state_dict={'weight': torch.zeros(3)}), ValueError, 'not a dense checkpoint.*timm ViT'),
         (dict(seed=-1), ValueError, 'seed'),
     ]
 
@@ -299,11 +300,41 @@ def test_bad_input_raises_before_writing(donors, fresh_model):
     trunk, wide = donors
     snapshot = _params_snapshot(model)
     for overrides, exc, pattern in _bad_inputs(trunk, wide):
-        kwargs = dict(trunk_state_dict=trunk, expert_state_dict=wide, strategy='importance')
+        kwargs = dict(trunk_state_dict=trunk, expert_state_dict=wide)
         kwargs.update(overrides)
         t, e = kwargs.pop('trunk_state_dict'), kwargs.pop('expert_state_dict')
+        recipe_fields = {k: kwargs.pop(k) for k in ('strategy', 'seed') if k in kwargs}
         with pytest.raises(exc, match=pattern):
-            recycle_into(model, t, e, **kwargs)
+            recycle_into(model, t, e, RecyclingRecipe(**recipe_fields), **kwargs)
     after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in snapshot.items()), 'a failed recycle wrote into the model'
     assert 'recycling' not in (model.pretrained_cfg or {})
+
+
+def test_a_registered_strategy_is_one_entry(donors):
+    """Adding a strategy is one table entry: create_model, the recipe check and the record pick it up."""
+    from timm_moejet.recycling import Strategy, register_strategy
+
+    class LastUnits(Strategy):
+        name, doc = 'last', 'the last k units of the donor (a toy)'
+
+        def hidden(self, ctx, num, population, k):
+            return torch.arange(population - k, population).expand(num, k)
+
+    trunk, wide = donors
+    register_strategy(LastUnits())
+    try:
+        torch.manual_seed(0)
+        model = timm.create_model('moejet_vit_test', pretrained=True, num_classes=7, recycle_strategy='last',
+                                  recycle_experts=None, pretrained_cfg_overlay=dict(state_dict=trunk))
+        sd = model.state_dict()
+        # same width as the trunk donor: every channel kept; hidden: the last 256 of 256 core / evenly spaced univ
+        w1 = trunk['blocks.2.mlp.fc1.weight']
+        assert torch.equal(sd['blocks.2.mlp.core.fc1.weight'][1], w1[-256:])
+        assert model.pretrained_cfg['recycling']['strategy'] == 'last'
+        _, idx = recycle_state_dict(model, trunk, wide, RecyclingRecipe(strategy='last'), return_indices=True)
+        assert torch.equal(idx[3]['core'][0][0], torch.arange(256, 512))  # of the wide donor's 512 units
+    finally:
+        STRATEGIES.pop('last')
+    with pytest.raises(ValueError, match="recycle_strategy must be one of .*; got 'last'"):
+        RecyclingRecipe(strategy='last')

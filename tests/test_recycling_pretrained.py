@@ -13,8 +13,7 @@ from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_filter_fn
 
 import timm_moejet  # noqa: F401
-from timm_moejet.recycling import weight_proxy_statistics
-from timm_moejet.recycling.pretrained import checkpoint_filter_fn
+from timm_moejet.recycling import checkpoint_filter_fn, weight_proxy_statistics
 
 TINY = 'timm/vit_tiny_patch16_224.augreg_in21k'
 SMALL = 'timm/vit_small_patch16_224.augreg_in21k'

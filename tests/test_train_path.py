@@ -19,7 +19,7 @@ from timm.optim import create_optimizer_v2
 from timm.utils import CheckpointSaver, ModelEmaV3, dispatch_clip_grad
 
 import timm_moejet  # noqa: F401  (registers the models, as train.py's --device-modules timm_moejet does)
-from timm_moejet.data import write_digits_image_folder
+from benchmarks.digits.data import write_digits_image_folder
 
 IMG = 32
 # what `--model-kwargs img_size=32 patch_size=8 moe_expert_drop=0.1` gives train.py's create_model call
@@ -246,7 +246,7 @@ def test_digits_image_folder_is_deterministic_and_refuses_to_overwrite(tmp_path)
 
 
 def test_demo_runs_recycling_and_fine_tuning(tmp_path, capsys):
-    from timm_moejet.demo import main
+    from benchmarks.digits.demo import main
     threads = torch.get_num_threads()
     try:
         curves = main(['--epochs', '2', '--donor-epochs', '2', '--out-dir', str(tmp_path)])

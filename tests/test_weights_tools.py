@@ -31,7 +31,7 @@ def workspace(tmp_path_factory):
     from hub_cache import DenseDonor, build_hub_cache
     from timm.models import save_for_hf
 
-    from timm_moejet.data import write_digits_image_folder
+    from benchmarks.digits.data import write_digits_image_folder
 
     root = tmp_path_factory.mktemp('weights_tools')
     write_digits_image_folder(str(root / 'digits'), image_size=16)
@@ -50,7 +50,7 @@ def test_end_to_end_calibrate_recycle_inspect_export(workspace, capsys, monkeypa
     from PIL import Image
 
     from timm_moejet.checkpoint_io import load_state_dict_file
-    from timm_moejet.recycling import recycle_into
+    from timm_moejet.recycling import RecyclingRecipe, recycle_into
 
     root = workspace
     use_offline_hub(monkeypatch, root / 'hf_cache')
@@ -91,8 +91,7 @@ def test_end_to_end_calibrate_recycle_inspect_export(workspace, capsys, monkeypa
     reference = timm.create_model('moejet_vit_test', num_classes=10)
     recycle_into(reference, load_state_dict_file(root / 'trunk.safetensors'),
                  load_state_dict_file(repo_snapshot(root / 'hf_cache', expert_donor[7:]) / 'model.safetensors'),
-                 strategy='importance',
-                 stats=str(stats), seed=11)
+                 RecyclingRecipe(stats=stats, seed=11))
     loaded = timm.create_model(f'local-dir:{export}', pretrained=True)
     assert loaded.pretrained_cfg['recycling'] == record  # the moejet entrypoint puts the recipe back
     reference.eval()

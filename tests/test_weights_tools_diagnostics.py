@@ -120,7 +120,7 @@ def test_model_diagnostics_active_params_and_plot():
 
 
 def test_balanced_subset_is_seeded_and_balanced():
-    from weights_tools.images import balanced_indices
+    from timm_moejet.image_folder import balanced_indices
 
     targets = [0] * 50 + [1] * 30 + [2] * 5
     a = balanced_indices(targets, 20, seed=1)

@@ -210,5 +210,5 @@ def test_more_bad_inputs(donors, tmp_path, capsys):
     # a model name without pretrained weights as a donor
     status, err = _run(['calibrate', '--donor', 'moejet_vit_test', '--images', donors / 'images_empty',
                         '--output', tmp_path / 's.safetensors'], capsys)
-    _assert_failed(status, err, 'No pretrained weights exist for moejet_vit_test')
+    _assert_failed(status, err, 'moejet_vit_test has no pretrained weights')
     assert sorted(os.listdir(tmp_path)) == ['broken']

@@ -2,8 +2,10 @@
 
 Importing the package registers its models with timm (``timm.list_models('moejet*')``).
 """
+from .errors import MoEJetError
 from .layers import SpheroMoE, entmax15
 from .models import *
 from .official import load_official
+from .recycling import RecyclingRecipe
 
 __version__ = '0.1.0'

@@ -1,4 +1,4 @@
-""" Safe checkpoint reading and atomic writing.
+""" Safe checkpoint reading, state-dict helpers and atomic writing.
 
 Weights are read from ``.safetensors`` or from ``.pth``/``.pt``/``.bin`` with ``weights_only=True`` (never
 unpickled), and written as safetensors through a temporary file and a rename, so a failed write leaves nothing.
@@ -9,13 +9,17 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Union
 
 import torch
+import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-__all__ = ['load_state_dict_file', 'save_safetensors_atomic', 'atomic_write_bytes', 'atomic_output_dir']
+from .errors import InvalidCheckpoint, NotFound, OutputExists
+
+__all__ = ['load_state_dict_file', 'unwrap_state_dict', 'check_state_dict_fits', 'save_safetensors_atomic',
+           'atomic_write_bytes', 'atomic_output_dir']
 
 PathLike = Union[str, os.PathLike]
 TORCH_SUFFIXES = ('.pth', '.pt', '.bin', '.tar')
@@ -36,23 +40,56 @@ def load_state_dict_file(path: PathLike) -> Dict[str, torch.Tensor]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f'checkpoint file not found: {path}')
+        raise NotFound(f'checkpoint file not found: {path}')
     suffix = ''.join(path.suffixes[-2:]) if path.name.endswith('.pth.tar') else path.suffix
     if suffix == '.safetensors':
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
-            raise ValueError(f'{path} is not a readable safetensors file ({e}).') from e
+            raise InvalidCheckpoint(f'{path} is not a readable safetensors file ({e}).') from e
     if suffix in TORCH_SUFFIXES or suffix == '.pth.tar':
         try:
             sd = torch.load(str(path), map_location='cpu', weights_only=True)
         except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError ... on bad files
-            raise ValueError(f'{path} is not a readable torch checkpoint with weights_only=True '
+            raise InvalidCheckpoint(f'{path} is not a readable torch checkpoint with weights_only=True '
                              f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}).') from e
         if not isinstance(sd, Mapping):
-            raise ValueError(f'{path} does not hold a state dict (found {type(sd).__name__}).')
+            raise InvalidCheckpoint(f'{path} does not hold a state dict (found {type(sd).__name__}).')
         return dict(sd)
-    raise ValueError(f'{path}: unsupported checkpoint format {suffix!r}; use .safetensors, .pth, .pt or .bin.')
+    raise InvalidCheckpoint(f'{path}: unsupported checkpoint format {suffix!r}; use .safetensors, .pth, .pt or .bin.')
+
+
+def unwrap_state_dict(state_dict: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
+    """Strip training wrappers: a ``state_dict``/``model`` entry and ``module.``/``model.``/``backbone.`` key prefixes
+    (DDP, mmpretrain)."""
+    for wrapper in ('state_dict', 'model'):
+        if wrapper in state_dict and isinstance(state_dict[wrapper], Mapping):
+            state_dict = state_dict[wrapper]
+    out = {}
+    for k, v in state_dict.items():
+        for prefix in ('module.', 'model.', 'backbone.'):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def check_state_dict_fits(state_dict: Mapping[str, torch.Tensor], model: nn.Module, source: str) -> None:
+    """Raise an ``InvalidCheckpoint`` naming every missing/unexpected key and every shape mismatch."""
+    expected = model.state_dict()
+    mismatched = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}'
+                  for k, v in state_dict.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    problems = []
+    if mismatched:
+        problems.append('shape mismatch: ' + '; '.join(mismatched[:12]) + (' ...' if len(mismatched) > 12 else ''))
+    if missing:
+        problems.append(f'missing keys: {missing[:12]}' + (' ...' if len(missing) > 12 else ''))
+    if unexpected:
+        problems.append(f'unexpected keys: {unexpected[:12]}' + (' ...' if len(unexpected) > 12 else ''))
+    if problems:
+        raise InvalidCheckpoint(f'{source} does not fit {type(model).__name__}: ' + ' | '.join(problems))
 
 
 def _umask_mode(directory: bool = False) -> int:
@@ -66,7 +103,7 @@ def _atomic_write(path: PathLike, write: Callable[[str], None], overwrite: bool)
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place; on failure remove it."""
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(f'{path} exists; pass overwrite to replace it.')
+        raise OutputExists(f'{path} exists; pass overwrite to replace it.')
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
     os.close(fd)
@@ -93,9 +130,9 @@ def atomic_output_dir(path: PathLike, overwrite: bool = False) -> Iterator[Path]
     """
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(f'{path} exists; pass overwrite to replace it.')
+        raise OutputExists(f'{path} exists; pass overwrite to replace it.')
     if path.exists() and not path.is_dir():
-        raise NotADirectoryError(f'{path} exists and is not a folder.')
+        raise OutputExists(f'{path} exists and is not a folder.')
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent))
     try:
@@ -103,7 +140,7 @@ def atomic_output_dir(path: PathLike, overwrite: bool = False) -> Iterator[Path]
         yield tmp
         if path.exists():
             if not overwrite:
-                raise FileExistsError(f'{path} appeared while it was being written; pass overwrite to replace it.')
+                raise OutputExists(f'{path} appeared while it was being written; pass overwrite to replace it.')
             old = path.with_name(f'.{path.name}.{uuid.uuid4().hex[:8]}.old')
             os.rename(path, old)
             os.rename(tmp, path)

@@ -116,6 +116,7 @@ class _Accumulator:
     def update(self, x: torch.Tensor) -> None:
         layer = self.layer
         x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        x = x.flatten(1, -2)  # channels-last feature maps: positions are tokens
         dispatch, combine = layer.route(x)  # [B, N, S] each
         b, n, s = combine.shape
         self.num_tokens = n
@@ -131,15 +132,9 @@ class _Accumulator:
         self.core_active_sum += float(expert_used[..., :layer.num_core].sum())
         self.univ_active_sum += float(expert_used[..., layer.num_core:].sum())
         self.token_count += b * n
-        # expert outputs of every slot, exactly as the layer computes them (eval: no dropout)
+        # expert outputs of every slot, by the layer's own expert path (eval: no dropout)
         slots = torch.bmm(dispatch.transpose(1, 2), x)
-        c = layer.num_core_slots
-        outs = []
-        if layer.core is not None:
-            outs.append(layer.core(slots[:, :c]))
-        if layer.univ is not None:
-            outs.append(layer.univ(slots[:, c:]))
-        out_norm = torch.linalg.vector_norm(torch.cat(outs, dim=1), dim=-1)  # [B, S]
+        out_norm = torch.linalg.vector_norm(torch.cat(layer.expert_outputs(slots), dim=1), dim=-1)  # [B, S]
         # sum over tokens of ||combine[n, s] * y_s|| = (sum_n combine[n, s]) * ||y_s||
         self.slot_mass += (combine.sum(dim=1) * out_norm).sum(dim=0).double().cpu()
 

@@ -6,15 +6,21 @@ The official state dict uses its own key names; this module maps them and the of
 import logging
 import os
 import re
-from typing import Any, Dict, Mapping, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 
-from .checkpoint_io import load_state_dict_file
+from .checkpoint_io import check_state_dict_fits, load_state_dict_file, unwrap_state_dict
+from .errors import InvalidArgument, InvalidArgumentType, InvalidCheckpoint
+from .layers.sphero_moe import SpheroMoESettings
+from .settings import kwarg_names
 
 __all__ = ['load_official', 'official_config_to_kwargs', 'convert_official_state_dict', 'is_official_state_dict']
 
 _logger = logging.getLogger(__name__)
+
+# our create_model kwarg of a SpheroMoE setting, by field name
+_MOE = {field: kwarg for kwarg, field in kwarg_names(SpheroMoESettings).items()}
 
 # official kwarg -> ours (same meaning)
 _DIRECT = {
@@ -34,11 +40,11 @@ _DIRECT = {
     'attn_drop_rate': 'attn_drop_rate',
     'proj_drop_rate': 'proj_drop_rate',
     'drop_path_rate': 'drop_path_rate',
-    'slots_per_expert': 'slots_per_expert',
-    'core_experts': 'num_core_experts',
-    'univ_experts': 'num_univ_experts',
-    'slot_layernorm': 'moe_slot_norm',
-    'moe_droprate': 'moe_expert_drop',
+    'slots_per_expert': _MOE['slots_per_expert'],
+    'core_experts': _MOE['num_core'],
+    'univ_experts': _MOE['num_univ'],
+    'slot_layernorm': _MOE['slot_norm'],
+    'moe_droprate': _MOE['expert_drop'],
     'moe_drop_path_rate': 'moe_drop_path_rate',
 }
 # accepted and handled below, or accepted because they change nothing in the released forward
@@ -74,55 +80,41 @@ def official_config_to_kwargs(config: Mapping[str, Any]) -> Dict[str, Any]:
         ValueError: On unknown keys, unsupported options or a config without ``moe_layers``/``core_experts``.
     """
     if not isinstance(config, Mapping):
-        raise TypeError(f'config must be a dict of official VisionTransformerMoe kwargs, got {type(config).__name__}.')
+        raise InvalidArgumentType(f'config must be a dict of official VisionTransformerMoe kwargs, got '
+                                  f'{type(config).__name__}.')
     known = set(_DIRECT) | _HANDLED | _NO_EFFECT | _UNSUPPORTED
     unknown = sorted(set(config) - known)
     if unknown:
-        raise ValueError(f'config has keys the official VisionTransformerMoe does not take: {unknown}; '
+        raise InvalidArgument(f'config has keys the official VisionTransformerMoe does not take: {unknown}; '
                          f'known keys: {sorted(known)}.')
     switched_on = sorted(k for k in _UNSUPPORTED if config.get(k))
     if switched_on:
-        raise ValueError(f'config enables official options this project does not implement: {switched_on}.')
+        raise InvalidArgument(f'config enables official options this project does not implement: {switched_on}.')
     if not config.get('if_dualpath', True):
-        raise ValueError('config has if_dualpath=False: only the dual-path SpheroMoE layer '
+        raise InvalidArgument('config has if_dualpath=False: only the dual-path SpheroMoE layer '
                          '(DualPathSoftMoELayerWrapper) can be imported.')
     for key in ('moe_layers', 'core_experts'):
         if key not in config:
-            raise ValueError(f'config must give {key!r} (the official default builds a model without experts).')
+            raise InvalidArgument(f'config must give {key!r} (the official default builds a model without experts).')
 
     cfg = dict(_DEFAULTS, **config)
     kwargs = {ours: cfg[theirs] for theirs, ours in _DIRECT.items() if theirs in cfg}
     kwargs['moe_blocks'] = tuple(int(i) for i in cfg['moe_layers'])
     core_hidden = int(cfg['embed_dim'] * cfg['mlp_ratio'] * cfg.get('compress_ratio', 1.0))
-    kwargs['core_hidden'] = core_hidden
-    kwargs['univ_hidden'] = int(round(core_hidden * cfg.get('univ_factor', 0.25)))
-    kwargs.setdefault('num_univ_experts', int(round(cfg['core_experts'] / cfg.get('univ_factor', 0.25))))
+    kwargs[_MOE['core_hidden']] = core_hidden
+    kwargs[_MOE['univ_hidden']] = int(round(core_hidden * cfg.get('univ_factor', 0.25)))
+    kwargs.setdefault(_MOE['num_univ'], int(round(cfg['core_experts'] / cfg.get('univ_factor', 0.25))))
     if cfg.get('add_noise', True):
         if 'noise_mult' in cfg:
-            kwargs['moe_noise_std'] = float(cfg['noise_mult'])
+            kwargs[_MOE['noise_std']] = float(cfg['noise_mult'])
     else:
-        kwargs['moe_noise_std'] = 0.
-    # the official slot LayerNorm is a plain nn.LayerNorm(dim): eps 1e-5
-    kwargs['moe_slot_norm_eps'] = 1e-5
+        kwargs[_MOE['noise_std']] = 0.
+    kwargs[_MOE['slot_norm_eps']] = 1e-5  # the official slot LayerNorm is a plain nn.LayerNorm(dim)
     return kwargs
 
 
 _MOE_KEY = re.compile(r'^(blocks\.\d+\.mlp)\.(phi|scales\.[01]|slot_norm\.(?:weight|bias)|'
                       r'(core|univ)_experts\.vit_(fc[12])\.(weight|bias))$')
-
-
-def unwrap_state_dict(state_dict: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
-    """Strip mmpretrain/DDP wrappers: a ``state_dict``/``model`` entry and ``model.``/``module.`` key prefixes."""
-    for wrapper in ('state_dict', 'model'):
-        if wrapper in state_dict and isinstance(state_dict[wrapper], Mapping):
-            state_dict = state_dict[wrapper]
-    out = {}
-    for k, v in state_dict.items():
-        for prefix in ('module.', 'model.', 'backbone.'):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
-        out[k] = v
-    return out
 
 
 def is_official_state_dict(state_dict: Mapping[str, Any]) -> bool:
@@ -155,31 +147,14 @@ def convert_official_state_dict(state_dict: Mapping[str, Any]) -> Dict[str, torc
             out[f'{prefix}.{m.group(3)}.{m.group(4)}.{m.group(5)}'] = value
     for prefix, pair in scales.items():
         if set(pair) != {0, 1}:
-            raise ValueError(f'{prefix}.scales needs both entries 0 (dispatch) and 1 (combine), got {sorted(pair)}.')
+            raise InvalidCheckpoint(f'{prefix}.scales needs both entries 0 (dispatch) and 1 (combine), got '
+                                    f'{sorted(pair)}.')
         temps = torch.stack([pair[0].reshape(()), pair[1].reshape(())]).float()
         if not bool((temps > 0).all()):
-            raise ValueError(f'{prefix}.scales holds a non-positive temperature {temps.tolist()}; '
+            raise InvalidCheckpoint(f'{prefix}.scales holds a non-positive temperature {temps.tolist()}; '
                              f'this project keeps temperatures positive and cannot represent it.')
         out[f'{prefix}.log_temperature'] = torch.log(temps).to(pair[0].dtype)
     return out
-
-
-def check_state_dict_fits(state_dict: Mapping[str, torch.Tensor], model: torch.nn.Module, source: str) -> None:
-    """Raise a ValueError naming every missing/unexpected key and every shape mismatch."""
-    expected = model.state_dict()
-    mismatched = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}'
-                  for k, v in state_dict.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    problems = []
-    if mismatched:
-        problems.append('shape mismatch: ' + '; '.join(mismatched))
-    if missing:
-        problems.append(f'missing keys: {missing[:20]}' + (' ...' if len(missing) > 20 else ''))
-    if unexpected:
-        problems.append(f'unexpected keys: {unexpected[:20]}' + (' ...' if len(unexpected) > 20 else ''))
-    if problems:
-        raise ValueError(f'{source} does not fit the model built from its config: ' + ' | '.join(problems))
 
 
 def _architecture_for(kwargs: Mapping[str, Any]) -> str:
@@ -187,36 +162,83 @@ def _architecture_for(kwargs: Mapping[str, Any]) -> str:
     return 'moejet_vit_small_patch16_224' if dims == (384, 6) else 'moejet_vit_tiny_patch16_224'
 
 
+def _config_from_metadata(path: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """The official kwargs stored as JSON under the ``config`` metadata entry of a safetensors checkpoint."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(os.fspath(path), 'pt') as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise InvalidCheckpoint(f'{path} is not a readable safetensors file ({e}).') from e
+    if 'config' not in meta:
+        raise InvalidArgument(f'{path} has no "config" metadata; pass the official VisionTransformerMoe kwargs.')
+    try:
+        config = json.loads(meta['config'])
+    except json.JSONDecodeError as e:
+        raise InvalidCheckpoint(f'{path}: the "config" metadata is not valid JSON ({e}).') from e
+    if not isinstance(config, dict):
+        raise InvalidCheckpoint(f'{path}: the "config" metadata is not a JSON object of kwargs.')
+    return config
+
+
+def _flattened(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``state_dict.<key>`` tensors (a wrapper flattened into one safetensors file, as in reference files) ->
+    ``<key>``."""
+    prefix = 'state_dict.'
+    if any(k.startswith(prefix) for k in state_dict):
+        return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    return state_dict
+
+
 def load_official(
         checkpoint: Union[str, os.PathLike, Mapping[str, Any]],
-        config: Mapping[str, Any],
+        config: Optional[Mapping[str, Any]] = None,
 ) -> torch.nn.Module:
     """Build our model from an official MoE Jetpack checkpoint and its constructor config.
 
     Args:
-        checkpoint: An official state dict (official key names; mmpretrain ``state_dict``/``model.`` wrappers are
-            unwrapped), or a path to one (``.pth``/``.pt`` read with ``weights_only=True``, or ``.safetensors``).
-        config: The official ``VisionTransformerMoe`` constructor kwargs.
+        checkpoint: An official state dict (official key names; mmpretrain ``state_dict``/``model.`` wrappers and
+            flattened ``state_dict.<key>`` tensors are unwrapped), or a path to one (``.pth``/``.pt`` read with
+            ``weights_only=True``, or ``.safetensors``).
+        config: The official ``VisionTransformerMoe`` constructor kwargs (None: the ``config`` metadata entry of a
+            safetensors checkpoint).
 
     Returns:
         A ``MoEVisionTransformer`` (in train mode, as ``timm.create_model`` returns) holding those weights.
 
     Raises:
-        ValueError: If the config is not supported or the checkpoint does not fit it (naming keys and shapes).
+        InvalidArgument: If the config is missing or not supported.
+        InvalidCheckpoint: If the checkpoint is not an official one or does not fit the config (naming keys and
+            shapes).
     """
     import timm
 
-    kwargs = official_config_to_kwargs(config)
     source = 'the given state dict'
     if isinstance(checkpoint, (str, os.PathLike)):
-        source = str(checkpoint)
+        source = os.fspath(checkpoint)
+        if config is None:
+            if not source.endswith('.safetensors'):
+                raise InvalidArgument(f'{source}: the official VisionTransformerMoe kwargs are needed for a .pth/.pt '
+                                      f'checkpoint (a JSON object of them).')
+            config = _config_from_metadata(source)
         checkpoint = load_state_dict_file(checkpoint)
     if not isinstance(checkpoint, Mapping):
-        raise TypeError(f'checkpoint must be a state dict or a file path, got {type(checkpoint).__name__}.')
+        raise InvalidArgumentType(f'checkpoint must be a state dict or a file path, got {type(checkpoint).__name__}.')
+    checkpoint = unwrap_state_dict(_flattened(checkpoint))
+    if not is_official_state_dict(checkpoint):
+        raise InvalidCheckpoint(f'{source} holds no official SpheroMoE keys (blocks.N.mlp.phi); it is not an official '
+                                f'MoE Jetpack checkpoint (our own checkpoints load with timm.create_model).')
+    if config is None:
+        raise InvalidArgument('load_official needs the official VisionTransformerMoe kwargs (config).')
+    kwargs = official_config_to_kwargs(config)
     state_dict = convert_official_state_dict(checkpoint)
     model = timm.create_model(_architecture_for(kwargs), pretrained=False, **kwargs)
     check_state_dict_fits(state_dict, model, source)
     model.load_state_dict(state_dict, strict=True)
-    model.pretrained_cfg = dict(model.pretrained_cfg, tag='official', notes='imported from an official checkpoint')
+    # imported_from is not a timm cfg field: an export writes it at the top level of config.json
+    model.pretrained_cfg = dict(model.pretrained_cfg, tag='official', notes='imported from an official checkpoint',
+                                imported_from=dict(checkpoint=os.path.basename(source), official_config=dict(config)))
     _logger.info('Loaded official checkpoint %s into %s', source, type(model).__name__)
     return model

@@ -1,17 +1,17 @@
 """ ``python -m weights_tools``: calibrate, recycle, export, push, import-official, inspect.
 
-Each command lives in ``weights_tools/commands/<name>.py`` with ``add_parser(subparsers, parent)`` and
-``run(args) -> int``. Bad input (missing or corrupt file, wrong format, mismatched donor, unknown model name,
-empty image folder, existing output) is reported as one line on stderr with exit status 2; ``--debug`` shows
-the traceback instead. Any other failure exits with status 1, also as one line unless ``--debug``.
+Each command lives in ``weights_tools/commands/<name>.py`` with ``add_parser(subparsers, parent, formatter)`` and
+``run(args) -> int``; it parses its arguments and calls the library. Errors are worded by their type: the library's
+input errors (``timm_moejet.errors.MoEJetError``: bad argument, unreadable or mismatched checkpoint, donor not
+found, occupied output) and the operating system's file errors are one line on stderr with exit status 2;
+``--debug`` shows the traceback instead. Anything else is unexpected: exit status 1, also one line unless ``--debug``.
 """
 import argparse
 import logging
+import signal
 import sys
 import textwrap
 from typing import List, Optional
-
-from .common import CommandError
 
 __all__ = ['main', 'build_parser']
 
@@ -21,34 +21,15 @@ EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
 
 
-def _input_error_types() -> tuple:
-    """Exceptions that mean the input was wrong (not a bug): the user gets the message and status 2."""
-    types = [CommandError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-             PermissionError, ValueError, TypeError, KeyError]
-    try:
-        from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
-        types += [EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError]
-    except ImportError:  # older huggingface_hub
-        pass
-    return tuple(types)
-
-
 def _is_input_error(e: BaseException) -> bool:
-    if isinstance(e, _input_error_types()):
-        return True
-    # timm: RuntimeError('Unknown model (...)'), RuntimeError('No suitable checkpoints found in ...'), and
-    # torch's load_state_dict size/key errors are all about the input
-    msg = str(e)
-    return isinstance(e, RuntimeError) and any(
-        s in msg for s in ('Unknown model', 'No suitable checkpoints', 'Error(s) in loading state_dict',
-                           'No pretrained weights exist',
-                           'Found 0 images', 'Found no valid file'))
+    from timm_moejet.errors import MoEJetError
+
+    return isinstance(e, (MoEJetError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+                          PermissionError))
 
 
 def _one_line(e: BaseException) -> str:
     msg = ' '.join(part.strip() for part in str(e).splitlines() if part.strip())
-    if isinstance(e, KeyError):
-        msg = f'missing key {msg}'
     return msg or type(e).__name__
 
 
@@ -73,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='weights_tools',
         formatter_class=_Formatter,
-        description='Calibrate and recycle dense timm ViTs into MoE Jetpack models, export/push them in timm\'s '
+        description='Calibrate and recycle dense timm models into MoE Jetpack models, export/push them in timm\'s '
                     'Hub layout, import official checkpoints and inspect the routers.',
         epilog=textwrap.dedent('''\
             examples:
@@ -117,7 +98,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
         print(f'weights_tools {args.command}: interrupted; no output was written.', file=sys.stderr)
-        return 130
+        return 128 + signal.SIGINT
     except Exception as e:
         if debug:
             raise

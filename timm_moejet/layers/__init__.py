@@ -1,3 +1,3 @@
 from .entmax import entmax15, entmax15_halved, entmax15_threshold, entmax15_threshold_newton
 from .experts import BatchedExperts, BatchedLinear, ExpertDropout, batched_linear
-from .sphero_moe import COMBINE_MODES, SpheroMoE
+from .sphero_moe import COMBINE_MODES, SpheroMoE, SpheroMoESettings

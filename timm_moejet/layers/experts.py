@@ -48,10 +48,16 @@ def fx_tracing(x: torch.Tensor) -> bool:
 @torch.jit.unused
 def _batched_linear_eager(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     if fx_tracing(x) or not torch.is_grad_enabled():
+        # fx records plain ops; without autograd the custom backward has nothing to do
         return _batched_linear_ops(x, weight, bias)
-    if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
-        # fx records plain ops; autocast casts inside the ops; no autograd needs no custom backward
-        return _batched_linear_ops(x, weight, bias)
+    device_type = x.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        # cast as autocast would for bmm/baddbmm, then run the fast backward on the low-precision operands; the
+        # casts are ordinary ops, so the weight gradient reaches the float32 parameter as autocast's would
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type=device_type, enabled=False):
+            return _BatchedLinearFunction.apply(
+                x.to(dtype), weight.to(dtype), bias.to(dtype) if bias is not None else None)
     return _BatchedLinearFunction.apply(x, weight, bias)
 
 
@@ -195,7 +201,3 @@ class BatchedExperts(nn.Module):
         """
         h = self.forward_expert_major(self.to_expert_major(slots))
         return self.from_expert_major(h, slots.shape[0])
-
-    def macs_per_row(self) -> int:
-        """Multiply-accumulates for one slot row through one expert."""
-        return 2 * self.fc1.in_features * self.hidden_features

@@ -1,31 +1,83 @@
 """ SpheroMoE: soft-routing Mixture of Experts on the hypersphere with an adaptive dual path.
 
-MoE Jetpack (Zhu et al., NeurIPS 2024). A drop-in replacement for timm's ``Mlp``: [B, N, D] in, [B, N, D] out,
-no auxiliary loss. Tokens are routed to slots by cosine similarity between L2-normalised tokens and
-(LayerNorm then L2-normalised) slot queries; dispatch is a softmax over tokens, combine an entmax-1.5 (or
-softmax) over all slots. Slots belong to "core" experts (large hidden) or "universal" experts (small hidden).
+MoE Jetpack (Zhu et al., NeurIPS 2024). A drop-in for timm's ``Mlp``: it takes the same constructor call (timm's
+``Block`` builds it through ``functools.partial(SpheroMoE, **settings)``), maps [B, N, D] to [B, N, D] (or
+channels-last [B, H, W, D] to the same) and needs no auxiliary loss. Tokens are routed to slots by cosine
+similarity between L2-normalised tokens and (LayerNorm then L2-normalised) slot queries; dispatch is a softmax
+over tokens, combine an entmax-1.5 (or softmax) over all slots. Slots belong to "core" experts (large hidden) or
+"universal" experts (small hidden).
 
-Defaults reproduce the released MoE Jetpack code, except where that code is buggy (see README, "Deviations").
+Every setting is a field of :class:`SpheroMoESettings` (default, check, doc); defaults reproduce the released
+MoE Jetpack code, except where that code is buggy (see docs/deviations.md).
 """
+import dataclasses
 import math
 from typing import List, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import DropPath
 from torch.jit import Final
 
+from ..errors import InvalidArgument, InvalidArgumentType
+from ..settings import boolean, check_fields, choice, integer, optional, real, setting
 from .entmax import entmax15_halved
 from .experts import BatchedExperts, fx_tracing
 
-__all__ = ['SpheroMoE', 'COMBINE_MODES']
+__all__ = ['SpheroMoE', 'SpheroMoESettings', 'COMBINE_MODES']
 
 COMBINE_MODES = ('entmax15', 'softmax')
 
 # the entmax threshold has data-dependent control flow: a leaf for plain torch.fx too (timm's tracer already
 # treats it as one through register_notrace_function)
 torch.fx.wrap('entmax15_halved')
+
+
+@dataclasses.dataclass(frozen=True)
+class SpheroMoESettings:
+    """The settings of a SpheroMoE layer. Field names are the layer's keyword arguments; each field also names the
+    ``create_model`` kwarg that sets it for every MoE layer of a model."""
+    num_core: int = setting(98, integer(0), 'Core experts per MoE layer (large hidden).', 'num_core_experts')
+    num_univ: int = setting(196, integer(0), 'Universal experts per MoE layer (small hidden); 0: a single path.',
+                            'num_univ_experts')
+    core_hidden: Optional[int] = setting(
+        None, optional(integer(1)), "Hidden units of a core expert (None: the block's MLP hidden, e.g. 4 x width).",
+        'core_hidden')
+    univ_hidden: Optional[int] = setting(
+        None, optional(integer(1)), 'Hidden units of a universal expert (None: a quarter of core_hidden).',
+        'univ_hidden')
+    slots_per_expert: int = setting(1, integer(1), 'Slots per expert; slots = (core + universal) x this.',
+                                    'slots_per_expert')
+    combine: str = setting('entmax15', choice(lambda: COMBINE_MODES),
+                           'Combine over slots: entmax15 (sparse, released) or softmax (paper text, Soft MoE).',
+                           'moe_combine')
+    temperature_init: float = setting(0.5, real(0., min_open=True),
+                                      'Initial routing temperature (logits are divided by it); learned, kept > 0.',
+                                      'moe_temperature_init')
+    shared_temperature: bool = setting(False, boolean(), 'One temperature for dispatch and combine instead of two.',
+                                       'moe_shared_temperature')
+    noise_std: Optional[float] = setting(None, optional(real(0.)),
+                                         'Std of the Gaussian logit noise in training (None: 1 / slots; 0: off).',
+                                         'moe_noise_std')
+    slot_norm: bool = setting(True, boolean(), 'LayerNorm on the slot queries before the L2 normalisation.',
+                              'moe_slot_norm')
+    slot_norm_eps: float = setting(1e-5, real(0., min_open=True), 'Epsilon of the slot-query LayerNorm.',
+                                   'moe_slot_norm_eps')
+    expert_drop: float = setting(0.4, real(0., 1., max_open=True),
+                                 'Dropout inside every expert (after the activation and after fc2).', 'moe_expert_drop')
+    l2_eps: float = setting(1e-6, real(0., min_open=True), 'Epsilon of the L2 normalisation: x / (||x|| + eps).',
+                            'moe_l2_eps')
+
+    def __post_init__(self) -> None:
+        check_fields(self, label_by='field')
+        if self.num_core + self.num_univ == 0:
+            raise InvalidArgument('SpheroMoE needs at least one expert: num_core and num_univ (create_model: '
+                                  'num_core_experts, num_univ_experts) are both 0.')
+
+    def hidden_sizes(self, hidden_features: int) -> Tuple[int, int]:
+        """Core and universal hidden sizes given the block's MLP hidden size."""
+        core = self.core_hidden if self.core_hidden is not None else hidden_features
+        return core, (self.univ_hidden if self.univ_hidden is not None else max(1, core // 4))
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -55,29 +107,6 @@ def routing_logits(x: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
     return _routing_logits_eager(x, queries)
 
 
-@torch.jit.unused
-def _attention_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    if not fx_tracing(q) and _autocast_on(q):
-        with torch.autocast(device_type=q.device.type, enabled=False):
-            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=1.)
-    return F.scaled_dot_product_attention(q, k, v, scale=1.)
-
-
-def routing_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q @ k.T) @ v by ``scaled_dot_product_attention`` (scale folded into q or k), float32 under autocast."""
-    if torch.jit.is_scripting():
-        return F.scaled_dot_product_attention(q, k, v, scale=1.)
-    return _attention_eager(q, k, v)
-
-
-def _check_positive_int(name: str, value: int, allow_zero: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f'{name} must be an int, got {type(value).__name__} ({value!r}).')
-    low = 0 if allow_zero else 1
-    if value < low:
-        raise ValueError(f'{name} must be >= {low}, got {value}.')
-
-
 class SpheroMoE(nn.Module):
     """SpheroMoE layer (soft routing on the hypersphere, adaptive dual path).
 
@@ -85,99 +114,79 @@ class SpheroMoE(nn.Module):
     same code is a Soft MoE layer (Puigcerver et al. 2024) with L2-normalised routing and one learnable scale.
     """
     sparse_combine: Final[bool]
-    sdpa_combine: bool
     num_core_slots: Final[int]
+    group_slots: Final[List[int]]
     slots_per_expert: Final[int]
     noise_std: Final[float]
     eps: Final[float]
 
     def __init__(
             self,
-            dim: int,
-            num_core: int = 98,
-            num_univ: int = 196,
-            core_hidden: Optional[int] = None,
-            univ_hidden: Optional[int] = None,
-            slots_per_expert: int = 1,
-            combine: str = 'entmax15',
-            temperature_init: float = 0.5,
-            shared_temperature: bool = False,
-            noise_std: Optional[float] = None,
-            slot_norm: bool = True,
-            slot_norm_eps: float = 1e-5,
-            expert_drop: float = 0.4,
-            drop_path: float = 0.,
+            in_features: int,
+            hidden_features: Optional[int] = None,
             act_layer: Type[nn.Module] = nn.GELU,
-            eps: float = 1e-6,
+            norm_layer: Optional[Type[nn.Module]] = None,
+            bias: bool = True,
+            drop: float = 0.,
+            drop_path: float = 0.,
             device=None,
             dtype=None,
+            **settings,
     ) -> None:
         """
         Args:
-            dim: Token channels (input and output).
-            num_core: Number of core experts (large hidden).
-            num_univ: Number of universal experts (small hidden); 0 gives a single-path layer.
-            core_hidden: Hidden units of a core expert (default 4 * dim).
-            univ_hidden: Hidden units of a universal expert (default core_hidden // 4).
-            slots_per_expert: Slots per expert; total slots = (num_core + num_univ) * slots_per_expert.
-            combine: 'entmax15' (sparse, released default) or 'softmax' (paper text, Soft MoE).
-            temperature_init: Initial routing temperature(s); logits are divided by it. Learned, kept positive.
-            shared_temperature: One temperature for dispatch and combine instead of two.
-            noise_std: Std of the Gaussian logit noise in training (None: 1 / num_slots; 0: off). Never in eval.
-            slot_norm: LayerNorm on the slot queries before L2 normalisation.
-            slot_norm_eps: Epsilon of that LayerNorm.
-            expert_drop: Dropout inside every expert (after the activation and after fc2).
-            drop_path: Per-sample drop path on the layer output (the released "MoE drop path").
+            in_features: Token channels (input and output), as for timm's ``Mlp``.
+            hidden_features: The dense MLP's hidden size; the default core-expert hidden size (default 4 x width).
             act_layer: Expert activation.
-            eps: Epsilon of the L2 normalisation.
+            norm_layer: timm's ``Mlp`` norm after the activation (``scale_mlp_norm``): not supported, must be None.
+            bias: Biases in the experts.
+            drop: Dropout on the layer output (timm's projection dropout); the experts' own dropout is the
+                ``expert_drop`` setting.
+            drop_path: Per-sample drop path on the layer output (the released "MoE drop path").
+            **settings: Fields of :class:`SpheroMoESettings` (``num_core``, ``num_univ``, ``combine``, ...).
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        _check_positive_int('dim', dim)
-        _check_positive_int('num_core', num_core, allow_zero=True)
-        _check_positive_int('num_univ', num_univ, allow_zero=True)
-        _check_positive_int('slots_per_expert', slots_per_expert)
-        if num_core + num_univ == 0:
-            raise ValueError('SpheroMoE needs at least one expert: num_core and num_univ are both 0.')
-        core_hidden = 4 * dim if core_hidden is None else core_hidden
-        univ_hidden = max(1, core_hidden // 4) if univ_hidden is None else univ_hidden
-        _check_positive_int('core_hidden', core_hidden)
-        _check_positive_int('univ_hidden', univ_hidden)
-        if combine not in COMBINE_MODES:
-            raise ValueError(f'combine must be one of {COMBINE_MODES}, got {combine!r}.')
-        if not temperature_init > 0:
-            raise ValueError(f'temperature_init must be > 0, got {temperature_init}.')
-        if noise_std is not None and noise_std < 0:
-            raise ValueError(f'noise_std must be >= 0 or None, got {noise_std}.')
-        for name, p in (('expert_drop', expert_drop), ('drop_path', drop_path)):
-            if not 0. <= p < 1.:
-                raise ValueError(f'{name} must be in [0, 1), got {p}.')
+        unknown = set(settings) - {f.name for f in dataclasses.fields(SpheroMoESettings)}
+        if unknown:
+            raise InvalidArgumentType(
+                f'SpheroMoE got unknown argument(s) {sorted(unknown)}; its settings are '
+                f'{", ".join(f.name for f in dataclasses.fields(SpheroMoESettings))}.')
+        cfg = SpheroMoESettings(**settings)
+        in_features = integer(1)('in_features', in_features)
+        if norm_layer is not None:
+            raise InvalidArgument(
+                f'SpheroMoE has no norm inside its experts, so norm_layer={getattr(norm_layer, "__name__", norm_layer)}'
+                f' (timm\'s scale_mlp_norm) cannot be honoured; build the model without scale_mlp_norm.')
+        drop = real(0., 1., max_open=True)('drop', drop)
+        drop_path = real(0., 1., max_open=True)('drop_path', drop_path)
+        hidden = integer(1)('hidden_features', hidden_features) if hidden_features is not None else 4 * in_features
+        core_hidden, univ_hidden = cfg.hidden_sizes(hidden)
 
-        self.dim = dim
-        self.num_core = num_core
-        self.num_univ = num_univ
-        self.slots_per_expert = slots_per_expert
-        self.num_slots = (num_core + num_univ) * slots_per_expert
-        self.num_core_slots = num_core * slots_per_expert
-        self.combine = combine
-        self.sparse_combine = combine == 'entmax15'
-        self.noise_std = float(1. / self.num_slots if noise_std is None else noise_std)
-        self.eps = eps
+        self.settings = cfg
+        self.dim = in_features
+        self.num_core = cfg.num_core
+        self.num_univ = cfg.num_univ
+        self.slots_per_expert = cfg.slots_per_expert
+        self.num_slots = (cfg.num_core + cfg.num_univ) * cfg.slots_per_expert
+        self.num_core_slots = cfg.num_core * cfg.slots_per_expert
+        self.group_slots = [n * cfg.slots_per_expert for n in (cfg.num_core, cfg.num_univ) if n]
+        self.combine = cfg.combine
+        self.sparse_combine = cfg.combine == 'entmax15'
+        self.noise_std = float(1. / self.num_slots if cfg.noise_std is None else cfg.noise_std)
+        self.eps = cfg.l2_eps
+        self.temperature_init = cfg.temperature_init
 
-        self.slot_queries = nn.Parameter(torch.empty(self.num_slots, dim, **dd))
-        self.slot_norm = nn.LayerNorm(dim, eps=slot_norm_eps, **dd) if slot_norm else nn.Identity()
-        self.temperature_init = temperature_init
+        self.slot_queries = nn.Parameter(torch.empty(self.num_slots, in_features, **dd))
+        self.slot_norm = nn.LayerNorm(in_features, eps=cfg.slot_norm_eps, **dd) if cfg.slot_norm else nn.Identity()
         # log-parametrised so the temperature stays positive (the released scalars could reach 0 or flip sign)
-        self.log_temperature = nn.Parameter(torch.empty(1 if shared_temperature else 2, **dd))
-
-        expert_args = dict(dim=dim, slots_per_expert=slots_per_expert, act_layer=act_layer, drop=expert_drop, **dd)
-        self.core = BatchedExperts(num_core, hidden_features=core_hidden, **expert_args) if num_core else None
-        self.univ = BatchedExperts(num_univ, hidden_features=univ_hidden, **expert_args) if num_univ else None
+        self.log_temperature = nn.Parameter(torch.empty(1 if cfg.shared_temperature else 2, **dd))
+        experts = dict(dim=in_features, slots_per_expert=cfg.slots_per_expert, act_layer=act_layer,
+                       drop=cfg.expert_drop, bias=bias, **dd)
+        self.core = BatchedExperts(cfg.num_core, hidden_features=core_hidden, **experts) if cfg.num_core else None
+        self.univ = BatchedExperts(cfg.num_univ, hidden_features=univ_hidden, **experts) if cfg.num_univ else None
+        self.out_drop = nn.Dropout(drop) if drop > 0. else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        # softmax combine through two scaled_dot_product_attention calls (eval, or no noise). Off by default: it
-        # computes the routing logits twice, and on the 2-thread CPU it measured slower than the explicit path
-        # (layer vs Mlp, batch 32: 1.93x against 1.73x); worth trying where fused attention kernels are fast
-        self.sdpa_combine = False
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -225,61 +234,43 @@ class SpheroMoE(nn.Module):
             combine = torch.softmax(combine_logits, dim=-1)
         return dispatch, combine
 
+    def expert_outputs(self, slots: torch.Tensor) -> List[torch.Tensor]:
+        """Run the slots through their experts.
+
+        Args:
+            slots: Slot inputs [B, S, D], core slots first.
+
+        Returns:
+            One [B, S_group, D] output per expert group present (core first, then universal); strided views of the
+            expert-major results, which ``bmm`` consumes without a copy.
+        """
+        groups = slots.split(self.group_slots, dim=1)
+        outs: List[torch.Tensor] = []
+        if self.core is not None:
+            outs.append(self.core(groups[0]))
+        if self.univ is not None:
+            outs.append(self.univ(groups[len(outs)]))
+        return outs
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """
         Args:
-            x: Tokens [B, N, D].
+            x: Tokens [B, N, D], or a channels-last feature map [B, H, W, D] (its positions are the tokens).
 
         Returns:
-            Tokens [B, N, D].
+            The same shape as ``x``.
         """
-        if self.sdpa_combine and not self.sparse_combine and not (self.training and self.noise_std > 0.):
-            return self.drop_path(self._forward_attention(x))
-        dispatch, combine = self.route(x)
-        slots = torch.bmm(dispatch.transpose(1, 2), x)
-        c = self.num_core_slots
-        out: Optional[torch.Tensor] = None
-        if self.core is not None and self.univ is not None:
-            # split, not slice: the backward of a split is one concatenation, a slice's is a zero-filled copy each
-            core_slots, univ_slots = slots.split([c, self.num_slots - c], dim=1)
-            core_combine, univ_combine = combine.split([c, self.num_slots - c], dim=2)
-            out = torch.bmm(core_combine, self.core(core_slots))
-            out = torch.baddbmm(out, univ_combine, self.univ(univ_slots))
-        elif self.core is not None:
-            out = torch.bmm(combine, self.core(slots))
-        elif self.univ is not None:
-            out = torch.bmm(combine, self.univ(slots))
-        assert out is not None
+        tokens = x.flatten(1, -2)  # [B, H, W, D] -> [B, H * W, D]; [B, N, D] unchanged
+        dispatch, combine = self.route(tokens)
+        slots = torch.bmm(dispatch.transpose(1, 2), tokens)
+        outs = self.expert_outputs(slots)
+        # combine group by group: a split of the weights instead of a concatenation of the expert outputs
+        weights = combine.split(self.group_slots, dim=2)
+        out = torch.bmm(weights[0], outs[0])
+        for i in range(1, len(outs)):
+            out = torch.baddbmm(out, weights[i], outs[i])
         # per-sample drop path on the expert outputs commutes with the (linear) combine
-        return self.drop_path(out)
-
-    def _forward_attention(self, x: torch.Tensor) -> torch.Tensor:
-        """Softmax dispatch and combine as two ``scaled_dot_product_attention`` calls (no noise).
-
-        dispatch: slots = softmax_tokens(q_s . k_n / T_d) x_n; combine: y_n = softmax_slots(k_n . q_s / T_c) Y_s,
-        with k the L2-normalised tokens and q the normalised slot queries. The fused kernel never materialises
-        the [B, N, S] logits, at the price of computing them twice.
-        """
-        b, n, d = x.shape
-        queries = l2_normalize(self.slot_norm(self.slot_queries), self.eps)
-        inv_temp = torch.exp(-self.log_temperature).to(queries.dtype)
-        keys = x * (1. / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + self.eps))
-        slots = routing_attention((queries * inv_temp[0]).expand(b, -1, -1), keys, x)
-        c = self.num_core_slots
-        parts: List[torch.Tensor] = []
-        if self.core is not None and self.univ is not None:
-            core_slots, univ_slots = slots.split([c, self.num_slots - c], dim=1)
-            parts.append(self.core.forward_expert_major(self.core.to_expert_major(core_slots)))
-            parts.append(self.univ.forward_expert_major(self.univ.to_expert_major(univ_slots)))
-        elif self.core is not None:
-            parts.append(self.core.forward_expert_major(self.core.to_expert_major(slots)))
-        elif self.univ is not None:
-            parts.append(self.univ.forward_expert_major(self.univ.to_expert_major(slots)))
-        h = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
-        # expert-major [E, B * s, D] -> [B, S, D] (a strided view when s == 1)
-        s = self.slots_per_expert
-        expert_out = h.reshape(h.shape[0], b, s, d).transpose(0, 1).reshape(b, self.num_slots, d)
-        return routing_attention(keys, (queries * inv_temp[-1]).expand(b, -1, -1), expert_out)
+        return self.drop_path(self.out_drop(out)).reshape_as(x)
 
     def extra_repr(self) -> str:
         return f'dim={self.dim}, num_core={self.num_core}, num_univ={self.num_univ}, ' \

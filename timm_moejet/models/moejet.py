@@ -8,158 +8,61 @@ everything timm's ViT offers (features, intermediates, grad checkpointing, dynam
 keeps working.
 """
 from functools import partial
-from typing import Any, Dict, Optional, Sequence, Set, Type
+from typing import Any, Callable, Dict, Sequence, Set
 
 import torch
 import torch.nn as nn
-from timm.layers import calculate_drop_path_rates
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from ..layers import COMBINE_MODES, SpheroMoE
-from ..recycling.pretrained import RecyclingArgs, RecyclingRecipe
+from ..errors import InvalidArgument, InvalidArgumentType
+from ..layers import SpheroMoE
+from ..recycling import RecyclingArgs, RecyclingRecipe
+from .placement import pop_moe_kwargs
 
 __all__ = ['MoEVisionTransformer']
 
 
-def _sphero_mlp(
-        in_features: int,
-        hidden_features: Optional[int] = None,
-        act_layer: Type[nn.Module] = nn.GELU,
-        norm_layer: Optional[Type[nn.Module]] = None,
-        bias: bool = True,
-        drop: float = 0.,
-        device=None,
-        dtype=None,
-        *,
-        moe_args: Dict[str, Any],
-) -> SpheroMoE:
-    """Adapts timm's ``mlp_layer`` call signature to ``SpheroMoE``."""
-    args = dict(moe_args)
-    if args.get('core_hidden') is None:
-        args['core_hidden'] = hidden_features
-    return SpheroMoE(in_features, act_layer=act_layer, device=device, dtype=dtype, **args)
-
-
-def _moe_block(
-        *,
-        depth: int,
-        mlp_layer: Type[nn.Module],
-        moe_blocks: Sequence[int],
-        moe_args: Dict[str, Any],
-        moe_drop_path: Sequence[float],
-        **kwargs,
-) -> Block:
-    """timm ``Block`` whose MLP is a SpheroMoE layer when ``depth`` (the block index) is in ``moe_blocks``."""
-    if depth in moe_blocks:
-        mlp_layer = partial(_sphero_mlp, moe_args=dict(moe_args, drop_path=moe_drop_path[depth]))
-    return Block(depth=depth, mlp_layer=mlp_layer, **kwargs)
+def _block(*, depth: int, mlp_layer: Callable[..., nn.Module], moe_layers: Dict[int, Callable[..., SpheroMoE]],
+           **kwargs) -> Block:
+    """timm's ``Block``; its ``mlp_layer`` is a SpheroMoE ``partial`` when ``depth`` (the block index) is a MoE
+    block."""
+    return Block(depth=depth, mlp_layer=moe_layers.get(depth, mlp_layer), **kwargs)
 
 
 class MoEVisionTransformer(VisionTransformer):
     """Vision Transformer with SpheroMoE layers (MoE Jetpack).
 
-    All ``VisionTransformer`` arguments are accepted; the MoE arguments below are added.
+    Takes every ``VisionTransformer`` argument, plus the MoE placement (``moe_blocks``, ``moe_drop_path_rate``,
+    see ``MoEPlacement``) and the layer settings under their ``create_model`` names (``num_core_experts``,
+    ``num_univ_experts``, ``moe_combine``, ..., see ``SpheroMoESettings``; docs/settings.md lists them all).
     """
+    recycling_family = 'vit'
 
-    def __init__(
-            self,
-            embed_dim: int = 768,
-            depth: int = 12,
-            num_heads: int = 12,
-            mlp_ratio: float = 4.,
-            moe_blocks: Optional[Sequence[int]] = None,
-            num_core_experts: int = 98,
-            num_univ_experts: int = 196,
-            core_hidden: Optional[int] = None,
-            univ_hidden: Optional[int] = None,
-            slots_per_expert: int = 1,
-            moe_combine: str = 'entmax15',
-            moe_temperature_init: float = 0.5,
-            moe_shared_temperature: bool = False,
-            moe_noise_std: Optional[float] = None,
-            moe_slot_norm: bool = True,
-            moe_slot_norm_eps: float = 1e-5,
-            moe_expert_drop: float = 0.4,
-            moe_drop_path_rate: float = 0.1,
-            **kwargs,
-    ) -> None:
+    def __init__(self, depth: int = 12, embed_dim: int = 768, num_heads: int = 12, **kwargs) -> None:
         """
         Args:
-            embed_dim: Transformer width.
             depth: Number of blocks.
+            embed_dim: Transformer width.
             num_heads: Attention heads (must divide ``embed_dim``).
-            mlp_ratio: Dense MLP ratio; also the default core-expert hidden ratio.
-            moe_blocks: 0-based indices of blocks whose MLP becomes SpheroMoE (default: the second half).
-            num_core_experts: Core experts per MoE layer.
-            num_univ_experts: Universal experts per MoE layer (0: single path).
-            core_hidden: Core expert hidden units (default ``mlp_ratio * embed_dim``).
-            univ_hidden: Universal expert hidden units (default ``core_hidden // 4``).
-            slots_per_expert: Slots per expert.
-            moe_combine: 'entmax15' or 'softmax'.
-            moe_temperature_init: Initial routing temperature.
-            moe_shared_temperature: One temperature for dispatch and combine.
-            moe_noise_std: Training-time logit noise std (None: 1 / num_slots; 0: off).
-            moe_slot_norm: LayerNorm on slot queries.
-            moe_slot_norm_eps: Epsilon of the slot-query LayerNorm.
-            moe_expert_drop: Dropout inside experts.
-            moe_drop_path_rate: Maximum per-sample drop path on MoE outputs, ramped linearly over depth.
-            **kwargs: ``VisionTransformer`` arguments.
+            **kwargs: MoE placement and layer settings, and ``VisionTransformer`` arguments.
         """
         for name, value in (('embed_dim', embed_dim), ('depth', depth), ('num_heads', num_heads)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f'{name} must be a positive int, got {value!r}.')
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InvalidArgumentType(f'{name} must be a positive int, got {value!r} ({type(value).__name__}).')
+            if value < 1:
+                raise InvalidArgument(f'{name} must be a positive int, got {value!r}.')
         if embed_dim % num_heads:
-            raise ValueError(
+            raise InvalidArgument(
                 f'embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads}); '
                 f'allowed num_heads: {[h for h in range(1, embed_dim + 1) if embed_dim % h == 0][:12]}...')
-        if moe_blocks is None:
-            moe_blocks = tuple(range(depth // 2, depth))
-        moe_blocks = tuple(moe_blocks)
-        bad = [i for i in moe_blocks if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < depth]
-        if bad:
-            raise ValueError(f'moe_blocks {bad} are outside the model depth; allowed block indices are 0..{depth - 1}.')
-        if len(set(moe_blocks)) != len(moe_blocks):
-            raise ValueError(f'moe_blocks has repeated indices: {list(moe_blocks)}.')
-        if moe_combine not in COMBINE_MODES:
-            raise ValueError(f'moe_combine must be one of {COMBINE_MODES}, got {moe_combine!r}.')
-        if num_core_experts + num_univ_experts < 1 and moe_blocks:
-            raise ValueError('No experts: num_core_experts and num_univ_experts are both 0; set at least one > 0.')
-        for name, value in (('core_hidden', core_hidden), ('univ_hidden', univ_hidden)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f'{name} must be a positive int or None, got {value!r}.')
-        if int(mlp_ratio * embed_dim) < 1:
-            raise ValueError(f'mlp_ratio * embed_dim must give at least 1 hidden unit, got mlp_ratio={mlp_ratio}.')
-
-        moe_args = dict(
-            num_core=num_core_experts,
-            num_univ=num_univ_experts,
-            core_hidden=core_hidden,
-            univ_hidden=univ_hidden,
-            slots_per_expert=slots_per_expert,
-            combine=moe_combine,
-            temperature_init=moe_temperature_init,
-            shared_temperature=moe_shared_temperature,
-            noise_std=moe_noise_std,
-            slot_norm=moe_slot_norm,
-            slot_norm_eps=moe_slot_norm_eps,
-            expert_drop=moe_expert_drop,
-        )
-        block_fn = partial(
-            _moe_block,
-            moe_blocks=moe_blocks,
-            moe_args=moe_args,
-            moe_drop_path=calculate_drop_path_rates(moe_drop_path_rate, depth),
-        )
-        super().__init__(
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
-            block_fn=block_fn,
-            **kwargs,
-        )
-        self.moe_blocks = moe_blocks
+        if 'block_fn' in kwargs:
+            raise InvalidArgument('MoEVisionTransformer builds its blocks itself; block_fn cannot be set.')
+        placement, settings = pop_moe_kwargs(kwargs)
+        moe_layers = placement.layer_factories(depth, settings)
+        super().__init__(depth=depth, embed_dim=embed_dim, num_heads=num_heads,
+                         block_fn=partial(_block, moe_layers=moe_layers), **kwargs)
+        self.moe_blocks = tuple(moe_layers)
 
     def moe_layers(self) -> Dict[int, SpheroMoE]:
         """The SpheroMoE layers by block index."""
@@ -214,6 +117,7 @@ _RECIPES: Dict[str, RecyclingRecipe] = {}
 
 
 def _recycled_cfgs(names: Sequence[str], tag: str, trunk: str, recipe: RecyclingRecipe) -> Dict[str, Any]:
+    """The cfgs of one recycling tag for several names; the tag's recipe is kept in ``_RECIPES``."""
     for name in names:
         _RECIPES[f'{name}.{tag}'] = recipe
     return {f'{name}.{tag}': _cfg(hf_hub_id=trunk, description=recipe.describe()) for name in names}

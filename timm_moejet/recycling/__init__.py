@@ -1,30 +1,20 @@
-"""Checkpoint recycling: dense timm ViT weights become MoE Jetpack weights (also on load, as timm's filter).
+"""Checkpoint recycling: dense timm weights become MoE Jetpack weights (also on load, as timm's filter).
 
-See ``recycle_state_dict`` for the recipe and ``STRATEGIES`` for the selection strategies.
+``RecyclingRecipe`` says how (strategy, statistics, seed), ``STRATEGIES`` is the table of strategies,
+``recycle_state_dict``/``recycle_into`` run the pipeline, ``checkpoint_filter_fn`` is timm's pretrained filter.
 """
+from .families import FAMILIES, Family, family_of_state_dict, is_moe_state_dict
 from .graph import GRAPH_METHODS, partition_graph
-from .pretrained import (
-    RECYCLE_KWARGS,
-    RecyclingArgs,
-    RecyclingRecipe,
-    checkpoint_filter_fn,
-    load_donor,
-    resolve_recipe,
-)
-from .recycle import (
-    DEFAULT_SEED,
-    is_dense_vit_state_dict,
-    is_moe_state_dict,
-    recycle_into,
-    recycle_state_dict,
-    recycling_record,
-)
-from .selection import STRATEGIES, check_strategy
+from .pretrained_filter import RecyclingArgs, checkpoint_filter_fn
+from .recipe import DEFAULT_SEED, RECYCLE_KWARGS, RecyclingRecipe
+from .recycle import DenseDonor, build_recycled_model, recycle_into, recycle_state_dict, recycling_record
 from .statistics import METRICS, ActivationStats, collect_statistics, weight_proxy_statistics, weights_hash
+from .strategies import STRATEGIES, SelectionContext, Strategy, get_strategy, register_strategy
 
 __all__ = [
-    'STRATEGIES', 'ActivationStats', 'collect_statistics', 'recycle_state_dict', 'recycle_into',
-    'DEFAULT_SEED', 'METRICS', 'GRAPH_METHODS', 'check_strategy', 'is_dense_vit_state_dict', 'is_moe_state_dict',
-    'partition_graph', 'recycling_record', 'weight_proxy_statistics', 'weights_hash', 'RecyclingRecipe',
-    'RecyclingArgs', 'checkpoint_filter_fn', 'load_donor', 'resolve_recipe', 'RECYCLE_KWARGS',
+    'RecyclingRecipe', 'STRATEGIES', 'Strategy', 'SelectionContext', 'register_strategy', 'get_strategy',
+    'ActivationStats', 'collect_statistics', 'weight_proxy_statistics', 'weights_hash', 'recycle_state_dict',
+    'recycle_into', 'recycling_record', 'checkpoint_filter_fn', 'RecyclingArgs', 'DEFAULT_SEED', 'RECYCLE_KWARGS',
+    'METRICS', 'GRAPH_METHODS', 'partition_graph', 'FAMILIES', 'Family', 'family_of_state_dict', 'is_moe_state_dict',
+    'DenseDonor', 'build_recycled_model',
 ]

@@ -7,39 +7,21 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ['STRATEGIES', 'check_strategy', 'uniform_indices', 'select_uniform', 'select_random', 'select_importance',
-           'select_from_parts', 'select_upcycle', 'subselect_uniform']
+from ..errors import InvalidArgument
 
-STRATEGIES = ('upcycle', 'uniform', 'random', 'importance', 'graph')
-
-
-def check_strategy(strategy: str) -> str:
-    """Return ``strategy`` if it is known, else raise a ValueError listing the valid ones."""
-    if not isinstance(strategy, str) or strategy not in STRATEGIES:
-        raise ValueError(f'Unknown recycling strategy {strategy!r}; valid strategies are {", ".join(STRATEGIES)}.')
-    return strategy
+__all__ = ['uniform_indices', 'select_uniform', 'select_random', 'select_importance', 'select_from_parts',
+           'subselect_uniform']
 
 
 def _check_k(population: int, k: int) -> None:
     if not 0 < k <= population:
-        raise ValueError(f'cannot select {k} of {population} donor units; need 0 < k <= {population}.')
+        raise InvalidArgument(f'cannot select {k} of {population} donor units; need 0 < k <= {population}.')
 
 
 def uniform_indices(population: int, k: int) -> torch.Tensor:
     """``round(linspace(0, population - 1, k))``: the released code's uniform selection (unique when k <= n)."""
     _check_k(population, k)
     return torch.linspace(0, population - 1, k, dtype=torch.float64).round().long()
-
-
-def select_upcycle(num_experts: int, population: int, k: int) -> torch.Tensor:
-    """Every expert keeps every donor unit (sparse upcycling: experts are copies). Needs ``k == population``.
-
-    Universal experts, smaller than the donor MLP, then keep evenly spaced units of it (see ``subselect_uniform``).
-    """
-    if k != population:
-        raise ValueError(f'upcycle copies the donor MLP, so the expert needs all {population} donor units, '
-                         f'but it has {k}; use a donor of the expert size or another strategy.')
-    return torch.arange(population).expand(num_experts, population).clone()
 
 
 def select_uniform(num_experts: int, population: int, k: int) -> torch.Tensor:

@@ -1,9 +1,11 @@
-""" Activation statistics of a dense ViT donor, and the data-free proxy used when there are none.
+""" Activation statistics of a dense donor, and the data-free proxy used when there are none.
 
-For every donor block ``i`` two points are measured, as in the released ``gen_ViT_MoE_weight.py``:
+For every donor block ``i`` (blocks counted in forward order over the whole network, see ``families.py``) two
+points are measured, as in the released ``gen_ViT_MoE_weight.py``:
 
-* ``blocks.i.hidden.*``: the MLP hidden units (output of ``blocks[i].mlp.act``), used to pick expert hidden units;
-* ``blocks.i.channel.*``: the MLP input channels (output of ``blocks[i].norm2``), used to pick expert channels.
+* ``blocks.i.hidden.*``: the MLP hidden units (output of the block's ``mlp.act``), used to pick expert hidden units;
+* ``blocks.i.channel.*``: the MLP input channels (output of the norm feeding the MLP: ``norm2`` in a ViT), used to
+  pick expert channels.
 
 Each point stores, per unit and over every token of every image (class token included):
 ``l1`` = mean |x|, ``l2`` = sqrt(mean x^2) (the released default statistic), ``freq`` = fraction of x > 0, and
@@ -24,6 +26,8 @@ import torch.nn as nn
 from safetensors import safe_open
 
 from ..checkpoint_io import save_safetensors_atomic
+from ..errors import DonorMismatch, InvalidArgument, InvalidCheckpoint, NotFound
+from .families import family_of_state_dict
 
 __all__ = ['ActivationStats', 'collect_statistics', 'weights_hash', 'weight_proxy_statistics', 'METRICS']
 
@@ -75,7 +79,7 @@ class ActivationStats:
     ) -> None:
         bad = [k for k in tensors if not _KEY.match(k)]
         if bad:
-            raise ValueError(f'ActivationStats: unexpected tensor names {bad[:5]}; expected '
+            raise InvalidCheckpoint(f'ActivationStats: unexpected tensor names {bad[:5]}; expected '
                              f'blocks.<i>.<hidden|channel>.<l1|l2|freq|coact>.')
         # own copies: callers may pass one tensor under several names, which safetensors cannot save
         self.tensors = {k: v.detach().to('cpu', torch.float32).clone() for k, v in tensors.items()}
@@ -108,7 +112,7 @@ class ActivationStats:
         """
         key = f'blocks.{block}.{point}.{metric}'
         if key not in self.tensors:
-            raise ValueError(f'activation statistics of {self.describe()} have no {key!r}; blocks present: '
+            raise InvalidCheckpoint(f'activation statistics of {self.describe()} have no {key!r}; blocks present: '
                              f'{list(self.blocks)}, metrics: {sorted({k.split(".")[-1] for k in self.tensors})}.')
         return self.tensors[key]
 
@@ -126,12 +130,12 @@ class ActivationStats:
             for point, m, shape in wanted:
                 t = self.get(i, point, m)
                 if tuple(t.shape) != shape:
-                    raise ValueError(f'activation statistic blocks.{i}.{point}.{m} has shape {tuple(t.shape)}, '
+                    raise DonorMismatch(f'activation statistic blocks.{i}.{point}.{m} has shape {tuple(t.shape)}, '
                                      f'the donor needs {shape}: the statistics were made for another donor size.')
                 if not bool(torch.isfinite(t).all()):
-                    raise ValueError(f'activation statistic blocks.{i}.{point}.{m} holds NaN or inf values.')
+                    raise InvalidCheckpoint(f'activation statistic blocks.{i}.{point}.{m} holds NaN or inf values.')
                 if bool((t < 0).any()):
-                    raise ValueError(f'activation statistic blocks.{i}.{point}.{m} holds negative values.')
+                    raise InvalidCheckpoint(f'activation statistic blocks.{i}.{point}.{m} holds negative values.')
 
     def check_donor(self, donor: Union[nn.Module, Mapping[str, torch.Tensor]], donor_name: str = '') -> None:
         """Refuse statistics made for another donor.
@@ -149,7 +153,7 @@ class ActivationStats:
             if not donor_name and isinstance(donor, nn.Module):
                 cfg = getattr(donor, 'pretrained_cfg', None) or {}
                 donor_name = cfg.get('hf_hub_id') or cfg.get('architecture') or type(donor).__name__
-            raise ValueError(
+            raise DonorMismatch(
                 f'These activation statistics were made for donor {self.describe()}, not for '
                 f'{donor_name or "the given donor"} (weights sha256 {digest[:12]}); collect statistics on this '
                 f'donor or pass the matching file.')
@@ -174,20 +178,20 @@ class ActivationStats:
         """
         path = os.fspath(path)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f'activation statistics file not found: {path}')
+            raise NotFound(f'activation statistics file not found: {path}')
         try:
             with safe_open(path, framework='pt') as f:
                 meta = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:  # safetensors raises several types on a bad header
-            raise ValueError(f'{path} is not a readable safetensors statistics file ({e}).') from e
+            raise InvalidCheckpoint(f'{path} is not a readable safetensors statistics file ({e}).') from e
         if meta.get('format') != FORMAT:
-            raise ValueError(f'{path} is not an activation statistics file (metadata format '
+            raise InvalidCheckpoint(f'{path} is not an activation statistics file (metadata format '
                              f'{meta.get("format")!r}, expected {FORMAT!r}).')
         try:
             ident = json.loads(meta.get('identity', '{}'))
         except json.JSONDecodeError as e:
-            raise ValueError(f'{path}: unreadable donor identity in the metadata ({e}).') from e
+            raise InvalidCheckpoint(f'{path}: unreadable donor identity in the metadata ({e}).') from e
         stats = cls(tensors, **{k: ident[k] for k in ('architecture', 'hub_id', 'weights_hash', 'num_tokens',
                                                         'source') if k in ident})
         if donor_model is not None:
@@ -229,13 +233,13 @@ class _Accumulator:
 
 
 def _donor_blocks(donor_model: nn.Module) -> Sequence[nn.Module]:
-    blocks = getattr(donor_model, 'blocks', None)
-    ok = blocks is not None and len(blocks) > 0 and all(
-        hasattr(b, 'norm2') and hasattr(getattr(b, 'mlp', None), 'act') for b in blocks)
-    if not ok:
-        raise TypeError(f'donor_model must be a dense timm VisionTransformer (blocks with norm2 and mlp.act), '
-                        f'got {type(donor_model).__name__}.')
-    return blocks
+    """The blocks of a dense donor model whose MLP activations are measured (any family of ``families.py``)."""
+    try:
+        family = family_of_state_dict(donor_model.state_dict(), 'donor_model', type(donor_model).__name__)
+    except DonorMismatch as e:
+        raise InvalidArgument(f'donor_model must be a dense model of a supported family ({e}).') from None
+    blocks = family.block_modules(donor_model)
+    return [(b.mlp.act, getattr(b, family.mlp_input_norm)) for b in blocks]
 
 
 def collect_statistics(
@@ -252,7 +256,7 @@ def collect_statistics(
     """Run a dense donor over a DataLoader and measure its per-block activation statistics.
 
     Args:
-        donor_model: A dense timm ``VisionTransformer`` (the donor whose MLPs will be recycled).
+        donor_model: A dense timm model of a supported family (the donor whose MLPs will be recycled).
         loader: Yields ``(images, targets)`` or ``images`` batches, preprocessed for the donor.
         max_batches: Stop after this many batches (None: the whole loader).
         device: Where to run the donor.
@@ -265,25 +269,25 @@ def collect_statistics(
         The statistics, carrying the donor's architecture, hub id and weights hash.
 
     Raises:
-        TypeError: If the donor is not a dense ViT.
-        ValueError: If ``max_batches`` or ``blocks`` is invalid, or the loader yields nothing.
+        InvalidArgument: If the donor is not a dense model of a supported family, ``max_batches`` or ``blocks`` is
+            invalid, or the loader yields nothing.
     """
     from tqdm import tqdm
 
     donor_blocks = _donor_blocks(donor_model)
     if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
                                     or max_batches < 1):
-        raise ValueError(f'max_batches must be a positive int or None, got {max_batches!r}.')
+        raise InvalidArgument(f'max_batches must be a positive int or None, got {max_batches!r}.')
     block_ids = list(range(len(donor_blocks))) if blocks is None else list(blocks)
     bad = [i for i in block_ids if not isinstance(i, int) or not 0 <= i < len(donor_blocks)]
     if bad:
-        raise ValueError(f'blocks {bad} are outside the donor depth; allowed 0..{len(donor_blocks) - 1}.')
+        raise InvalidArgument(f'blocks {bad} are outside the donor depth; allowed 0..{len(donor_blocks) - 1}.')
 
     accs: Dict[str, _Accumulator] = {}
     handles = []
     for i in block_ids:
-        for point, module, coact in (('hidden', donor_blocks[i].mlp.act, coactivation),
-                                     ('channel', donor_blocks[i].norm2, False)):
+        act, norm = donor_blocks[i]
+        for point, module, coact in (('hidden', act, coactivation), ('channel', norm, False)):
             acc = accs[f'blocks.{i}.{point}'] = _Accumulator(coact)
             handles.append(module.register_forward_hook(acc))
 
@@ -308,7 +312,7 @@ def collect_statistics(
             h.remove()
         donor_model.train(was_training).to(home)
     if num_batches == 0:
-        raise ValueError('the loader yielded no batches; activation statistics need at least one.')
+        raise InvalidArgument('the loader yielded no batches; activation statistics need at least one.')
 
     tensors = {}
     num_tokens = 0
@@ -342,26 +346,30 @@ def weight_proxy_statistics(
 ) -> ActivationStats:
     """Data-free statistics estimated from the donor's weights alone (a Gaussian model of the MLP input).
 
-    The LayerNorm output feeding block ``i``'s MLP is modelled as ``x_c = gamma_c * z_c + beta_c`` with
+    The norm output feeding block ``i``'s MLP is modelled as ``x_c = gamma_c * z_c + beta_c`` with
     independent ``z_c ~ N(0, 1)``. Then a channel's RMS (``l2``) is ``sqrt(gamma_c^2 + beta_c^2)``; a hidden
     unit's pre-activation is Gaussian with mean ``fc1.b + fc1.W @ beta`` and variance ``(fc1.W^2) @ gamma^2``,
     and its post-GELU ``l1``/``l2``/``freq`` are computed by Gauss-Hermite quadrature. The co-activation proxy is
     the positive part of the correlation between pre-activations, ``cos(W_h * gamma, W_h' * gamma)``.
 
     Args:
-        state_dict: Dense ViT state dict (``blocks.i.norm2.*``, ``blocks.i.mlp.fc1.*`` are read).
+        state_dict: Dense state dict of a supported family (the MLP input norm and ``mlp.fc1`` of each block are
+            read).
         blocks: Donor blocks to estimate.
         coactivation: Also build the co-activation proxy.
         hub_id: Donor hub id, recorded.
         architecture: Donor architecture, recorded.
         weights_hash_value: The donor's :func:`weights_hash` if already known.
     """
+    family = family_of_state_dict(state_dict, 'donor', hub_id)
+    prefixes = family.block_prefixes(list(state_dict))
     tensors = {}
     for i in blocks:
-        gamma = state_dict[f'blocks.{i}.norm2.weight'].double()
-        beta = state_dict[f'blocks.{i}.norm2.bias'].double()
-        w1 = state_dict[f'blocks.{i}.mlp.fc1.weight'].double()
-        b1 = state_dict[f'blocks.{i}.mlp.fc1.bias'].double()
+        norm = f'{prefixes[i]}{family.mlp_input_norm}'
+        gamma = state_dict[f'{norm}.weight'].double()
+        beta = state_dict[f'{norm}.bias'].double()
+        w1 = state_dict[f'{prefixes[i]}mlp.fc1.weight'].double()
+        b1 = state_dict[f'{prefixes[i]}mlp.fc1.bias'].double()
         tensors[f'blocks.{i}.channel.l2'] = (gamma.square() + beta.square()).sqrt()
         tensors[f'blocks.{i}.channel.l1'] = gamma.abs() * math.sqrt(2 / math.pi) + beta.abs()  # rough, |E| bound
         tensors[f'blocks.{i}.channel.freq'] = torch.special.ndtr(beta / gamma.abs().clamp_min(1e-12))

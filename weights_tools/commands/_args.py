@@ -1,5 +1,12 @@
-""" Argument groups shared by several commands. """
+""" Argument groups and argument-level checks shared by several commands. """
 import argparse
+import ast
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+
+from timm_moejet.errors import InvalidArgument, OutputExists
 
 
 def add_model_args(parser: argparse.ArgumentParser, what: str = 'model') -> None:
@@ -11,15 +18,57 @@ def add_model_args(parser: argparse.ArgumentParser, what: str = 'model') -> None
                         help='weights for a named model (.safetensors, or .pth/.pt read with weights_only=True)')
     parser.add_argument('--pretrained', action='store_true',
                         help='load the named model\'s pretrained weights (MoE names: recycled from dense donors)')
-    parser.add_argument('--num-classes', type=int, default=None, help='classifier size of a named model')
+    add_model_kwargs(parser, 'of a named model')
+
+
+def add_model_kwargs(parser: argparse.ArgumentParser, whose: str) -> None:
+    """--num-classes / --model-kwargs."""
+    parser.add_argument('--num-classes', type=int, default=None, help=f'classifier size {whose}')
     parser.add_argument('--model-kwargs', nargs='*', default=None, metavar='KEY=VALUE',
-                        help='extra create_model kwargs, values parsed as Python literals')
+                        help=f'extra create_model kwargs {whose}, values parsed as Python literals')
 
 
-def model_kwargs_from(args: argparse.Namespace) -> dict:
-    from ..common import parse_model_kwargs
+def parse_model_kwargs(items: Optional[Sequence[str]]) -> Dict[str, Any]:
+    """``['k=v', ...]`` to a dict, values parsed as Python literals (else kept as strings), like train.py."""
+    kwargs: Dict[str, Any] = {}
+    for item in items or ():
+        key, sep, value = item.partition('=')
+        if not sep or not key:
+            raise InvalidArgument(f'--model-kwargs entries must look like key=value, got {item!r}.')
+        try:
+            kwargs[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            kwargs[key] = value
+    return kwargs
 
+
+def model_kwargs_from(args: argparse.Namespace) -> Dict[str, Any]:
+    """The create_model kwargs of --model-kwargs and --num-classes."""
     kwargs = parse_model_kwargs(args.model_kwargs)
     if args.num_classes is not None:
         kwargs['num_classes'] = args.num_classes
     return kwargs
+
+
+def resolve_device(name: str) -> torch.device:
+    """A torch device from ``--device``, refusing one this machine does not have (before any work starts)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise InvalidArgument(f'--device {name!r} is not a torch device ({e}).') from e
+    if device.type == 'cuda':
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index is not None and device.index >= count):
+            raise InvalidArgument(f'--device {name}: this machine has {count} CUDA device(s); use cpu or cuda:0..'
+                                  f'{max(count - 1, 0)}.')
+    elif device.type == 'mps' and not (hasattr(torch.backends, 'mps') and torch.backends.mps.is_available()):
+        raise InvalidArgument(f'--device {name}: MPS is not available on this machine.')
+    return device
+
+
+def check_output_free(path: str, overwrite: bool, what: str = 'output') -> Path:
+    """Refuse an existing output unless ``--overwrite``; checked before any slow work starts."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExists(f'{what} {path} already exists; pass --overwrite to replace it.')
+    return path

@@ -3,11 +3,11 @@ import argparse
 import textwrap
 import time
 
-from ..common import CommandError, check_output_free, load_donor_model, resolve_device
+from ._args import check_output_free, resolve_device
 
 EXAMPLE = textwrap.dedent('''\
     example:
-      python -m timm_moejet.data ./digits --image-size 32          # or any folder of class_name/*.png
+      python -m benchmarks.digits.data ./digits --image-size 32        # or any folder of class_name/*.png
       python -m weights_tools calibrate --donor vit_small_patch16_224.augreg_in21k --images ./digits \\
           --limit 1000 --batch-size 64 --output vit_small_digits_stats.safetensors''')
 
@@ -16,12 +16,12 @@ def add_parser(subparsers, parent: argparse.ArgumentParser, formatter) -> argpar
     p = subparsers.add_parser(
         'calibrate', parents=[parent], formatter_class=formatter, epilog=EXAMPLE,
         help='measure a dense donor\'s activation statistics on your images',
-        description='Run a dense timm ViT donor over an image folder (timm\'s dataset and the donor\'s eval '
-                    'transform) and write its per-block activation statistics (safetensors, with the donor\'s '
-                    'identity) for recycle --stats / create_model(..., recycle_stats=FILE).')
+        description='Run a dense timm donor over an image folder (timm\'s dataset and the donor\'s eval transform) '
+                    'and write its per-block activation statistics (safetensors, with the donor\'s identity) for '
+                    'recycle --stats / create_model(..., recycle_stats=FILE).')
     p.add_argument('--donor', required=True,
-                   help='the dense donor: a timm name (from the Hub cache), hf-hub:ORG/REPO, a Hub folder, or a '
-                        'weights file (then also --donor-arch)')
+                   help='the dense donor: a timm name with its tag (from the Hub cache), ORG/REPO or '
+                        'hf-hub:ORG/REPO, a Hub folder, or a weights file (then also --donor-arch)')
     p.add_argument('--donor-arch', default=None, help='timm architecture of a weights-file donor')
     p.add_argument('--images', required=True, metavar='FOLDER', help='image folder (class_name/*.png ...)')
     p.add_argument('--split', default='train',
@@ -40,19 +40,21 @@ def add_parser(subparsers, parent: argparse.ArgumentParser, formatter) -> argpar
 
 
 def run(args: argparse.Namespace) -> int:
+    from timm_moejet.errors import InvalidArgument
+    from timm_moejet.hub import load_donor
+    from timm_moejet.image_folder import image_loader
     from timm_moejet.recycling import collect_statistics
 
-    from ..images import image_loader
-
     if not args.output.endswith('.safetensors'):
-        raise CommandError(f'--output must be a .safetensors file, got {args.output}.')
+        raise InvalidArgument(f'--output must be a .safetensors file, got {args.output}.')
     check_output_free(args.output, args.overwrite, 'output file')
     device = resolve_device(args.device)
-    donor, donor_id = load_donor_model(args.donor, args.donor_arch)
-    loader, summary = image_loader(args.images, donor, args.limit, args.batch_size, args.seed, args.workers,
+    donor = load_donor(args.donor, role='donor')
+    model = donor.build_model(args.donor_arch)
+    loader, summary = image_loader(args.images, model, args.limit, args.batch_size, args.seed, args.workers,
                                    split=args.split)
     start = time.perf_counter()
-    stats = collect_statistics(donor, loader, device=device, progress=not args.no_progress, donor_id=donor_id,
+    stats = collect_statistics(model, loader, device=device, progress=not args.no_progress, donor_id=args.donor,
                                coactivation=not args.no_coactivation)
     seconds = time.perf_counter() - start
     check_output_free(args.output, args.overwrite, 'output file')

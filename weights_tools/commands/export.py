@@ -1,12 +1,8 @@
 """ ``export``: any registered model or checkpoint -> a timm Hub folder (model.safetensors + config.json). """
 import argparse
-import logging
 import textwrap
 
-from ..common import check_output_free, load_model, save_hub_folder
-from ._args import add_model_args, model_kwargs_from
-
-_logger = logging.getLogger('weights_tools')
+from ._args import add_model_args, check_output_free, model_kwargs_from
 
 EXAMPLE = textwrap.dedent('''\
     example:
@@ -29,6 +25,8 @@ def add_parser(subparsers, parent: argparse.ArgumentParser, formatter) -> argpar
 
 
 def run(args: argparse.Namespace) -> int:
+    from timm_moejet.hub import load_model, save_hub_folder
+
     check_output_free(args.output, args.overwrite, 'output folder')
     model, extra = load_model(args.model, args.checkpoint, args.pretrained, model_kwargs_from(args))
     out = save_hub_folder(model.eval(), args.output, args.overwrite, extra_config=extra)

@@ -5,7 +5,7 @@ import textwrap
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from ..common import CommandError, check_output_free, save_hub_folder
+from ._args import check_output_free
 
 EXAMPLE = textwrap.dedent('''\
     example (the official config is the VisionTransformerMoe kwargs of its mmpretrain config, as JSON):
@@ -32,60 +32,36 @@ def add_parser(subparsers, parent: argparse.ArgumentParser, formatter) -> argpar
     return p
 
 
-def _read_config(arg: Optional[str], checkpoint: Path) -> Dict[str, Any]:
+def _parse_config(arg: Optional[str]) -> Optional[Dict[str, Any]]:
+    """--config as a JSON file or a JSON string."""
+    from timm_moejet.errors import InvalidArgument
+
     if arg is None:
-        if checkpoint.suffix == '.safetensors':
-            from safetensors import SafetensorError, safe_open
-            try:
-                with safe_open(str(checkpoint), 'pt') as f:
-                    meta = f.metadata() or {}
-            except (SafetensorError, OSError) as e:
-                raise CommandError(f'{checkpoint} is not a readable safetensors file ({e}).') from e
-            if 'config' in meta:
-                text, source = meta['config'], f'{checkpoint} metadata "config"'
-            else:
-                raise CommandError(f'{checkpoint} has no "config" metadata; pass the official kwargs with --config.')
-        else:
-            raise CommandError('--config is required for a .pth/.pt checkpoint (the official VisionTransformerMoe '
-                               'kwargs as a JSON file or string).')
-    elif Path(arg).is_file():
+        return None
+    if Path(arg).is_file():
         text, source = Path(arg).read_text(), arg
     elif arg.lstrip().startswith('{'):
         text, source = arg, '--config'
     else:
-        raise CommandError(f'--config {arg!r} is neither an existing JSON file nor a JSON object.')
+        raise InvalidArgument(f'--config {arg!r} is neither an existing JSON file nor a JSON object.')
     try:
         config = json.loads(text)
     except json.JSONDecodeError as e:
-        raise CommandError(f'{source} is not valid JSON ({e}).') from e
+        raise InvalidArgument(f'{source} is not valid JSON ({e}).') from e
     if not isinstance(config, dict):
-        raise CommandError(f'{source} must hold a JSON object of official kwargs, got {type(config).__name__}.')
+        raise InvalidArgument(f'{source} must hold a JSON object of official kwargs, got {type(config).__name__}.')
     return config
 
 
-def _flattened(state_dict: Dict[str, Any]) -> Dict[str, Any]:
-    """``state_dict.<key>`` tensors (a flattened wrapper, as in reference files) -> ``<key>``."""
-    prefix = 'state_dict.'
-    if any(k.startswith(prefix) for k in state_dict):
-        return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    return state_dict
-
-
 def run(args: argparse.Namespace) -> int:
-    from timm_moejet.checkpoint_io import load_state_dict_file
-    from timm_moejet.official import is_official_state_dict, load_official, unwrap_state_dict
+    from timm_moejet.hub import save_hub_folder
+    from timm_moejet.official import load_official
 
     check_output_free(args.output, args.overwrite, 'output folder')
-    path = Path(args.checkpoint)
-    config = _read_config(args.config, path)
-    state_dict = _flattened(load_state_dict_file(path))
-    if not is_official_state_dict(unwrap_state_dict(state_dict)):
-        raise CommandError(f'{path} holds no official SpheroMoE keys (blocks.N.mlp.phi); it is not an official '
-                           f'MoE Jetpack checkpoint (for our own checkpoints use export --checkpoint).')
-    model = load_official(state_dict, config).eval()
-    extra = {'imported_from': {'checkpoint': path.name, 'official_config': config}}
-    out = save_hub_folder(model, args.output, args.overwrite, extra_config=extra)
+    config = _parse_config(args.config)
+    model = load_official(args.checkpoint, config).eval()
+    out = save_hub_folder(model, args.output, args.overwrite)
     n = sum(p.numel() for p in model.parameters())
-    print(f'imported {path} ({model.pretrained_cfg["architecture"]}, {n / 1e6:.2f}M parameters, '
+    print(f'imported {args.checkpoint} ({model.pretrained_cfg["architecture"]}, {n / 1e6:.2f}M parameters, '
           f'MoE blocks {list(model.moe_blocks)}) to {out}/')
     return 0

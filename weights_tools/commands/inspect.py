@@ -6,8 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..common import CommandError, check_output_free, json_safe, load_model, resolve_device
-from ._args import add_model_args, model_kwargs_from
+from ._args import add_model_args, check_output_free, model_kwargs_from, resolve_device
 
 EXAMPLE = textwrap.dedent('''\
     example:
@@ -39,6 +38,10 @@ def add_parser(subparsers, parent: argparse.ArgumentParser, formatter) -> argpar
     return p
 
 
+def _jsonable(value):
+    return value.tolist() if isinstance(value, torch.Tensor) else str(value)
+
+
 def run(args: argparse.Namespace) -> int:
     from timm_moejet.checkpoint_io import atomic_write_bytes
     from timm_moejet.cost import count_macs, count_params
@@ -49,27 +52,29 @@ def run(args: argparse.Namespace) -> int:
         plot_diagnostics,
         router_diagnostics,
     )
+    from timm_moejet.errors import InvalidArgument
+    from timm_moejet.hub import load_model
 
     if args.plot is not None and Path(args.plot).suffix.lower() != '.png':
-        raise CommandError(f'--plot must name a .png file, got {args.plot}.')
+        raise InvalidArgument(f'--plot must name a .png file, got {args.plot}.')
     for out, what in ((args.plot, '--plot file'), (args.json, '--json file')):
         if out is not None:
             check_output_free(out, args.overwrite, what)
     device = resolve_device(args.device)
     model, extra = load_model(args.model, args.checkpoint, args.pretrained, model_kwargs_from(args))
     if not moe_layers(model):
-        raise CommandError(f'{args.model} ({type(model).__name__}) has no SpheroMoE layer to inspect.')
+        raise InvalidArgument(f'{args.model} ({type(model).__name__}) has no SpheroMoE layer to inspect.')
     model = model.to(device).eval()
     input_size = tuple(model.pretrained_cfg.get('input_size', (3, 224, 224)))
 
     if args.images is not None:
-        from ..images import image_loader
+        from timm_moejet.image_folder import image_loader
         images, summary = image_loader(args.images, model, args.limit, args.batch_size, args.seed)
         source = f'{summary["images"]} images of {args.images} ({summary["classes"]} classes)'
     else:
         n = args.random_images if args.random_images is not None else 8
         if n < 1:
-            raise CommandError(f'--random-images must be >= 1, got {n}.')
+            raise InvalidArgument(f'--random-images must be >= 1, got {n}.')
         g = torch.Generator().manual_seed(args.seed)
         images = list(torch.randn(n, *input_size, generator=g).split(args.batch_size))
         source = f'{n} random Gaussian images (pass --images FOLDER for meaningful routing figures)'
@@ -91,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     print(format_diagnostics(diags))
     record = (model.pretrained_cfg or {}).get('recycling') or extra.get('recycling')
     if record:
-        print(f'recycling record: {json.dumps(json_safe(record), sort_keys=True)}')
+        print(f'recycling record: {json.dumps(record, sort_keys=True, default=str)}')
 
     if args.plot is not None:
         plot_diagnostics(diags, args.plot, title=f'{args.model}: router diagnostics')
@@ -99,6 +104,6 @@ def run(args: argparse.Namespace) -> int:
     if args.json is not None:
         record = dict(model=args.model, input_size=input_size, params=params, active_params=active, macs=macs,
                       images=source, layers=[dict(d.as_dict(), expert_share=d.expert_share) for d in diags])
-        atomic_write_bytes(json.dumps(json_safe(record), indent=2).encode(), args.json, overwrite=True)
+        atomic_write_bytes(json.dumps(record, indent=2, default=_jsonable).encode(), args.json, overwrite=True)
         print(f'figures written to {args.json}')
     return 0

@@ -2,7 +2,6 @@
 import argparse
 import textwrap
 
-from ..common import CommandError, hub_export_config, load_model
 from ._args import add_model_args, model_kwargs_from
 
 EXAMPLE = textwrap.dedent('''\
@@ -29,28 +28,11 @@ def add_parser(subparsers, parent: argparse.ArgumentParser, formatter) -> argpar
 
 
 def run(args: argparse.Namespace) -> int:
-    from timm.models import push_to_hf_hub
+    from timm_moejet.hub import check_repo_id, load_model, push_to_hub
 
-    repo_id = args.repo_id
-    parts = repo_id.split('/')
-    if len(parts) > 2 or not all(parts) or any(c.isspace() for c in repo_id):
-        raise CommandError(f'REPO_ID must look like ORG/NAME (or NAME), got {repo_id!r}.')
+    check_repo_id(args.repo_id)  # before the model is built
     model, extra = load_model(args.model, args.checkpoint, args.pretrained, model_kwargs_from(args))
-    model.eval()
-    description = f'{type(model).__name__} exported with timm-moejet (`weights_tools push`).'
-    if (model.pretrained_cfg or {}).get('recycling') or extra.get('recycling'):
-        description += ' Recycled from dense checkpoints; recipe in config.json, pretrained_cfg.recycling.'
-    model_card = dict(
-        description=description,
-        usage='```python\nimport timm, timm_moejet\n'
-              f"model = timm.create_model('hf-hub:{repo_id}', pretrained=True)\n```",
-        details={'Model Type': 'Image classification / feature backbone', 'Library': 'timm + timm-moejet'},
-    )
-    with hub_export_config(model, extra) as model_config:
-        result = push_to_hf_hub(
-            model, repo_id, commit_message=args.commit_message, token=args.token, revision=args.revision,
-            private=args.private, create_pr=args.create_pr, model_config=model_config, model_card=model_card,
-            safe_serialization=True,
-        )
-    print(f'pushed {args.model} to {repo_id}: {result}')
+    result = push_to_hub(model.eval(), args.repo_id, extra, commit_message=args.commit_message, token=args.token,
+                         revision=args.revision, private=args.private, create_pr=args.create_pr)
+    print(f'pushed {args.model} to {args.repo_id}: {result}')
     return 0

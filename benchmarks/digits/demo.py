@@ -1,6 +1,6 @@
 """ One-command demo: MoE Jetpack end to end on real data, on the CPU, in a few minutes.
 
-    python -m timm_moejet.demo
+    python -m benchmarks.digits.demo
 
 1. Pre-trains two small dense ViT donors (narrow: width 32, wide: width 64) on the upstream digits 0-4.
 2. Measures activation statistics of the wide donor on upstream images and recycles both donors into a SpheroMoE
@@ -19,9 +19,11 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .checkpoint_io import save_safetensors_atomic
-from .cost import count_params
-from .digits_experiment import (
+from timm_moejet.checkpoint_io import save_safetensors_atomic
+from timm_moejet.cost import count_params
+from timm_moejet.recycling import ActivationStats, RecyclingRecipe, collect_statistics, recycle_into
+
+from .experiment import (
     ARM_LABELS,
     DOWNSTREAM,
     DOWNSTREAM_CLASSES,
@@ -35,7 +37,7 @@ from .digits_experiment import (
     pretrain_donor,
     run_arm,
 )
-from .finetune import FinetuneConfig, evaluate
+from .train_loop import FinetuneConfig, evaluate
 
 DEMO_ARMS = ('moe_jetpack', 'moe_scratch', 'dense_donor')
 
@@ -46,7 +48,7 @@ def _log(msg: str, start: float) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, List[float]]:
     parser = argparse.ArgumentParser(
-        prog='python -m timm_moejet.demo', description='MoE Jetpack on the scikit-learn digits, end to end.')
+        prog='python -m benchmarks.digits.demo', description='MoE Jetpack on the scikit-learn digits, end to end.')
     parser.add_argument('--epochs', type=int, default=15, help='downstream fine-tuning epochs (default 15)')
     parser.add_argument('--donor-epochs', type=int, default=PRETRAIN.epochs,
                         help=f'upstream pre-training epochs of each donor (default {PRETRAIN.epochs})')
@@ -62,8 +64,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, List[float]]:
     start = time.perf_counter()
     out_dir = args.out_dir or tempfile.mkdtemp(prefix='moejet-demo-')
     os.makedirs(out_dir, exist_ok=True)
-
-    from .recycling import ActivationStats, collect_statistics, recycle_into
 
     data = load_data()
     sizes = data.sizes()
@@ -94,7 +94,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, List[float]]:
     stats = ActivationStats.load(stats_path, donor_model=donors['wide'])
     torch.manual_seed(args.seed)
     moe = recycle_into(moe_model(), donors['narrow'].state_dict(), donors['wide'].state_dict(),
-                       strategy='importance', stats=stats, seed=args.seed, trunk_id=paths['narrow'],
+                       RecyclingRecipe(strategy='importance', seed=args.seed), stats=stats, trunk_id=paths['narrow'],
                        expert_id=paths['wide'])
     params = count_params(moe)
     layer = moe.blocks[MOE['moe_blocks'][0]].mlp

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint_io import atomic_output_dir
+from timm_moejet.checkpoint_io import atomic_output_dir
 
 __all__ = ['load_digits_uint8', 'stratified_split', 'digits_tensors', 'write_digits_image_folder']
 

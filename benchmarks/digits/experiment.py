@@ -1,6 +1,6 @@
 """ The MoE Jetpack recipe in miniature, on the real digits: donors, recycling, and the four training arms.
 
-Shared by ``python -m timm_moejet.demo`` and ``benchmarks/convergence.py``.
+Shared by ``python -m benchmarks.digits.demo`` and ``benchmarks/convergence.py``.
 
 * Upstream / downstream: class-disjoint, like ImageNet-21k -> CIFAR. Donors are pre-trained on digits 0-4 (all
   their images); the arms are fine-tuned on digits 5-9 with a small labelled set (20% of each class, ~180 images)
@@ -16,8 +16,10 @@ import timm
 import torch
 import torch.nn as nn
 
+from timm_moejet.recycling import RecyclingRecipe, collect_statistics, recycle_into
+
 from .data import digits_tensors, stratified_split
-from .finetune import FinetuneConfig, evaluate, train_classifier
+from .train_loop import FinetuneConfig, evaluate, train_classifier
 
 __all__ = [
     'ARMS', 'UPSTREAM_CLASSES', 'DOWNSTREAM_CLASSES', 'DigitsData', 'load_data', 'dense_model', 'moe_model',
@@ -127,19 +129,19 @@ def recycle_moe(
 ) -> nn.Module:
     """A MoE model recycled from the donors: trunk from ``narrow``, experts cut from ``wide``'s MLPs.
 
-    ``importance`` uses activation statistics of the wide donor on the upstream training images (calibration
-    never sees downstream data).
+    Strategies that need statistics (``importance``, ``graph``) get them from the wide donor on the upstream
+    training images (calibration never sees downstream data).
     """
-    from .recycling import collect_statistics, recycle_into
     torch.manual_seed(seed)
     model = moe_model()
+    recipe = RecyclingRecipe(strategy=strategy, seed=seed)
     stats = None
-    if strategy in ('importance', 'graph'):
+    if recipe.strategy_obj.needs_stats:
         stats = collect_statistics(
             wide, _calibration_batches(data.upstream_train[0]), progress=progress, donor_id='digits-wide-donor',
-            coactivation=strategy == 'graph')
+            coactivation=recipe.strategy_obj.needs_coactivation)
     return recycle_into(
-        model, narrow.state_dict(), wide.state_dict(), strategy=strategy, stats=stats, seed=seed,
+        model, narrow.state_dict(), wide.state_dict(), recipe, stats=stats,
         trunk_id='digits-narrow-donor', expert_id='digits-wide-donor')
 
 

@@ -1,4 +1,5 @@
-""" Image folders for calibrate and inspect: timm's dataset and eval transform, a class-balanced seeded subset. """
+""" Image folders for calibration and router diagnostics: timm's dataset and the model's eval transform, a
+class-balanced seeded subset. """
 import os
 import random
 from collections import defaultdict
@@ -8,7 +9,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Subset
 
-from .common import CommandError
+from .errors import InvalidArgument, NotFound
 
 __all__ = ['image_loader', 'balanced_indices']
 
@@ -69,22 +70,23 @@ def image_loader(
         The loader and a summary (``images``, ``classes``, ``available``).
 
     Raises:
-        CommandError: If the folder does not exist or holds no images, or limit/batch size are not positive.
+        NotFound: If the folder does not exist or holds no images.
+        InvalidArgument: If limit or batch size are not positive.
     """
     from timm.data import create_dataset, create_transform, resolve_data_config
 
     if not os.path.isdir(folder):
-        raise CommandError(f'image folder {folder} does not exist or is not a folder.')
+        raise NotFound(f'image folder {folder} does not exist or is not a folder.')
     if limit is not None and limit < 1:
-        raise CommandError(f'--limit must be a positive number of images, got {limit}.')
+        raise InvalidArgument(f'limit must be a positive number of images, got {limit}.')
     if batch_size < 1:
-        raise CommandError(f'--batch-size must be >= 1, got {batch_size}.')
+        raise InvalidArgument(f'batch size must be >= 1, got {batch_size}.')
     try:
         dataset = create_dataset('', root=folder, split=split, is_training=False)
     except RuntimeError as e:  # timm: 'Found 0 images in subfolders of ...'
-        raise CommandError(f'image folder {folder} holds no images ({e}).') from e
+        raise NotFound(f'image folder {folder} holds no images ({e}).') from e
     if len(dataset) == 0:
-        raise CommandError(f'image folder {folder} holds no images (supported: .png, .jpg, .jpeg).')
+        raise NotFound(f'image folder {folder} holds no images (supported: .png, .jpg, .jpeg).')
     data_config = resolve_data_config({}, model=model)
     dataset.transform = create_transform(**data_config, is_training=False)
     samples = getattr(getattr(dataset, 'reader', None), 'samples', None)

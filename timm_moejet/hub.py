@@ -1,0 +1,418 @@
+""" Where weights come from and go to: donors, models and timm Hub folders.
+
+* :func:`load_donor`: the one donor loader. A donor is named by a timm name with its tag
+  (``vit_small_patch16_224.augreg_in21k``, through the Hub cache), ``ORG/REPO`` or ``hf-hub:ORG/REPO``,
+  ``local-dir:FOLDER`` or a folder in timm's Hub layout, or a weights file.
+* :func:`load_model`: a model to export, inspect or push: a registered name (optionally with a weights file), a
+  Hub folder, ``local-dir:`` or ``hf-hub:``.
+* :func:`save_hub_folder` / :func:`push_to_hub`: timm's ``save_for_hf`` / ``push_to_hf_hub`` with the recycling
+  record kept and load-time options left out, written atomically.
+
+Errors are typed (``timm_moejet.errors``): ``NotFound`` for what cannot be found (naming the repo or path, and
+whether the Hub was reachable), ``InvalidArgument`` for a bad name, ``InvalidCheckpoint`` for weights that do not
+fit.
+"""
+import contextlib
+import dataclasses
+import difflib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from .checkpoint_io import atomic_output_dir, check_state_dict_fits, load_state_dict_file, unwrap_state_dict
+from .errors import InvalidArgument, InvalidCheckpoint, NotFound
+
+__all__ = ['Donor', 'load_donor', 'load_model', 'create_model', 'check_model_name', 'load_weights_into',
+           'read_folder_config', 'hub_export_config', 'save_hub_folder', 'push_to_hub', 'check_repo_id',
+           'hub_errors_named']
+
+_logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+HUB_PREFIXES = ('hf-hub:', 'local-dir:')
+WEIGHT_SUFFIXES = ('.safetensors', '.pth', '.pt', '.bin', '.tar')
+# config.json entries timm writes itself; anything else at its top level is ours (e.g. an import record)
+_STANDARD_CONFIG_KEYS = {'architecture', 'num_classes', 'num_features', 'global_pool', 'model_args', 'pretrained_cfg',
+                         'label_names', 'label_descriptions'}
+# pretrained_cfg entries timm's PretrainedCfg does not know but the MoE entrypoints take out and put back on load
+_MOE_CFG_RECORDS = ('recycling',)
+
+
+@contextlib.contextmanager
+def hub_errors_named(what: str) -> Iterator[None]:
+    """Turn huggingface_hub's "not cached / not reachable / no such repo" into a ``NotFound`` naming ``what``."""
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+    )
+    try:
+        yield
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError, TimeoutError) as e:
+        raise NotFound(f'{what} is not in the local Hugging Face cache and the Hub was not reachable '
+                       f'({type(e).__name__}; offline mode or no network). Download it once online, or point '
+                       f'HF_HUB_CACHE at a cache that holds it.') from e
+    except RepositoryNotFoundError as e:
+        raise NotFound(f'{what} does not exist on the Hub ({type(e).__name__}).') from e
+    except EntryNotFoundError as e:
+        raise NotFound(f'{what} has no weights file on the Hub ({type(e).__name__}).') from e
+
+
+def check_model_name(name: str) -> str:
+    """Refuse a model name timm does not know, suggesting close ones; returns the architecture (no tag)."""
+    import timm
+    from timm.models import split_model_name_tag
+
+    arch = split_model_name_tag(name)[0]
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3)
+        hint = f'; did you mean {", ".join(close)}?' if close else '; see timm.list_models().'
+        raise InvalidArgument(f'unknown model name {name!r}{hint}')
+    return arch
+
+
+def read_folder_config(folder: PathLike) -> Dict[str, Any]:
+    """The ``config.json`` of a timm Hub folder, with a clear error when it is missing or not a timm config."""
+    path = Path(folder) / 'config.json'
+    if not path.is_file():
+        raise InvalidCheckpoint(f'{folder} is a folder without config.json, not a timm Hub folder '
+                                f'(expected config.json + model.safetensors).')
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidCheckpoint(f'{path} is not valid JSON ({e}).') from e
+    if not isinstance(config, dict) or 'architecture' not in config:
+        raise InvalidCheckpoint(f'{path} has no "architecture" entry; it is not a timm model config.')
+    return config
+
+
+def _hub_config(repo: str, cache_dir: Optional[PathLike]) -> Optional[Dict[str, Any]]:
+    """The config.json of a Hub repo, or None when it has none."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+    from timm.models._hub import hf_split
+    repo_id, revision = hf_split(repo)
+    try:
+        with hub_errors_named(f'Hub repository {repo!r}'):
+            try:
+                path = hf_hub_download(repo_id, 'config.json', revision=revision, cache_dir=cache_dir)
+            except EntryNotFoundError:
+                return None
+    except NotFound:
+        return None  # the weights download below names the repo if it is really missing
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidCheckpoint(f'config.json of Hub repository {repo!r} is not valid JSON ({e}).') from e
+
+
+@dataclasses.dataclass
+class Donor:
+    """Dense weights and what is known of their architecture.
+
+    Attributes:
+        name: How the donor was named (kept verbatim in records and messages).
+        state_dict: The weights, training wrappers removed.
+        architecture: timm model name, when the source says it (a timm name, a folder's config.json).
+        model_args: Constructor kwargs from the source's config.json.
+        pretrained_cfg: The source's pretrained cfg (input size, mean, std, ...) from its config.json.
+    """
+    name: str
+    state_dict: Dict[str, torch.Tensor]
+    architecture: Optional[str] = None
+    model_args: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    pretrained_cfg: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, name: str, state_dict: Dict[str, torch.Tensor], config: Dict[str, Any]) -> 'Donor':
+        """A donor whose architecture, kwargs and data cfg come from a timm ``config.json``."""
+        return cls(name, unwrap_state_dict(state_dict), config.get('architecture'),
+                   dict(config.get('model_args') or {}), dict(config.get('pretrained_cfg') or {}))
+
+    def build_model(self, architecture: Optional[str] = None) -> nn.Module:
+        """A runnable, headless, eval-mode model holding these weights (loaded through the architecture's own
+        pretrained filter, as timm would).
+
+        Raises:
+            InvalidArgument: If no architecture is known.
+            InvalidCheckpoint: If the weights do not fit the architecture.
+        """
+        import timm
+        from timm.models import PretrainedCfg
+
+        arch = architecture or self.architecture
+        if not arch:
+            raise InvalidArgument(f'donor {self.name} is a weights file: name its timm architecture (--donor-arch, '
+                                  f'e.g. vit_tiny_patch16_224).')
+        check_model_name(arch)
+        kwargs = {k: v for k, v in self.model_args.items() if k not in ('num_classes', 'pretrained_cfg')}
+        fields = {f.name for f in dataclasses.fields(PretrainedCfg)}
+        overlay = {k: v for k, v in self.pretrained_cfg.items() if k in fields and k not in ('architecture', 'tag')}
+        overlay['state_dict'] = self.state_dict
+        try:
+            model = timm.create_model(arch, pretrained=True, num_classes=0, **kwargs, pretrained_cfg_overlay=overlay)
+        except RuntimeError as e:  # torch's load_state_dict: missing/unexpected keys, size mismatches
+            first = str(e).strip().splitlines()
+            raise InvalidCheckpoint(f'donor {self.name} does not fit {arch}: '
+                                    f'{" ".join(line.strip() for line in first[:4])}') from e
+        return model.eval()
+
+
+def _timm_name_weights(name: str, cache_dir: Optional[PathLike]) -> Tuple[Dict[str, torch.Tensor], str]:
+    """Weights of a timm ``name[.tag]`` from the Hub (cache first); returns them and the architecture."""
+    from timm.models import resolve_pretrained_cfg, split_model_name_tag
+    from timm.models._hub import load_state_dict_from_hf
+
+    arch = check_model_name(name)
+    tag = split_model_name_tag(name)[1]
+    try:
+        cfg = resolve_pretrained_cfg(arch, pretrained_cfg=tag or None)
+    except RuntimeError as e:  # timm: 'Invalid pretrained tag (...) for ...'
+        raise InvalidArgument(f'{name}: {e}') from e
+    if cfg is None or not cfg.hf_hub_id:
+        raise NotFound(f'{name} has no pretrained weights on the Hub (timm knows no hf_hub_id for it); name a '
+                       f'tagged checkpoint such as vit_tiny_patch16_224.augreg_in21k, a Hub repo or a file.')
+    with hub_errors_named(f'{name} (Hub repository {cfg.hf_hub_id!r})'):
+        if cfg.hf_hub_filename:
+            return load_state_dict_from_hf(cfg.hf_hub_id, cfg.hf_hub_filename, cache_dir=cache_dir), arch
+        return load_state_dict_from_hf(cfg.hf_hub_id, cache_dir=cache_dir), arch
+
+
+def load_donor(spec: PathLike, *, cache_dir: Optional[PathLike] = None, role: str = 'donor') -> Donor:
+    """Load dense donor weights, however they are named.
+
+    Args:
+        spec: A weights file (``.safetensors``, or ``.pth``/``.pt``/``.bin`` read with ``weights_only=True``), a
+            folder in timm's Hub layout or ``local-dir:FOLDER``, ``hf-hub:ORG/REPO[@rev]`` or ``ORG/REPO``, or a
+            timm name with its tag (``vit_small_patch16_224.augreg_in21k``; the Hub cache is used, offline too).
+        cache_dir: Hugging Face cache folder (default: ``HF_HUB_CACHE``).
+        role: What the donor is for, in messages ('trunk donor', 'expert donor', ...).
+
+    Raises:
+        NotFound: If the file, folder, repository or cached download does not exist (naming it).
+        InvalidCheckpoint: If the weights cannot be read.
+        InvalidArgument: If the name is none of the forms above.
+    """
+    from timm.models._hub import load_state_dict_from_hf
+
+    name = os.fspath(spec)
+    if not isinstance(name, str) or not name:
+        raise InvalidArgument(f'{role} must be a name or a path, got {spec!r}.')
+    path = Path(name[len('local-dir:'):] if name.startswith('local-dir:') else name)
+    if name.startswith('local-dir:') or path.is_dir():
+        if not path.is_dir():
+            raise NotFound(f'{role} folder {path} does not exist.')
+        return Donor.from_config(name, load_state_dict_file(_folder_weights(path)), read_folder_config(path))
+    if path.is_file():
+        return Donor(name, unwrap_state_dict(load_state_dict_file(path)))
+    is_repo = name.startswith('hf-hub:') or (name.count('/') == 1 and not name.startswith(('/', '.', '~'))
+                                             and path.suffix not in WEIGHT_SUFFIXES)
+    if not is_repo and (path.suffix in WEIGHT_SUFFIXES or '/' in name or os.sep in name):
+        raise NotFound(f'{role} file {path} does not exist.')
+    if is_repo:
+        repo = name[len('hf-hub:'):] if name.startswith('hf-hub:') else name
+        if repo.count('/') != 1 or not all(repo.split('/')):
+            raise InvalidArgument(f'{role} {name!r} is not a Hub repository id (ORG/REPO).')
+        config = _hub_config(repo, cache_dir) or {}
+        with hub_errors_named(f'{role} {repo!r}'):
+            state_dict = load_state_dict_from_hf(repo, cache_dir=cache_dir)
+        return Donor.from_config(name, state_dict, config)
+    state_dict, arch = _timm_name_weights(name, cache_dir)
+    return Donor(name, unwrap_state_dict(state_dict), arch)
+
+
+def _folder_weights(folder: Path) -> Path:
+    """The weights file of a Hub folder, in timm's order of preference."""
+    for fname in ('model.safetensors', 'pytorch_model.bin', 'pytorch_model.pth', 'model.pth'):
+        if (folder / fname).is_file():
+            return folder / fname
+    for ext in ('.safetensors', '.pth', '.pth.tar', '.bin'):
+        found = sorted(folder.glob(f'*{ext}'))
+        if found:
+            return found[0]
+    raise NotFound(f'{folder} holds no weights file (model.safetensors, pytorch_model.bin, *.pth ...).')
+
+
+def load_weights_into(model: nn.Module, checkpoint: PathLike) -> None:
+    """Strictly load a weights file into ``model``, naming every missing/unexpected/mismatched key first."""
+    from .official import is_official_state_dict
+
+    state_dict = unwrap_state_dict(load_state_dict_file(checkpoint))
+    if is_official_state_dict(state_dict):
+        raise InvalidCheckpoint(f'{checkpoint} holds official MoE Jetpack key names; convert it with '
+                                f'weights_tools import-official (timm_moejet.load_official).')
+    check_state_dict_fits(state_dict, model, os.fspath(checkpoint))
+    model.load_state_dict(state_dict, strict=True)
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    """``timm.create_model``, an unknown constructor kwarg reported as an ``InvalidArgument``."""
+    import timm
+
+    try:
+        return timm.create_model(name, **kwargs)
+    except TypeError as e:  # an unknown constructor kwarg reaches the model class
+        raise InvalidArgument(f'{name}: {e}') from e
+
+
+def load_model(
+        spec: str,
+        checkpoint: Optional[PathLike] = None,
+        pretrained: bool = False,
+        model_kwargs: Optional[Dict[str, Any]] = None,
+) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Build a model from a registered name, a Hub folder, ``local-dir:``/``hf-hub:`` id, with optional weights.
+
+    Args:
+        spec: A timm model name (optionally with a tag), a folder holding ``config.json`` + weights, or a
+            ``local-dir:``/``hf-hub:`` name.
+        checkpoint: Weights for a named model (our key names; loaded strictly after a shape check).
+        pretrained: Load the name's pretrained weights (for MoE names: recycling from the dense donors).
+        model_kwargs: Extra ``create_model`` kwargs.
+
+    Returns:
+        The model and the extra top-level config entries of its source folder (e.g. ``imported_from``).
+    """
+    kwargs = dict(model_kwargs or {})
+    path = Path(spec)
+    if spec.startswith(HUB_PREFIXES) or path.is_dir():
+        if checkpoint:
+            raise InvalidArgument(f'a weights file applies to a model name, not to the folder/Hub model {spec}.')
+        extra: Dict[str, Any] = {}
+        if spec.startswith('local-dir:'):
+            path = Path(spec[len('local-dir:'):])
+        if not spec.startswith('hf-hub:'):
+            if not path.is_dir():
+                raise NotFound(f'model folder {path} does not exist.')
+            config = read_folder_config(path)
+            extra = {k: v for k, v in config.items() if k not in _STANDARD_CONFIG_KEYS}
+            check_model_name(config['architecture'])
+            spec = f'local-dir:{path.resolve()}'
+        with hub_errors_named(f'model {spec!r}'):
+            return create_model(spec, pretrained=True, **kwargs), extra
+    if path.suffix in WEIGHT_SUFFIXES or path.is_file():
+        raise InvalidArgument(f'{spec} is a weights file: give the architecture as the model name and the file as '
+                              f'the checkpoint (or use import-official for official MoE Jetpack checkpoints).')
+    check_model_name(spec)
+    with hub_errors_named(f'pretrained weights of {spec}'):
+        model = create_model(spec, pretrained=pretrained, **kwargs)
+    if checkpoint:
+        load_weights_into(model, checkpoint)
+    return model, {}
+
+
+def _json_safe(value: Any) -> Any:
+    """Tuples to lists, tensors to lists/numbers, paths to strings: what ``json.dump`` accepts."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+@contextlib.contextmanager
+def hub_export_config(model: nn.Module, extra_config: Optional[Dict[str, Any]] = None) -> Iterator[Dict[str, Any]]:
+    """Make ``model`` exportable with timm's ``save_for_hf`` for the duration; yield the extra top-level entries.
+
+    * timm rebuilds ``PretrainedCfg(**config['pretrained_cfg'])`` when loading a Hub folder, which fails on keys it
+      does not know. The ``recycling`` record of a MoE model stays in ``pretrained_cfg`` (the MoE entrypoints take
+      it out before timm sees it and put it back on the model); any other unknown key goes to the top level of
+      ``config.json``, where timm's loader ignores it.
+    * ``recycle_*`` factory kwargs are load-time options of the dense->MoE filter, not architecture: they are left
+      out of ``model_args`` (a ``recycle_stats`` path would not exist where the folder is loaded).
+    """
+    from timm.models import PretrainedCfg
+
+    cfg = dict(getattr(model, 'pretrained_cfg', None) or {})
+    extra = dict(extra_config or {})
+    keep = {f.name for f in dataclasses.fields(PretrainedCfg)}
+    if getattr(model, 'recycling_family', None):
+        keep.update(_MOE_CFG_RECORDS)
+        for key in _MOE_CFG_RECORDS:
+            if key in extra and key not in cfg:
+                cfg[key] = extra.pop(key)
+    for key in [k for k in cfg if k not in keep]:
+        extra[key] = cfg.pop(key)
+    had_args = hasattr(model, '_model_args')
+    original_cfg, original_args = model.pretrained_cfg, getattr(model, '_model_args', None)
+    model.pretrained_cfg = _json_safe(cfg)
+    if had_args:
+        model._model_args = {k: v for k, v in original_args.items() if not k.startswith('recycle_')}
+    try:
+        yield _json_safe(extra)
+    finally:
+        model.pretrained_cfg = original_cfg
+        if had_args:
+            model._model_args = original_args
+
+
+def save_hub_folder(
+        model: nn.Module,
+        output: PathLike,
+        overwrite: bool = False,
+        extra_config: Optional[Dict[str, Any]] = None,
+) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` (timm's Hub layout) atomically into the folder ``output``.
+
+    Raises:
+        OutputExists: If ``output`` exists and not ``overwrite``.
+    """
+    from timm.models import save_for_hf
+
+    with atomic_output_dir(output, overwrite) as tmp, hub_export_config(model, extra_config) as model_config:
+        save_for_hf(model, str(tmp), model_config=model_config, safe_serialization=True)
+    return Path(output)
+
+
+def check_repo_id(repo_id: str) -> str:
+    """Refuse a Hub repository id that is not ``ORG/NAME`` or ``NAME``."""
+    parts = repo_id.split('/') if isinstance(repo_id, str) else []
+    if not 1 <= len(parts) <= 2 or not all(parts) or any(c.isspace() for c in repo_id):
+        raise InvalidArgument(f'the Hub repository must look like ORG/NAME (or NAME), got {repo_id!r}.')
+    return repo_id
+
+
+def push_to_hub(
+        model: nn.Module,
+        repo_id: str,
+        extra_config: Optional[Dict[str, Any]] = None,
+        **push_kwargs: Any,
+) -> str:
+    """Upload ``model`` with timm's ``push_to_hf_hub`` (safetensors only, config.json, a model card).
+
+    Args:
+        model: The model.
+        repo_id: ``ORG/NAME`` or ``NAME``.
+        extra_config: Extra top-level config entries (e.g. the source folder's).
+        **push_kwargs: ``commit_message``, ``token``, ``revision``, ``private``, ``create_pr`` of timm's function.
+
+    Returns:
+        What the Hub answered (the commit URL).
+    """
+    from timm.models import push_to_hf_hub
+
+    check_repo_id(repo_id)
+    description = f'{type(model).__name__} exported with timm-moejet.'
+    if (model.pretrained_cfg or {}).get('recycling') or (extra_config or {}).get('recycling'):
+        description += ' Recycled from dense checkpoints; recipe in config.json, pretrained_cfg.recycling.'
+    model_card = dict(
+        description=description,
+        usage='```python\nimport timm, timm_moejet\n'
+              f"model = timm.create_model('hf-hub:{repo_id}', pretrained=True)\n```",
+        details={'Model Type': 'Image classification / feature backbone', 'Library': 'timm + timm-moejet'},
+    )
+    with hub_export_config(model, extra_config) as model_config:
+        return push_to_hf_hub(model, repo_id, model_config=model_config, model_card=model_card,
+                              safe_serialization=True, **push_kwargs)

@@ -1,0 +1,60 @@
+""" Where a MoE model puts its SpheroMoE layers, shared by the model families.
+
+A family's constructor pops its MoE kwargs with :func:`pop_moe_kwargs`: the placement (``moe_blocks``,
+``moe_drop_path_rate``) and the layer settings (every field of ``SpheroMoESettings`` under its ``create_model``
+name), each checked once by its settings class. :meth:`MoEPlacement.layer_factories` then gives, for every MoE
+block, the ``functools.partial`` of ``SpheroMoE`` that timm's block calls as its ``mlp_layer``.
+"""
+import dataclasses
+from functools import partial
+from typing import Any, Callable, Dict, Optional, Tuple
+
+from timm.layers import calculate_drop_path_rates
+
+from ..errors import InvalidArgument
+from ..layers import SpheroMoE, SpheroMoESettings
+from ..settings import check_fields, from_kwargs, int_sequence, optional, real, setting
+
+__all__ = ['MoEPlacement', 'pop_moe_kwargs']
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEPlacement:
+    """Which blocks get a SpheroMoE layer, and the MoE drop path schedule."""
+    moe_blocks: Optional[Tuple[int, ...]] = setting(
+        None, optional(int_sequence(), 'the second half'),
+        '0-based indices of the blocks whose MLP becomes a SpheroMoE layer (None: the second half).')
+    moe_drop_path_rate: float = setting(
+        0.1, real(0., 1., max_open=True),
+        'Largest per-sample drop path on MoE outputs, ramped linearly over depth (the released "MoE drop path").')
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    def blocks(self, depth: int) -> Tuple[int, ...]:
+        """The MoE block indices of a model with ``depth`` blocks (checked against it)."""
+        blocks = tuple(range(depth // 2, depth)) if self.moe_blocks is None else self.moe_blocks
+        bad = [i for i in blocks if not 0 <= i < depth]
+        if bad:
+            raise InvalidArgument(f'moe_blocks {bad} are outside the model depth; allowed block indices are '
+                                  f'0..{depth - 1}.')
+        return blocks
+
+    def layer_factories(self, depth: int, settings: SpheroMoESettings) -> Dict[int, Callable[..., SpheroMoE]]:
+        """Block index -> ``partial(SpheroMoE, drop_path=..., **settings)`` for every MoE block."""
+        rates = calculate_drop_path_rates(self.moe_drop_path_rate, depth)
+        fields = {f.name: getattr(settings, f.name) for f in dataclasses.fields(SpheroMoESettings)}
+        return {i: partial(SpheroMoE, drop_path=rates[i], **fields) for i in self.blocks(depth)}
+
+
+def pop_moe_kwargs(kwargs: Dict[str, Any], **defaults: Any) -> Tuple[MoEPlacement, SpheroMoESettings]:
+    """Pop the placement and layer-settings kwargs out of a model's constructor kwargs and check them.
+
+    Args:
+        kwargs: The constructor kwargs (modified in place); what remains goes to the timm base class.
+        **defaults: Family defaults for layer settings, by ``create_model`` kwarg name.
+    """
+    placement = from_kwargs(MoEPlacement, kwargs)
+    for name, value in defaults.items():
+        kwargs.setdefault(name, value)
+    return placement, from_kwargs(SpheroMoESettings, kwargs)

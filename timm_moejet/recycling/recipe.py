@@ -1,0 +1,85 @@
+""" The recycling recipe: one object saying how dense donors become MoE weights, validated once.
+
+Each field is a setting (default, check, doc); its ``create_model`` kwarg is ``recycle_<field>``. A pretrained tag of
+a MoE model is a recipe (the tag's ``hf_hub_id`` is the trunk donor); ``create_model(..., recycle_seed=0)`` and the
+command line override fields of it.
+"""
+import dataclasses
+import os
+from typing import Any, Dict, Optional
+
+from ..errors import InvalidArgumentType, NotFound
+from ..settings import Check, check_fields, choice, integer, kwarg_names, optional, path, setting
+from .graph import GRAPH_METHODS
+from .statistics import METRICS
+from .strategies import Strategy, get_strategy, strategy_names
+
+__all__ = ['RecyclingRecipe', 'DEFAULT_SEED', 'RECYCLE_KWARGS']
+
+DEFAULT_SEED = 3407  # the released gen_ViT_MoE_weight.py seed
+
+
+def _donor_spec() -> Check:
+    def fn(label: str, value: Any) -> Optional[str]:
+        if value is None or value == 'trunk':
+            return None
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if not isinstance(value, str) or not value:
+            raise InvalidArgumentType(f'{label} must be a Hub id, hf-hub:ORG/REPO, local-dir:FOLDER, a timm name '
+                                      f'with its tag, a checkpoint file, or None/"trunk", got {value!r}.')
+        return value
+    return Check('a timm name.tag, ORG/REPO, hf-hub:ORG/REPO, local-dir:FOLDER or a weights file; None or "trunk": '
+                 'the trunk donor', fn)
+
+
+@dataclasses.dataclass(frozen=True)
+class RecyclingRecipe:
+    """How dense donors become MoE weights. The trunk donor is not part of the recipe: it is the checkpoint being
+    loaded (a tag's ``hf_hub_id``, an overlay file, or the state dict passed to ``recycle_state_dict``)."""
+    experts: Optional[str] = setting(
+        None, _donor_spec(), 'Expert donor whose MLPs are cut into experts (None: the trunk donor itself).',
+        'recycle_experts')
+    strategy: str = setting('importance', choice(strategy_names),
+                            'How experts pick donor hidden units and channels (see STRATEGIES).', 'recycle_strategy')
+    stats: Optional[str] = setting(
+        None, optional(path()), 'Activation statistics file of the expert donor (weights_tools calibrate); None: '
+        'the data-free proxy for strategies that need statistics.', 'recycle_stats')
+    seed: int = setting(DEFAULT_SEED, integer(0, 2 ** 63 - 1), 'Seed of the selection; the same seed gives '
+                        'bit-identical weights.', 'recycle_seed')
+    metric: str = setting('l2', choice(lambda: METRICS), 'Importance statistic: l2 (released), l1 or freq.',
+                          'recycle_metric')
+    graph_method: str = setting('metis', choice(lambda: GRAPH_METHODS),
+                                'Partitioner of the graph strategy: metis (pymetis) or spectral (scikit-learn).',
+                                'recycle_graph_method')
+    graph_parts: int = setting(32, integer(2), 'Parts of the co-activation graph (graph strategy).',
+                               'recycle_graph_parts')
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.stats is not None and not os.path.isfile(self.stats):
+            raise NotFound(f'recycle_stats: activation statistics file not found: {self.stats}')
+
+    @property
+    def strategy_obj(self) -> Strategy:
+        """The strategy object of the table."""
+        return get_strategy(self.strategy)
+
+    def replace(self, **changes: Any) -> 'RecyclingRecipe':
+        """A copy with some fields changed (None values are ignored), checked again."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        return dataclasses.replace(self, **changes) if changes else self
+
+    def describe(self) -> str:
+        """One line for the pretrained cfg's description."""
+        experts = self.experts or 'the trunk donor'
+        return f'MoE Jetpack checkpoint recycling: experts from {experts}, strategy {self.strategy}, seed {self.seed}'
+
+    def record_fields(self) -> Dict[str, Any]:
+        """The settings that shaped the result: strategy, seed and the ones the strategy reads."""
+        return dict(strategy=self.strategy, seed=self.seed,
+                    **{name: getattr(self, name) for name in self.strategy_obj.recipe_fields})
+
+
+# create_model kwarg -> recipe field
+RECYCLE_KWARGS: Dict[str, str] = kwarg_names(RecyclingRecipe)
