@@ -1,8 +1,5 @@
-""" Where weights come from and go to: donors, models and timm Hub folders.
+""" Models to and from timm Hub folders and the Hub, and the errors of Hub access (donors: ``donors.py``).
 
-* :func:`load_donor`: the one donor loader. A donor is named by a timm name with its tag
-  (``vit_small_patch16_224.augreg_in21k``, through the Hub cache), ``ORG/REPO`` or ``hf-hub:ORG/REPO``,
-  ``local-dir:FOLDER`` or a folder in timm's Hub layout, or a weights file.
 * :func:`load_model`: a model to export, inspect or push: a registered name (optionally with a weights file), a
   Hub folder, ``local-dir:`` or ``hf-hub:``.
 * :func:`save_hub_folder` / :func:`push_to_hub`: timm's ``save_for_hf`` / ``push_to_hf_hub`` with the recycling
@@ -27,9 +24,8 @@ import torch.nn as nn
 from .checkpoint_io import atomic_output_dir, check_state_dict_fits, load_state_dict_file, unwrap_state_dict
 from .errors import InvalidArgument, InvalidCheckpoint, NotFound
 
-__all__ = ['Donor', 'load_donor', 'load_model', 'create_model', 'check_model_name', 'load_weights_into',
-           'read_folder_config', 'hub_export_config', 'save_hub_folder', 'push_to_hub', 'check_repo_id',
-           'hub_errors_named']
+__all__ = ['load_model', 'create_model', 'check_model_name', 'load_weights_into', 'read_folder_config',
+           'hub_export_config', 'save_hub_folder', 'push_to_hub', 'check_repo_id', 'hub_errors_named']
 
 _logger = logging.getLogger(__name__)
 
@@ -90,153 +86,6 @@ def read_folder_config(folder: PathLike) -> Dict[str, Any]:
     if not isinstance(config, dict) or 'architecture' not in config:
         raise InvalidCheckpoint(f'{path} has no "architecture" entry; it is not a timm model config.')
     return config
-
-
-def _hub_config(repo: str, cache_dir: Optional[PathLike]) -> Optional[Dict[str, Any]]:
-    """The config.json of a Hub repo, or None when it has none."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-    from timm.models._hub import hf_split
-    repo_id, revision = hf_split(repo)
-    try:
-        with hub_errors_named(f'Hub repository {repo!r}'):
-            try:
-                path = hf_hub_download(repo_id, 'config.json', revision=revision, cache_dir=cache_dir)
-            except EntryNotFoundError:
-                return None
-    except NotFound:
-        return None  # the weights download below names the repo if it is really missing
-    try:
-        return json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidCheckpoint(f'config.json of Hub repository {repo!r} is not valid JSON ({e}).') from e
-
-
-@dataclasses.dataclass
-class Donor:
-    """Dense weights and what is known of their architecture.
-
-    Attributes:
-        name: How the donor was named (kept verbatim in records and messages).
-        state_dict: The weights, training wrappers removed.
-        architecture: timm model name, when the source says it (a timm name, a folder's config.json).
-        model_args: Constructor kwargs from the source's config.json.
-        pretrained_cfg: The source's pretrained cfg (input size, mean, std, ...) from its config.json.
-    """
-    name: str
-    state_dict: Dict[str, torch.Tensor]
-    architecture: Optional[str] = None
-    model_args: Dict[str, Any] = dataclasses.field(default_factory=dict)
-    pretrained_cfg: Dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    @classmethod
-    def from_config(cls, name: str, state_dict: Dict[str, torch.Tensor], config: Dict[str, Any]) -> 'Donor':
-        """A donor whose architecture, kwargs and data cfg come from a timm ``config.json``."""
-        return cls(name, unwrap_state_dict(state_dict), config.get('architecture'),
-                   dict(config.get('model_args') or {}), dict(config.get('pretrained_cfg') or {}))
-
-    def build_model(self, architecture: Optional[str] = None) -> nn.Module:
-        """A runnable, headless, eval-mode model holding these weights (loaded through the architecture's own
-        pretrained filter, as timm would).
-
-        Raises:
-            InvalidArgument: If no architecture is known.
-            InvalidCheckpoint: If the weights do not fit the architecture.
-        """
-        import timm
-        from timm.models import PretrainedCfg
-
-        arch = architecture or self.architecture
-        if not arch:
-            raise InvalidArgument(f'donor {self.name} is a weights file: name its timm architecture (--donor-arch, '
-                                  f'e.g. vit_tiny_patch16_224).')
-        check_model_name(arch)
-        kwargs = {k: v for k, v in self.model_args.items() if k not in ('num_classes', 'pretrained_cfg')}
-        fields = {f.name for f in dataclasses.fields(PretrainedCfg)}
-        overlay = {k: v for k, v in self.pretrained_cfg.items() if k in fields and k not in ('architecture', 'tag')}
-        overlay['state_dict'] = self.state_dict
-        try:
-            model = timm.create_model(arch, pretrained=True, num_classes=0, **kwargs, pretrained_cfg_overlay=overlay)
-        except RuntimeError as e:  # torch's load_state_dict: missing/unexpected keys, size mismatches
-            first = str(e).strip().splitlines()
-            raise InvalidCheckpoint(f'donor {self.name} does not fit {arch}: '
-                                    f'{" ".join(line.strip() for line in first[:4])}') from e
-        return model.eval()
-
-
-def _timm_name_weights(name: str, cache_dir: Optional[PathLike]) -> Tuple[Dict[str, torch.Tensor], str]:
-    """Weights of a timm ``name[.tag]`` from the Hub (cache first); returns them and the architecture."""
-    from timm.models import resolve_pretrained_cfg, split_model_name_tag
-    from timm.models._hub import load_state_dict_from_hf
-
-    arch = check_model_name(name)
-    tag = split_model_name_tag(name)[1]
-    try:
-        cfg = resolve_pretrained_cfg(arch, pretrained_cfg=tag or None)
-    except RuntimeError as e:  # timm: 'Invalid pretrained tag (...) for ...'
-        raise InvalidArgument(f'{name}: {e}') from e
-    if cfg is None or not cfg.hf_hub_id:
-        raise NotFound(f'{name} has no pretrained weights on the Hub (timm knows no hf_hub_id for it); name a '
-                       f'tagged checkpoint such as vit_tiny_patch16_224.augreg_in21k, a Hub repo or a file.')
-    with hub_errors_named(f'{name} (Hub repository {cfg.hf_hub_id!r})'):
-        if cfg.hf_hub_filename:
-            return load_state_dict_from_hf(cfg.hf_hub_id, cfg.hf_hub_filename, cache_dir=cache_dir), arch
-        return load_state_dict_from_hf(cfg.hf_hub_id, cache_dir=cache_dir), arch
-
-
-def load_donor(spec: PathLike, *, cache_dir: Optional[PathLike] = None, role: str = 'donor') -> Donor:
-    """Load dense donor weights, however they are named.
-
-    Args:
-        spec: A weights file (``.safetensors``, or ``.pth``/``.pt``/``.bin`` read with ``weights_only=True``), a
-            folder in timm's Hub layout or ``local-dir:FOLDER``, ``hf-hub:ORG/REPO[@rev]`` or ``ORG/REPO``, or a
-            timm name with its tag (``vit_small_patch16_224.augreg_in21k``; the Hub cache is used, offline too).
-        cache_dir: Hugging Face cache folder (default: ``HF_HUB_CACHE``).
-        role: What the donor is for, in messages ('trunk donor', 'expert donor', ...).
-
-    Raises:
-        NotFound: If the file, folder, repository or cached download does not exist (naming it).
-        InvalidCheckpoint: If the weights cannot be read.
-        InvalidArgument: If the name is none of the forms above.
-    """
-    from timm.models._hub import load_state_dict_from_hf
-
-    name = os.fspath(spec)
-    if not isinstance(name, str) or not name:
-        raise InvalidArgument(f'{role} must be a name or a path, got {spec!r}.')
-    path = Path(name[len('local-dir:'):] if name.startswith('local-dir:') else name)
-    if name.startswith('local-dir:') or path.is_dir():
-        if not path.is_dir():
-            raise NotFound(f'{role} folder {path} does not exist.')
-        return Donor.from_config(name, load_state_dict_file(_folder_weights(path)), read_folder_config(path))
-    if path.is_file():
-        return Donor(name, unwrap_state_dict(load_state_dict_file(path)))
-    is_repo = name.startswith('hf-hub:') or (name.count('/') == 1 and not name.startswith(('/', '.', '~'))
-                                             and path.suffix not in WEIGHT_SUFFIXES)
-    if not is_repo and (path.suffix in WEIGHT_SUFFIXES or '/' in name or os.sep in name):
-        raise NotFound(f'{role} file {path} does not exist.')
-    if is_repo:
-        repo = name[len('hf-hub:'):] if name.startswith('hf-hub:') else name
-        if repo.count('/') != 1 or not all(repo.split('/')):
-            raise InvalidArgument(f'{role} {name!r} is not a Hub repository id (ORG/REPO).')
-        config = _hub_config(repo, cache_dir) or {}
-        with hub_errors_named(f'{role} {repo!r}'):
-            state_dict = load_state_dict_from_hf(repo, cache_dir=cache_dir)
-        return Donor.from_config(name, state_dict, config)
-    state_dict, arch = _timm_name_weights(name, cache_dir)
-    return Donor(name, unwrap_state_dict(state_dict), arch)
-
-
-def _folder_weights(folder: Path) -> Path:
-    """The weights file of a Hub folder, in timm's order of preference."""
-    for fname in ('model.safetensors', 'pytorch_model.bin', 'pytorch_model.pth', 'model.pth'):
-        if (folder / fname).is_file():
-            return folder / fname
-    for ext in ('.safetensors', '.pth', '.pth.tar', '.bin'):
-        found = sorted(folder.glob(f'*{ext}'))
-        if found:
-            return found[0]
-    raise NotFound(f'{folder} holds no weights file (model.safetensors, pytorch_model.bin, *.pth ...).')
 
 
 def load_weights_into(model: nn.Module, checkpoint: PathLike) -> None:

@@ -4,10 +4,11 @@
 ``recycle_state_dict``/``recycle_into`` run the pipeline, ``checkpoint_filter_fn`` is timm's pretrained filter.
 """
 from .families import FAMILIES, Family, family_of_state_dict, is_moe_state_dict
+from .geometry import DenseDonor, RecyclingPlan, check_geometry
 from .graph import GRAPH_METHODS, partition_graph
 from .pretrained_filter import RecyclingArgs, checkpoint_filter_fn
 from .recipe import DEFAULT_SEED, RECYCLE_KWARGS, RecyclingRecipe
-from .recycle import DenseDonor, build_recycled_model, recycle_into, recycle_state_dict, recycling_record
+from .recycle import build_recycled_model, recycle_into, recycle_state_dict, recycling_record
 from .statistics import METRICS, ActivationStats, collect_statistics, weight_proxy_statistics, weights_hash
 from .strategies import STRATEGIES, SelectionContext, Strategy, get_strategy, register_strategy
 
@@ -16,5 +17,5 @@ __all__ = [
     'ActivationStats', 'collect_statistics', 'weight_proxy_statistics', 'weights_hash', 'recycle_state_dict',
     'recycle_into', 'recycling_record', 'checkpoint_filter_fn', 'RecyclingArgs', 'DEFAULT_SEED', 'RECYCLE_KWARGS',
     'METRICS', 'GRAPH_METHODS', 'partition_graph', 'FAMILIES', 'Family', 'family_of_state_dict', 'is_moe_state_dict',
-    'DenseDonor', 'build_recycled_model',
+    'DenseDonor', 'RecyclingPlan', 'check_geometry', 'build_recycled_model',
 ]

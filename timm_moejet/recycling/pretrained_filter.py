@@ -2,7 +2,7 @@
 
 ``timm.create_model('moejet_vit_tiny', pretrained=True)`` makes timm download the trunk donor named by the tag's
 ``hf_hub_id`` (cache, offline mode, safetensors first) and hand its state dict to :func:`checkpoint_filter_fn`,
-which loads the expert donor through :func:`timm_moejet.hub.load_donor` and returns a complete MoE state dict.
+which loads the expert donor through :func:`timm_moejet.donors.load_donor` and returns a complete MoE state dict.
 MoE checkpoints (our exports, ``hf-hub:``/``local-dir:`` repos) and official MoE Jetpack checkpoints pass through,
 after the family's timm filter has resampled the position embedding if needed.
 """
@@ -61,7 +61,7 @@ def checkpoint_filter_fn(
         InvalidCheckpoint: If the checkpoint is neither a dense checkpoint of the family nor a MoE checkpoint.
         DonorMismatch, NotFound: If recycling input is bad or the expert donor cannot be loaded.
     """
-    from ..hub import load_donor
+    from ..donors import load_donor
 
     family = family_of_model(model)
     try:

@@ -1,0 +1,150 @@
+""" Step 1 of recycling: read the donors (family, depth, width, MLP sizes) and check they can fill the model.
+
+:func:`check_geometry` refuses what cannot work (another family, depth, a narrower donor, a strategy that copies
+a donor of another size) before anything is computed, naming both sides, and returns a :class:`RecyclingPlan`.
+"""
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..checkpoint_io import unwrap_state_dict
+from ..errors import DonorMismatch, InvalidArgumentType, InvalidCheckpoint
+from .families import MLP_KEYS, Family, family_of_model, family_of_state_dict
+from .recipe import RecyclingRecipe
+from .statistics import weights_hash
+
+__all__ = ['DenseDonor', 'RecyclingPlan', 'check_geometry']
+
+
+class DenseDonor:
+    """A dense state dict with its family and geometry.
+
+    Attributes:
+        sd: The state dict (wrappers removed).
+        family: Its :class:`~timm_moejet.recycling.families.Family`.
+        prefixes: Key prefix of every block, in forward order.
+        role: 'trunk' or 'expert', for messages.
+        name: How the donor was named (Hub id, path), for messages and the record.
+    """
+
+    def __init__(self, state_dict: Mapping[str, Any], role: str, name: Optional[str] = None) -> None:
+        if not isinstance(state_dict, Mapping):
+            raise InvalidArgumentType(f'{role} donor must be a state dict (a mapping of names to tensors), '
+                                      f'got {type(state_dict).__name__}.')
+        self.sd = unwrap_state_dict(state_dict)
+        self.role = role
+        self.name = name or ''
+        self.family = family_of_state_dict(self.sd, f'{role} donor', self.name)
+        self.prefixes = self.family.block_prefixes(list(self.sd))
+        self._hash: Optional[str] = None
+
+    @property
+    def depth(self) -> int:
+        return len(self.prefixes)
+
+    def width(self, block: int = 0) -> int:
+        """Channels of block ``block`` (the size of the norm feeding its MLP)."""
+        return int(self.sd[f'{self.prefixes[block]}{self.family.mlp_input_norm}.weight'].shape[0])
+
+    def hidden(self, block: int = 0) -> int:
+        """Hidden units of block ``block``'s MLP."""
+        return int(self.sd[f'{self.prefixes[block]}mlp.fc1.weight'].shape[0])
+
+    @property
+    def hash(self) -> str:
+        if self._hash is None:
+            self._hash = weights_hash(self.sd)
+        return self._hash
+
+    def label(self) -> str:
+        return f'{self.role} donor {self.name}'.rstrip() + f' ({self.family.name}, width {self.width()}, ' \
+                                                            f'depth {self.depth})'
+
+    def mlp(self, block: int) -> Tuple[torch.Tensor, ...]:
+        """fc1 weight, fc1 bias, fc2 weight, fc2 bias of block ``block``."""
+        p = self.prefixes[block]
+        missing = [p + n for n in MLP_KEYS if p + n not in self.sd]
+        if missing:
+            raise InvalidCheckpoint(f'{self.label()} lacks {missing}; its MLPs need fc1/fc2 weights and biases.')
+        return tuple(self.sd[p + n].detach() for n in MLP_KEYS)
+
+
+class RecyclingPlan:
+    """The checked geometry of one recycling: target model, donors, MoE layers and where their experts come from.
+
+    Attributes:
+        model: The target MoE model.
+        family: The model's family.
+        prefixes: Key prefix of every model block.
+        layers: MoE layers by block index.
+        trunk: Trunk donor.
+        experts: Expert donor (may be the trunk donor).
+        expert_blocks: Donor block of each MoE block.
+    """
+
+    def __init__(self, model: nn.Module, family: Family, prefixes: List[str], layers: Dict[int, nn.Module],
+                 trunk: DenseDonor, experts: DenseDonor, expert_blocks: Dict[int, int]) -> None:
+        self.model = model
+        self.family = family
+        self.prefixes = prefixes
+        self.layers = layers
+        self.trunk = trunk
+        self.experts = experts
+        self.expert_blocks = expert_blocks
+
+    def moe_prefix(self, block: int) -> str:
+        return f'{self.prefixes[block]}mlp.'
+
+
+def check_geometry(
+        model: nn.Module,
+        trunk_state_dict: Mapping[str, torch.Tensor],
+        expert_state_dict: Optional[Mapping[str, torch.Tensor]],
+        recipe: RecyclingRecipe,
+        trunk_id: Optional[str] = None,
+        expert_id: Optional[str] = None,
+) -> RecyclingPlan:
+    """Step 1: read the donors and check they can fill ``model`` with ``recipe``.
+
+    Raises:
+        InvalidArgumentType: If ``model`` is not a MoE model of a known family, or a donor is not a mapping.
+        DonorMismatch: If a donor is of another family, depth, or narrower than the model (naming both).
+    """
+    family = family_of_model(model)
+    if family is None or not callable(getattr(model, 'moe_layers', None)):
+        raise InvalidArgumentType(f'model must be a MoE Jetpack model (with moe_layers() and recycling_family), got '
+                                  f'{type(model).__name__}.')
+    layers = model.moe_layers()
+    prefixes = family.block_prefixes(list(model.state_dict()))
+    trunk = DenseDonor(trunk_state_dict, 'trunk', trunk_id)
+    experts = trunk if expert_state_dict is None else DenseDonor(expert_state_dict, 'expert', expert_id)
+    depth, width = len(prefixes), int(model.embed_dim)
+    for donor in (trunk, experts):
+        if donor.family is not family:
+            raise DonorMismatch(f'{donor.label()} is of family {donor.family.name}, the model '
+                                f'{type(model).__name__} of family {family.name}.')
+    if trunk.width() != width or trunk.depth != depth:
+        raise DonorMismatch(f'{trunk.label()} must have the model width {width} and depth {depth}; use a trunk '
+                            f'donor of the model size.')
+    if experts.depth != depth:
+        raise DonorMismatch(f'{experts.label()} must have the model depth {depth}; expert block i comes from donor '
+                            f'block i.')
+    if experts.width() < width:
+        raise DonorMismatch(f'{experts.label()} is narrower than the model (width {width}); the expert donor must '
+                            f'be as wide or wider.')
+    strategy = recipe.strategy_obj
+    for i, layer in layers.items():
+        for group in (layer.core, layer.univ):
+            if group is not None and group.hidden_features > experts.hidden(i):
+                raise DonorMismatch(f'block {i}: experts need {group.hidden_features} hidden units but '
+                                    f'{experts.label()} has {experts.hidden(i)}; use a wider expert donor.')
+        if strategy.copies_donor and (experts.width(i) != width or (
+                layer.core is not None and layer.core.hidden_features != experts.hidden(i))):
+            raise DonorMismatch(
+                f'strategy {recipe.strategy!r} copies the donor MLP into each expert, so it needs an expert donor '
+                f'with the model width {width} and core hidden '
+                f'{layer.core.hidden_features if layer.core is not None else "-"}; {experts.label()} has hidden '
+                f'{experts.hidden(i)}. Use the trunk as expert donor or another strategy.')
+        experts.mlp(i)
+    return RecyclingPlan(model, family, prefixes, layers, trunk, experts, {i: i for i in layers})
