@@ -159,8 +159,12 @@ class ActivationStats:
                 f'donor or pass the matching file.')
 
     def save(self, path: Union[str, os.PathLike]) -> str:
-        """Write the statistics and the donor identity to a safetensors file (atomically)."""
-        meta = {'format': FORMAT, 'identity': json.dumps(self.identity())}
+        """Write the statistics and the donor identity to a safetensors file (atomically).
+
+        The metadata is one entry holding sorted JSON: safetensors writes a metadata dict in hash order, so several
+        entries would make identical statistics differ byte for byte between processes.
+        """
+        meta = {FORMAT: json.dumps(dict(identity=self.identity()), sort_keys=True)}
         save_safetensors_atomic(self.tensors, path, metadata=meta)
         return str(path)
 
@@ -185,12 +189,16 @@ class ActivationStats:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:  # safetensors raises several types on a bad header
             raise InvalidCheckpoint(f'{path} is not a readable safetensors statistics file ({e}).') from e
-        if meta.get('format') != FORMAT:
-            raise InvalidCheckpoint(f'{path} is not an activation statistics file (metadata format '
-                             f'{meta.get("format")!r}, expected {FORMAT!r}).')
+        if FORMAT in meta:
+            document = meta[FORMAT]
+        elif meta.get('format') == FORMAT:  # files written before the single-entry layout
+            document = json.dumps(dict(identity=json.loads(meta.get('identity', '{}'))))
+        else:
+            raise InvalidCheckpoint(f'{path} is not an activation statistics file (no {FORMAT!r} metadata; '
+                                    f'found {sorted(meta)[:4]}).')
         try:
-            ident = json.loads(meta.get('identity', '{}'))
-        except json.JSONDecodeError as e:
+            ident = json.loads(document)['identity']
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise InvalidCheckpoint(f'{path}: unreadable donor identity in the metadata ({e}).') from e
         stats = cls(tensors, **{k: ident[k] for k in ('architecture', 'hub_id', 'weights_hash', 'num_tokens',
                                                         'source') if k in ident})
