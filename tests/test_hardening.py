@@ -41,3 +41,22 @@ def test_statistics_files_of_the_earlier_layout_still_load(tmp_path):
     save_file({'blocks.0.hidden.l2': torch.ones(3)}, str(tmp_path / 'old.safetensors'),
               metadata={'format': 'timm_moejet.activation_stats.v1', 'identity': json.dumps({'hub_id': 'org/x'})})
     assert ActivationStats.load(tmp_path / 'old.safetensors').hub_id == 'org/x'
+
+
+def _umask() -> int:
+    import os
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_exported_files_share_one_mode(tmp_path):
+    """model.safetensors was written 0600 beside a 0644 config.json; every file gets the umask's mode."""
+    import os
+    import stat
+
+    from weights_tools.cli import main
+
+    assert main(['export', 'moejet_vit_test', '--output', str(tmp_path / 'out')]) == 0
+    modes = {p.name: stat.S_IMODE(os.stat(p).st_mode) for p in (tmp_path / 'out').iterdir()}
+    assert modes == {'config.json': 0o666 & ~_umask(), 'model.safetensors': 0o666 & ~_umask()}

@@ -99,6 +99,16 @@ def _umask_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~mask
 
 
+def _give_umask_modes(folder: Path) -> None:
+    """Give everything written into ``folder`` the modes a plain open()/mkdir() would (writers such as
+    safetensors create 0600 files)."""
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), _umask_mode(directory=True))
+        for name in files:
+            os.chmod(os.path.join(root, name), _umask_mode())
+
+
 def _atomic_write(path: PathLike, write: Callable[[str], None], overwrite: bool) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place; on failure remove it."""
     path = Path(path)
@@ -138,6 +148,7 @@ def atomic_output_dir(path: PathLike, overwrite: bool = False) -> Iterator[Path]
     try:
         os.chmod(tmp, _umask_mode(directory=True))
         yield tmp
+        _give_umask_modes(tmp)
         if path.exists():
             if not overwrite:
                 raise OutputExists(f'{path} appeared while it was being written; pass overwrite to replace it.')
