@@ -4,9 +4,15 @@ Weights are read from ``.safetensors`` or from ``.pth``/``.pt``/``.bin`` with ``
 unpickled), and written as safetensors through a temporary file and a rename, so a failed write leaves nothing.
 """
 import contextlib
+import ctypes
+import errno
+import logging
 import os
+import re
 import shutil
-import tempfile
+import signal
+import sys
+import threading
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Union
@@ -19,7 +25,9 @@ from safetensors.torch import load_file, save_file
 from .errors import InvalidCheckpoint, NotFound, OutputExists
 
 __all__ = ['load_state_dict_file', 'unwrap_state_dict', 'check_state_dict_fits', 'save_safetensors_atomic',
-           'atomic_write_bytes', 'atomic_output_dir']
+           'atomic_write_bytes', 'atomic_output_dir', 'clean_stale_temporaries', 'signals_deferred']
+
+_logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 TORCH_SUFFIXES = ('.pth', '.pt', '.bin', '.tar')
@@ -109,57 +117,156 @@ def _give_umask_modes(folder: Path) -> None:
             os.chmod(os.path.join(root, name), _umask_mode())
 
 
+# Temporaries and moved-aside outputs are named '.<output name>.moejet-<kind>-<pid>-<random>', so a later run can
+# recognise the ones of a dead process (SIGKILL leaves them behind) and nothing else.
+_MARK = re.compile(r'^\.(?P<name>.+)\.moejet-(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-f]+(?:\.tmp)?$')
+
+
+def _hidden_name(path: Path, kind: str) -> Path:
+    return path.with_name(f'.{path.name}.moejet-{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}')
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, a link (not what it points to) or a folder tree."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def clean_stale_temporaries(path: PathLike) -> None:
+    """Remove what dead runs left beside ``path`` (their temporaries), and put back an output that a run killed in
+    the middle of replacing it had moved aside. Only names this module makes are touched, only of dead processes."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return
+    for entry in path.parent.iterdir():
+        m = _MARK.match(entry.name)
+        if m is None or m.group('name') != path.name or _alive(int(m.group('pid'))):
+            continue
+        if m.group('kind') == 'old' and not os.path.lexists(path):
+            _logger.warning('putting back %s, which an interrupted run had moved aside', path)
+            os.rename(entry, path)
+        else:
+            _remove(entry)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM for the duration (main thread only), then deliver them: a short critical section
+    (the swap of an output) is never cut in half by Ctrl-C or ``kill``."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in pending:
+            signal.raise_signal(sig)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where that is not available."""
+    if not sys.platform.startswith('linux'):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):  # not supported here
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _swap_into_place(new: Path, path: Path) -> None:
+    """Move ``new`` to ``path``, replacing what is there (a folder, a file or a link, not followed); at every moment
+    either the old or the new output is complete at ``path``, or (SIGKILL between two renames, where no atomic
+    exchange exists) the old one is moved aside under a name the next run recognises and puts back."""
+    with signals_deferred():
+        if not os.path.lexists(path):
+            os.rename(new, path)
+            return
+        if _exchange(new, path):
+            _remove(new)  # now the old output
+            return
+        old = _hidden_name(path, 'old')
+        os.rename(path, old)
+        try:
+            os.rename(new, path)
+        except BaseException:
+            os.rename(old, path)
+            raise
+        _remove(old)
+
+
 def _atomic_write(path: PathLike, write: Callable[[str], None], overwrite: bool) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place; on failure remove it."""
     path = Path(path)
-    if path.exists() and not overwrite:
+    clean_stale_temporaries(path)
+    if os.path.lexists(path) and not overwrite:
         raise OutputExists(f'{path} exists; pass overwrite to replace it.')
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    os.close(fd)
+    tmp = Path(str(_hidden_name(path, 'tmp')) + '.tmp')
     try:
-        write(tmp)
+        write(str(tmp))
         os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
+        with signals_deferred():
+            os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 
 
 @contextlib.contextmanager
 def atomic_output_dir(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; on success it is renamed to ``path``, on failure removed.
+    """Yield a temporary folder beside ``path``; on success it replaces ``path``, on failure it is removed.
 
-    An existing folder is replaced only with ``overwrite`` (moved aside first, deleted after the rename).
+    An existing output is replaced only with ``overwrite``; whatever happens (an exception, Ctrl-C, SIGTERM), the
+    old or the new output is complete at ``path`` afterwards. What dead runs left beside ``path`` is cleaned first.
 
     Raises:
-        FileExistsError: If ``path`` exists (also if it appeared while the body ran) and not ``overwrite``.
-        NotADirectoryError: If ``path`` exists and is not a folder.
+        OutputExists: If ``path`` exists (also if it appeared while the body ran) and not ``overwrite``, or exists
+            and is not a folder.
     """
     path = Path(path)
-    if path.exists() and not overwrite:
+    clean_stale_temporaries(path)
+    if os.path.lexists(path) and not overwrite:
         raise OutputExists(f'{path} exists; pass overwrite to replace it.')
-    if path.exists() and not path.is_dir():
+    if os.path.lexists(path) and not path.is_dir():
         raise OutputExists(f'{path} exists and is not a folder.')
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent))
+    tmp = _hidden_name(path, 'tmp')
+    tmp.mkdir(mode=0o700)
     try:
         os.chmod(tmp, _umask_mode(directory=True))
         yield tmp
         _give_umask_modes(tmp)
-        if path.exists():
-            if not overwrite:
-                raise OutputExists(f'{path} appeared while it was being written; pass overwrite to replace it.')
-            old = path.with_name(f'.{path.name}.{uuid.uuid4().hex[:8]}.old')
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
+        if os.path.lexists(path) and not overwrite:
+            raise OutputExists(f'{path} appeared while it was being written; pass overwrite to replace it.')
+        _swap_into_place(tmp, path)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
 
 
