@@ -60,3 +60,163 @@ def test_exported_files_share_one_mode(tmp_path):
     assert main(['export', 'moejet_vit_test', '--output', str(tmp_path / 'out')]) == 0
     modes = {p.name: stat.S_IMODE(os.stat(p).st_mode) for p in (tmp_path / 'out').iterdir()}
     assert modes == {'config.json': 0o666 & ~_umask(), 'model.safetensors': 0o666 & ~_umask()}
+
+
+def _leftovers(folder: Path, name: str):
+    """Hidden temporaries or moved-aside copies of the output ``name`` (anything '.name.*')."""
+    return sorted(p.name for p in Path(folder).iterdir() if p.name.startswith(f'.{name}.'))
+
+
+def _write_output(target: Path, content: str, overwrite: bool = True) -> None:
+    from timm_moejet.checkpoint_io import atomic_output_dir
+
+    with atomic_output_dir(target, overwrite=overwrite) as tmp:
+        (tmp / 'f.txt').write_text(content)
+
+
+@pytest.mark.parametrize('failure', [KeyboardInterrupt, OSError])
+def test_overwrite_failing_in_the_swap_keeps_the_old_output(tmp_path, monkeypatch, failure):
+    """An exception or Ctrl-C at the moment the new folder replaces the old one: one of them is complete at the
+    path afterwards (here the old one), and no hidden copy is left."""
+    import os
+
+    from timm_moejet import checkpoint_io
+
+    target = tmp_path / 'out'
+    _write_output(target, 'old')
+    real_rename = os.rename
+    # the two-rename path (filesystems without an atomic exchange): fail the second rename, tmp -> target
+    monkeypatch.setattr(checkpoint_io, '_exchange', lambda a, b: False, raising=False)
+
+    failed = []
+
+    def rename(src, dst):
+        if Path(dst) == target and not failed:  # the new folder's rename into place, once
+            failed.append(dst)
+            raise failure('injected')
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, 'rename', rename)
+    with pytest.raises(failure):
+        _write_output(target, 'new')
+    monkeypatch.setattr(os, 'rename', real_rename)
+    assert failed and (target / 'f.txt').read_text() == 'old'
+    assert _leftovers(tmp_path, 'out') == []
+
+
+@pytest.mark.parametrize('exchange', [True, False])
+def test_ctrl_c_during_the_swap_is_held_until_the_new_output_is_in_place(tmp_path, monkeypatch, exchange):
+    """SIGINT arriving inside the swap does not cut it in half: the swap completes, then KeyboardInterrupt."""
+    import os
+    import signal
+
+    from timm_moejet import checkpoint_io
+
+    target = tmp_path / 'out'
+    _write_output(target, 'old')
+    if not exchange:
+        monkeypatch.setattr(checkpoint_io, '_exchange', lambda a, b: False, raising=False)
+    real_rename = os.rename
+
+    def rename(src, dst):  # the first rename of the swap (or the only one) gets a Ctrl-C on its heels
+        out = real_rename(src, dst)
+        signal.raise_signal(signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(os, 'rename', rename)
+    real_exchange = getattr(checkpoint_io, '_exchange', None)
+    if exchange and real_exchange is not None:
+        def exchange_then_interrupt(a, b):
+            done = real_exchange(a, b)
+            signal.raise_signal(signal.SIGINT)
+            return done
+        monkeypatch.setattr(checkpoint_io, '_exchange', exchange_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        _write_output(target, 'new')
+    monkeypatch.setattr(os, 'rename', real_rename)
+    assert (target / 'f.txt').read_text() == 'new'
+    assert _leftovers(tmp_path, 'out') == []
+
+
+def test_overwrite_of_a_symlinked_output_leaves_no_hidden_link(tmp_path):
+    target_dir = tmp_path / 'real'
+    _write_output(target_dir, 'linked')
+    link = tmp_path / 'out'
+    link.symlink_to(target_dir, target_is_directory=True)
+    _write_output(link, 'new')
+    assert not link.is_symlink() and (link / 'f.txt').read_text() == 'new'
+    assert (target_dir / 'f.txt').read_text() == 'linked'  # the link's target is left alone
+    assert _leftovers(tmp_path, 'out') == []
+
+
+def test_stale_temporaries_of_the_same_output_are_cleaned(tmp_path):
+    """Temporaries of a run killed with SIGKILL (its pid is gone) are removed by the next run; a live run's are not,
+    nor anything not named by this tool."""
+    import os
+
+    dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True,
+                          text=True).stdout.strip()
+    stale = tmp_path / f'.out.moejet-tmp-{dead}-deadbeef'
+    stale.mkdir()
+    (stale / 'model.safetensors').write_bytes(b'x' * 100)
+    stale_file = tmp_path / f'.out.moejet-tmp-{dead}-feedface.tmp'
+    stale_file.write_bytes(b'y')
+    live = tmp_path / f'.out.moejet-tmp-{os.getpid()}-cafecafe'
+    live.mkdir()
+    mine = tmp_path / '.out.notes'
+    mine.write_text('keep')
+    _write_output(tmp_path / 'out', 'new')
+    assert _leftovers(tmp_path, 'out') == sorted([live.name, mine.name])
+
+
+def test_a_swap_cut_by_sigkill_is_repaired_by_the_next_run(tmp_path):
+    """Without an atomic exchange a SIGKILL between the two renames leaves no output, only the moved-aside old one;
+    the next run puts it back before anything else."""
+    dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True,
+                          text=True).stdout.strip()
+    old = tmp_path / f'.out.moejet-old-{dead}-0badf00d'
+    old.mkdir()
+    (old / 'f.txt').write_text('old')
+    with pytest.raises(FileExistsError):  # the restored output is there again: no overwrite without asking
+        _write_output(tmp_path / 'out', 'new', overwrite=False)
+    assert (tmp_path / 'out' / 'f.txt').read_text() == 'old' and _leftovers(tmp_path, 'out') == []
+
+
+_SIGTERM_RUN = '''
+import os, signal, sys
+from pathlib import Path
+import timm.models
+from weights_tools.cli import main
+
+def slow_save(model, save_directory, **kwargs):
+    (Path(save_directory) / 'model.safetensors').write_bytes(b'half')
+    os.kill(os.getpid(), signal.SIGTERM)
+    raise AssertionError('SIGTERM did not stop the write')
+
+timm.models.save_for_hf = slow_save
+sys.exit(main(['export', 'moejet_vit_test', '--output', sys.argv[1]]))
+'''
+
+
+def test_sigterm_is_handled_like_ctrl_c(tmp_path):
+    proc = subprocess.run([sys.executable, '-c', _SIGTERM_RUN, str(tmp_path / 'out')], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 143, (proc.returncode, proc.stderr[-2000:])
+    assert 'terminated' in proc.stderr and 'no output was written' in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupt_after_the_output_is_in_place_says_so(tmp_path, monkeypatch, capsys):
+    from timm_moejet import hub
+    from weights_tools.cli import main
+
+    real_save = hub.save_hub_folder
+
+    def save_then_interrupt(*args, **kwargs):
+        out = real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(hub, 'save_hub_folder', save_then_interrupt)
+    assert main(['export', 'moejet_vit_test', '--output', str(tmp_path / 'out')]) == 130
+    err = capsys.readouterr().err
+    assert 'no output was written' not in err and f'{tmp_path / "out"} was written completely' in err, err
+    assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == ['config.json', 'model.safetensors']

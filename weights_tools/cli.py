@@ -8,9 +8,11 @@ found, occupied output) and the operating system's file errors are one line on s
 """
 import argparse
 import logging
+import os
 import signal
 import sys
 import textwrap
+import threading
 from typing import List, Optional
 
 __all__ = ['main', 'build_parser']
@@ -19,6 +21,33 @@ _COMMANDS = ('calibrate', 'recycle', 'export', 'push', 'import_official', 'inspe
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
+
+
+# arguments that name what a command writes (checked after an interrupt: was it written?)
+_OUTPUT_ARGS = ('output', 'plot', 'json')
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that the same cleanup runs as for Ctrl-C."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def _output_states(args: argparse.Namespace) -> dict:
+    """Identity (inode, mtime) of each output path now; outputs are only ever replaced by an atomic rename, so a
+    changed identity means a complete new output."""
+    states = {}
+    for name in _OUTPUT_ARGS:
+        path = getattr(args, name, None)
+        if path:
+            try:
+                st = os.lstat(path)
+                states[str(path)] = (st.st_ino, st.st_mtime_ns)
+            except OSError:
+                states[str(path)] = None
+    return states
 
 
 def _is_input_error(e: BaseException) -> bool:
@@ -93,12 +122,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
     for name in ('timm_moejet', 'weights_tools'):
         logging.getLogger(name).setLevel(logging.WARNING if quiet else logging.INFO)
+    before = _output_states(args)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         import timm_moejet  # noqa: F401  (registers the moejet_*/softmoe_* models with timm)
         return int(args._run(args) or 0)
-    except KeyboardInterrupt:
-        print(f'weights_tools {args.command}: interrupted; no output was written.', file=sys.stderr)
-        return 128 + signal.SIGINT
+    except KeyboardInterrupt as e:
+        what, sig = ('terminated', signal.SIGTERM) if isinstance(e, Terminated) else ('interrupted', signal.SIGINT)
+        written = [path for path, state in _output_states(args).items() if state != before.get(path)]
+        if written:
+            print(f'weights_tools {args.command}: {what}; {", ".join(written)} was written completely before that.',
+                  file=sys.stderr)
+        else:
+            print(f'weights_tools {args.command}: {what}; no output was written.', file=sys.stderr)
+        return 128 + sig
     except Exception as e:
         if debug:
             raise
@@ -106,3 +144,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         hint = '' if status == EXIT_BAD_INPUT else ' (unexpected; rerun with --debug for the traceback)'
         print(f'weights_tools {args.command}: error: {_one_line(e)}{hint}', file=sys.stderr)
         return status
+    finally:
+        if in_main_thread and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
