@@ -220,3 +220,47 @@ def test_interrupt_after_the_output_is_in_place_says_so(tmp_path, monkeypatch, c
     err = capsys.readouterr().err
     assert 'no output was written' not in err and f'{tmp_path / "out"} was written completely' in err, err
     assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == ['config.json', 'model.safetensors']
+
+
+@pytest.fixture(scope='module')
+def dense_folder(tmp_path_factory):
+    """A dense donor as a timm Hub folder and as a weights file, and the digits as an image folder."""
+    from safetensors.torch import save_file
+    from timm.models import save_for_hf
+
+    from benchmarks.digits.data import write_digits_image_folder
+
+    root = tmp_path_factory.mktemp('hardening')
+    torch.manual_seed(0)
+    donor = timm.create_model('vit_tiny_patch16_224', embed_dim=64, depth=4, num_heads=2, img_size=64, num_classes=3)
+    save_for_hf(donor, str(root / 'donor'), safe_serialization=True)
+    save_file(donor.state_dict(), str(root / 'donor.safetensors'))
+    write_digits_image_folder(str(root / 'digits'), image_size=16)
+    return root
+
+
+def _tree_digest(path: Path) -> dict:
+    return {str(p.relative_to(path)): _sha(p) for p in sorted(Path(path).rglob('*')) if p.is_file()}
+
+
+@pytest.mark.parametrize('argv, input_name', [
+    (['calibrate', '--donor', '{root}/donor', '--images', '{root}/digits', '--limit', '8',
+      '--output', '{root}/donor/model.safetensors', '--overwrite'], 'donor'),
+    (['recycle', '--model', 'moejet_vit_test', '--trunk', '{root}/donor', '--strategy', 'uniform',
+      '--output', '{root}/donor', '--overwrite'], 'donor'),
+    (['recycle', '--model', 'moejet_vit_test', '--trunk', '{root}/donor/model.safetensors', '--strategy', 'uniform',
+      '--output', '{root}', '--overwrite'], 'donor'),
+    (['export', 'local-dir:{root}/donor', '--output', '{root}/donor/export', '--overwrite'], 'donor'),
+    (['inspect', 'moejet_vit_test', '--images', '{root}/digits', '--limit', '4',
+      '--plot', '{root}/digits/train/0/p.png', '--overwrite'], 'digits'),
+])
+def test_no_output_overwrites_an_input(dense_folder, argv, input_name, capsys):
+    """An output that is, contains or lives inside one of the command's inputs is refused, --overwrite or not."""
+    from weights_tools.cli import main
+
+    before = _tree_digest(dense_folder)
+    status = main([a.format(root=dense_folder) for a in argv])
+    err = capsys.readouterr().err
+    assert status == 2 and any(w in err for w in ('is the', 'lies inside the', 'contains the')), err
+    assert str(dense_folder / input_name) in err, err
+    assert _tree_digest(dense_folder) == before

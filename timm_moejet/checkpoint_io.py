@@ -25,7 +25,8 @@ from safetensors.torch import load_file, save_file
 from .errors import InvalidCheckpoint, NotFound, OutputExists
 
 __all__ = ['load_state_dict_file', 'unwrap_state_dict', 'check_state_dict_fits', 'save_safetensors_atomic',
-           'atomic_write_bytes', 'atomic_output_dir', 'clean_stale_temporaries', 'signals_deferred']
+           'atomic_write_bytes', 'atomic_output_dir', 'clean_stale_temporaries', 'signals_deferred',
+           'check_output_apart']
 
 _logger = logging.getLogger(__name__)
 
@@ -105,6 +106,39 @@ def _umask_mode(directory: bool = False) -> int:
     mask = os.umask(0)
     os.umask(mask)
     return (0o777 if directory else 0o666) & ~mask
+
+
+def check_output_apart(output: PathLike, inputs: Mapping[str, Any], what: str = 'output') -> None:
+    """Refuse an output that is, contains or lies inside one of the inputs (by real path, links followed).
+
+    Args:
+        output: The output path.
+        inputs: Role -> input (a path, ``local-dir:PATH``, or something that is not a path, such as a Hub id, which
+            is skipped; None entries are skipped).
+        what: How to name the output in the message.
+
+    Raises:
+        OutputExists: Naming the output, the input and their relation.
+    """
+    out = os.path.realpath(os.fspath(output))
+    for role, value in inputs.items():
+        if value is None:
+            continue
+        name = os.fspath(value)
+        name = name[len('local-dir:'):] if name.startswith('local-dir:') else name
+        if not os.path.exists(name):
+            continue
+        src = os.path.realpath(name)
+        if out == src:
+            relation = 'is the'
+        elif os.path.commonpath([out, src]) == src:
+            relation = 'lies inside the'
+        elif os.path.commonpath([out, src]) == out:
+            relation = 'contains the'
+        else:
+            continue
+        raise OutputExists(f'{what} {output} {relation} {role} {value}; writing it would destroy that input. '
+                           f'Write the output elsewhere.')
 
 
 def _give_umask_modes(folder: Path) -> None:

@@ -66,8 +66,13 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def check_output_free(path: str, overwrite: bool, what: str = 'output') -> Path:
-    """Refuse an existing output unless ``--overwrite``; checked before any slow work starts."""
+def check_output_free(path: str, overwrite: bool, what: str = 'output', inputs: Optional[Dict[str, Any]] = None
+                      ) -> Path:
+    """Refuse an output that is, contains or lies inside one of the ``inputs`` (role -> path or name), and an existing
+    output unless ``--overwrite``; checked before any slow work starts."""
+    from timm_moejet.checkpoint_io import check_output_apart
+
+    check_output_apart(path, inputs or {}, what)
     path = Path(path)
     if path.exists() and not overwrite:
         raise OutputExists(f'{what} {path} already exists; pass --overwrite to replace it.')

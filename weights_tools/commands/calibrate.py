@@ -47,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.output.endswith('.safetensors'):
         raise InvalidArgument(f'--output must be a .safetensors file, got {args.output}.')
-    check_output_free(args.output, args.overwrite, 'output file')
+    inputs = {'donor': args.donor, 'image folder': args.images}
+    check_output_free(args.output, args.overwrite, 'output file', inputs)
     device = resolve_device(args.device)
     donor = load_donor(args.donor, role='donor')
     model = donor.build_model(args.donor_arch)
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     stats = collect_statistics(model, loader, device=device, progress=not args.no_progress, donor_id=args.donor,
                                coactivation=not args.no_coactivation)
     seconds = time.perf_counter() - start
-    check_output_free(args.output, args.overwrite, 'output file')
+    check_output_free(args.output, args.overwrite, 'output file', inputs)
     stats.save(args.output)
     print(f'calibrated {stats.describe()} on {summary["images"]} of {summary["available"]} images '
           f'({summary["classes"]} classes, seed {args.seed}) from {args.images}: {len(loader)} batches of '

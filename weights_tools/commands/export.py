@@ -27,7 +27,8 @@ def add_parser(subparsers, parent: argparse.ArgumentParser, formatter) -> argpar
 def run(args: argparse.Namespace) -> int:
     from timm_moejet.hub import load_model, save_hub_folder
 
-    check_output_free(args.output, args.overwrite, 'output folder')
+    check_output_free(args.output, args.overwrite, 'output folder',
+                      {'model': args.model, 'checkpoint': args.checkpoint})
     model, extra = load_model(args.model, args.checkpoint, args.pretrained, model_kwargs_from(args))
     out = save_hub_folder(model.eval(), args.output, args.overwrite, extra_config=extra)
     n = sum(p.numel() for p in model.parameters())

@@ -57,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     from timm_moejet.hub import save_hub_folder
     from timm_moejet.official import load_official
 
-    check_output_free(args.output, args.overwrite, 'output folder')
+    check_output_free(args.output, args.overwrite, 'output folder',
+                      {'checkpoint': args.checkpoint, 'config': args.config})
     config = _parse_config(args.config)
     model = load_official(args.checkpoint, config).eval()
     out = save_hub_folder(model, args.output, args.overwrite)

@@ -59,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidArgument(f'--plot must name a .png file, got {args.plot}.')
     for out, what in ((args.plot, '--plot file'), (args.json, '--json file')):
         if out is not None:
-            check_output_free(out, args.overwrite, what)
+            check_output_free(out, args.overwrite, what, {'model': args.model, 'checkpoint': args.checkpoint,
+                                                          'image folder': args.images})
     device = resolve_device(args.device)
     model, extra = load_model(args.model, args.checkpoint, args.pretrained, model_kwargs_from(args))
     if not moe_layers(model):

@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
 
     recipe = RecyclingRecipe(experts=args.experts, strategy=args.strategy, stats=args.stats, seed=args.seed,
                              metric=args.metric, graph_method=args.graph_method)
-    check_output_free(args.output, args.overwrite, 'output folder')
+    check_output_free(args.output, args.overwrite, 'output folder',
+                      {'trunk donor': args.trunk, 'expert donor': args.experts, 'statistics file': args.stats})
     model = build_recycled_model(args.model, args.trunk, recipe, init_seed=args.seed, **model_kwargs_from(args))
     record = dict(model.pretrained_cfg['recycling'])
     if args.stats is not None:
