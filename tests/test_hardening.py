@@ -213,7 +213,7 @@ def test_interrupt_after_the_output_is_in_place_says_so(tmp_path, monkeypatch, c
     real_save = hub.save_hub_folder
 
     def save_then_interrupt(*args, **kwargs):
-        out = real_save(*args, **kwargs)
+        real_save(*args, **kwargs)
         raise KeyboardInterrupt
     monkeypatch.setattr(hub, 'save_hub_folder', save_then_interrupt)
     assert main(['export', 'moejet_vit_test', '--output', str(tmp_path / 'out')]) == 130
@@ -264,3 +264,25 @@ def test_no_output_overwrites_an_input(dense_folder, argv, input_name, capsys):
     assert status == 2 and any(w in err for w in ('is the', 'lies inside the', 'contains the')), err
     assert str(dense_folder / input_name) in err, err
     assert _tree_digest(dense_folder) == before
+
+
+@pytest.mark.parametrize('role, key, value', [
+    ('trunk', 'blocks.1.attn.qkv.weight', float('nan')),
+    ('expert', 'blocks.3.mlp.fc2.bias', float('inf')),
+])
+def test_non_finite_donor_weights_are_refused_naming_the_tensor(dense_folder, tmp_path, capsys, role, key, value):
+    from safetensors.torch import load_file, save_file
+
+    from weights_tools.cli import main
+
+    sd = load_file(str(dense_folder / 'donor.safetensors'))
+    sd[key] = sd[key].clone()
+    sd[key].view(-1)[3] = value
+    save_file(sd, str(tmp_path / 'bad.safetensors'))
+    good, bad = str(dense_folder / 'donor.safetensors'), str(tmp_path / 'bad.safetensors')
+    trunk, experts = (bad, good) if role == 'trunk' else (good, bad)
+    status = main(['recycle', '--model', 'moejet_vit_test', '--trunk', trunk, '--experts', experts,
+                   '--output', str(tmp_path / 'moe')])
+    err = capsys.readouterr().err
+    assert status == 2 and f'{role} donor' in err and key in err and 'NaN or Inf' in err, err
+    assert not (tmp_path / 'moe').exists()

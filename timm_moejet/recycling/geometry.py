@@ -57,6 +57,18 @@ class DenseDonor:
             self._hash = weights_hash(self.sd)
         return self._hash
 
+    def check_finite(self) -> None:
+        """Refuse NaN or Inf in any tensor recycling may read (everything but the heads the family never takes).
+
+        Raises:
+            InvalidCheckpoint: Naming the first offending tensor.
+        """
+        for key, value in self.sd.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and \
+                    not key.startswith(self.family.fresh_prefixes) and not bool(torch.isfinite(value).all()):
+                raise InvalidCheckpoint(f'{self.label()}: tensor {key} holds NaN or Inf values; recycling it would '
+                                        f'give a model that computes NaN.')
+
     def label(self) -> str:
         return f'{self.role} donor {self.name}'.rstrip() + f' ({self.family.name}, width {self.width()}, ' \
                                                             f'depth {self.depth})'
@@ -121,6 +133,7 @@ def check_geometry(
     experts = trunk if expert_state_dict is None else DenseDonor(expert_state_dict, 'expert', expert_id)
     depth, width = len(prefixes), int(model.embed_dim)
     for donor in (trunk, experts):
+        donor.check_finite()
         if donor.family is not family:
             raise DonorMismatch(f'{donor.label()} is of family {donor.family.name}, the model '
                                 f'{type(model).__name__} of family {family.name}.')
