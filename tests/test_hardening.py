@@ -286,3 +286,22 @@ def test_non_finite_donor_weights_are_refused_naming_the_tensor(dense_folder, tm
     err = capsys.readouterr().err
     assert status == 2 and f'{role} donor' in err and key in err and 'NaN or Inf' in err, err
     assert not (tmp_path / 'moe').exists()
+
+
+def test_statistics_are_not_recorded_for_strategies_that_ignore_them(dense_folder, tmp_path, capsys, caplog):
+    """random/uniform read no statistics: a file given anyway (here of another donor) is named in a warning and
+    left out of the record, which lists only what shaped the weights."""
+    import json
+
+    from weights_tools.cli import main
+
+    other = {f'blocks.{i}.hidden.l2': torch.ones(256) for i in range(4)}  # statistics of another donor
+    ActivationStats(other, hub_id='org/other', weights_hash='0' * 64).save(tmp_path / 'other.safetensors')
+    status = main(['recycle', '--model', 'moejet_vit_test', '--trunk', str(dense_folder / 'donor.safetensors'),
+                   '--strategy', 'random', '--stats', str(tmp_path / 'other.safetensors'),
+                   '--output', str(tmp_path / 'moe')])
+    assert status == 0, capsys.readouterr().err
+    warned = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
+    assert any('does not use activation statistics' in m and 'other.safetensors' in m for m in warned), warned
+    record = json.loads((tmp_path / 'moe' / 'config.json').read_text())['pretrained_cfg']['recycling']
+    assert record['strategy'] == 'random' and not any('stats' in k for k in record), record

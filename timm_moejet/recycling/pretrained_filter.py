@@ -84,7 +84,7 @@ def checkpoint_filter_fn(
         else:
             experts, expert_id = load_donor(recipe.experts, cache_dir=cache_dir, role='expert donor').state_dict, \
                 recipe.experts
-        stats = ActivationStats.load(recipe.stats) if recipe.stats else None
+        stats = ActivationStats.load(recipe.stats) if recipe.stats and recipe.strategy_obj.needs_stats else None
         _logger.info('Recycling %s (trunk) and %s (experts) into %s with strategy %r, seed %d',
                      trunk_id, expert_id, type(model).__name__, recipe.strategy, recipe.seed)
         out = recycle_state_dict(model, trunk, experts, recipe, stats=stats, trunk_id=trunk_id, expert_id=expert_id,

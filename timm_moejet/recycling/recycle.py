@@ -14,6 +14,7 @@
 :func:`recycle_state_dict` runs the four steps; :func:`recycle_into` also loads the result and records it.
 """
 import logging
+import os
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
@@ -45,7 +46,8 @@ def resolve_statistics(plan: RecyclingPlan, recipe: RecyclingRecipe,
     experts = plan.experts
     if not strategy.needs_stats:
         if stats is not None or recipe.stats is not None:
-            _logger.info('recycling strategy %r does not use activation statistics; ignoring them', recipe.strategy)
+            _logger.warning('strategy %r does not use activation statistics: %s is ignored (neither checked against '
+                            'the donor nor recorded)', recipe.strategy, recipe.stats or 'the statistics given')
         return None
     blocks = sorted(set(plan.expert_blocks.values()))
     if stats is None and recipe.stats is not None:
@@ -210,6 +212,8 @@ def recycling_record(
                                   experts=expert_id or trunk_id or '')
     if recipe.strategy_obj.needs_stats:
         record['stats'] = stats.identity() if stats is not None else 'weights-proxy'
+        if recipe.stats is not None:
+            record['stats_file'] = os.path.basename(recipe.stats)
     return record
 
 

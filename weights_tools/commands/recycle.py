@@ -1,6 +1,5 @@
 """ ``recycle``: dense donor(s) + strategy (+ statistics, seed) -> a MoE checkpoint folder in timm's Hub layout. """
 import argparse
-import os
 import textwrap
 
 from ._args import add_model_kwargs, check_output_free, model_kwargs_from
@@ -55,10 +54,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_free(args.output, args.overwrite, 'output folder',
                       {'trunk donor': args.trunk, 'expert donor': args.experts, 'statistics file': args.stats})
     model = build_recycled_model(args.model, args.trunk, recipe, init_seed=args.seed, **model_kwargs_from(args))
-    record = dict(model.pretrained_cfg['recycling'])
-    if args.stats is not None:
-        record.setdefault('stats_file', os.path.basename(args.stats))
-    model.pretrained_cfg = dict(model.pretrained_cfg, recycling=record, tag='recycled')
+    model.pretrained_cfg = dict(model.pretrained_cfg, tag='recycled')
     out = save_hub_folder(model.eval(), args.output, args.overwrite)
     n = sum(p.numel() for p in model.parameters())
     print(f'recycled {args.model} ({n / 1e6:.2f}M parameters, MoE blocks {list(model.moe_layers())}) from trunk '
