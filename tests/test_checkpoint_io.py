@@ -46,11 +46,15 @@ def test_no_overwrite_without_permission(tmp_path):
     assert target.read_bytes() == b'old'
 
 
+class _Payload:
+    """An arbitrary Python object, as a malicious checkpoint would carry."""
+
+
 def test_pth_is_read_with_weights_only(tmp_path):
-    # an arbitrary Python object, as a malicious checkpoint would carry: refused, never unpickled
+    # refused, never unpickled (argparse.Namespace, which train.py stores beside the weights, is allowed)
     path = tmp_path / 'evil.pth'
-    torch.save({'obj': argparse.Namespace(payload=1)}, path)
-    with pytest.raises(ValueError, match='weights_only=True'):
+    torch.save({'obj': _Payload(), 'args': argparse.Namespace(lr=1)}, path)
+    with pytest.raises(ValueError, match='_Payload.*weights_only=True'):
         load_state_dict_file(path)
     good = tmp_path / 'good.pt'
     torch.save({'w': torch.ones(2)}, good)

@@ -305,3 +305,57 @@ def test_statistics_are_not_recorded_for_strategies_that_ignore_them(dense_folde
     assert any('does not use activation statistics' in m and 'other.safetensors' in m for m in warned), warned
     record = json.loads((tmp_path / 'moe' / 'config.json').read_text())['pretrained_cfg']['recycling']
     assert record['strategy'] == 'random' and not any('stats' in k for k in record), record
+
+
+class _HistoryBufferLike:
+    """Stands in for the Python objects mmengine stores beside the weights (message hub buffers)."""
+
+    def __init__(self):
+        self.values = [1, 2]
+
+
+def _train_py_checkpoint(path: Path, model, ema_model) -> None:
+    """What timm's train.py (CheckpointSaver) writes: weights, EMA weights, optimizer state and its argparse args."""
+    import argparse
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(1, 3, 64, 64)).sum().backward()
+    optimizer.step()
+    torch.save({'epoch': 3, 'arch': 'moejet_vit_test', 'state_dict': model.state_dict(),
+                'optimizer': optimizer.state_dict(), 'version': 2, 'metric': 41.5,
+                'args': argparse.Namespace(model='moejet_vit_test', lr=0.1, model_ema=True),
+                'state_dict_ema': ema_model.state_dict()}, path)
+
+
+def test_timm_train_py_checkpoints_load_with_their_ema(tmp_path, capsys):
+    from timm_moejet.hub import load_model
+    from weights_tools.cli import main
+
+    torch.manual_seed(0)
+    model = timm.create_model('moejet_vit_test', num_classes=3)
+    ema = timm.create_model('moejet_vit_test', num_classes=3)
+    for name in ('checkpoint-3.pth.tar', 'model_best.pth.tar'):
+        _train_py_checkpoint(tmp_path / name, model, ema)
+        for use_ema, reference in ((False, model), (True, ema)):
+            out = tmp_path / f'{name}-{use_ema}'
+            argv = ['export', 'moejet_vit_test', '--num-classes', '3', '--checkpoint', str(tmp_path / name),
+                    '--output', str(out)] + (['--ema'] if use_ema else [])
+            assert main(argv) == 0, capsys.readouterr().err
+            loaded, _ = load_model(f'local-dir:{out}')
+            assert all(torch.equal(v, reference.state_dict()[k]) for k, v in loaded.state_dict().items())
+    torch.save({'state_dict': model.state_dict()}, tmp_path / 'no_ema.pth')
+    status = main(['export', 'moejet_vit_test', '--num-classes', '3', '--checkpoint', str(tmp_path / 'no_ema.pth'),
+                   '--ema', '--output', str(tmp_path / 'x')])
+    assert status == 2 and 'no EMA weights' in capsys.readouterr().err
+
+
+def test_mmengine_checkpoints_as_far_as_weights_only_allows(tmp_path):
+    from timm_moejet.checkpoint_io import load_state_dict_file
+
+    sd = {'backbone.blocks.0.weight': torch.ones(2)}
+    torch.save({'meta': {'mmengine_version': '0.10.4', 'epoch': 300, 'seed': 3407}, 'state_dict': sd},
+               tmp_path / 'plain.pth')
+    assert list(load_state_dict_file(tmp_path / 'plain.pth')) == ['backbone.blocks.0.weight']
+    torch.save({'meta': {'epoch': 300}, 'state_dict': sd, 'message_hub': _HistoryBufferLike()}, tmp_path / 'mm.pth')
+    with pytest.raises(ValueError, match=r'_HistoryBufferLike.*weights_only.*state_dict'):
+        load_state_dict_file(tmp_path / 'mm.pth')

@@ -8,6 +8,7 @@ import ctypes
 import errno
 import logging
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -24,9 +25,9 @@ from safetensors.torch import load_file, save_file
 
 from .errors import InvalidCheckpoint, NotFound, OutputExists
 
-__all__ = ['load_state_dict_file', 'unwrap_state_dict', 'check_state_dict_fits', 'save_safetensors_atomic',
-           'atomic_write_bytes', 'atomic_output_dir', 'clean_stale_temporaries', 'signals_deferred',
-           'check_output_apart']
+__all__ = ['load_state_dict_file', 'select_weights', 'unwrap_state_dict', 'check_state_dict_fits',
+           'save_safetensors_atomic', 'atomic_write_bytes', 'atomic_output_dir', 'clean_stale_temporaries',
+           'signals_deferred', 'check_output_apart']
 
 _logger = logging.getLogger(__name__)
 
@@ -34,37 +35,88 @@ PathLike = Union[str, os.PathLike]
 TORCH_SUFFIXES = ('.pth', '.pt', '.bin', '.tar')
 
 
-def load_state_dict_file(path: PathLike) -> Dict[str, torch.Tensor]:
-    """Read a state dict from a safetensors or torch file.
+# training checkpoints keep the weights under one of these keys (timm's train.py, mmengine, DDP wrappers)
+_WEIGHT_KEYS = ('state_dict', 'model')
+_EMA_KEYS = ('state_dict_ema', 'model_ema')
 
-    Args:
-        path: ``.safetensors``, or ``.pth``/``.pt``/``.bin``/``.pth.tar`` (loaded with ``weights_only=True``).
 
-    Returns:
-        The loaded dict (wrappers such as ``state_dict`` are left for the caller).
+def _torch_load(path: Path) -> Any:
+    """``torch.load(weights_only=True)``, allowing the ``argparse.Namespace`` that timm's train.py stores beside
+    the weights (as timm's own loader does); anything else that is not plain data is refused with a message."""
+    import argparse
+
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(str(path), map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        except Exception:  # not a readable zip/pickle at all
+            unsafe = []
+        unsafe = [g for g in unsafe if g != 'argparse.Namespace']
+        if unsafe:
+            raise InvalidCheckpoint(
+                f'{path} holds Python objects besides the weights ({", ".join(unsafe[:4])}); loading with '
+                f'weights_only=True refuses to unpickle them, because a pickle can run code. If you trust the file '
+                f'(an mmengine/mmpretrain checkpoint, say), keep only its weights once: torch.save(torch.load(path, '
+                f'weights_only=False)["state_dict"], "weights.pth").') from e
+        raise InvalidCheckpoint(f'{path} is not a readable torch checkpoint with weights_only=True '
+                                f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}).') from e
+    except Exception as e:  # torch raises RuntimeError, EOFError ... on bad files
+        raise InvalidCheckpoint(f'{path} is not a readable torch checkpoint with weights_only=True '
+                                f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}).') from e
+
+
+def select_weights(checkpoint: Mapping[str, Any], ema: bool = False, source: str = 'checkpoint') -> Dict[str, Any]:
+    """The model weights of a training checkpoint (``state_dict``/``model``, or with ``ema`` the EMA weights
+    ``state_dict_ema``/``model_ema``); a plain state dict is returned as it is.
 
     Raises:
-        FileNotFoundError: If the file does not exist.
-        ValueError: If the file is not a readable checkpoint of a supported format.
+        InvalidCheckpoint: If ``ema`` and the checkpoint has no EMA weights.
+    """
+    keys = _EMA_KEYS if ema else _WEIGHT_KEYS
+    for key in keys:
+        if isinstance(checkpoint.get(key), Mapping):
+            return dict(checkpoint[key])
+    if ema:
+        raise InvalidCheckpoint(f'{source} has no EMA weights ({" or ".join(_EMA_KEYS)}); train with --model-ema, '
+                                f'or load its plain weights.')
+    return dict(checkpoint)
+
+
+def load_state_dict_file(path: PathLike, ema: bool = False) -> Dict[str, torch.Tensor]:
+    """Read model weights from a safetensors file or a torch checkpoint.
+
+    Args:
+        path: ``.safetensors``, or ``.pth``/``.pt``/``.bin``/``.pth.tar`` (loaded with ``weights_only=True``): a state
+            dict, or a training checkpoint (timm's train.py ``checkpoint-*.pth.tar``/``model_best.pth.tar``,
+            mmpretrain/mmengine), whose weights are picked out.
+        ema: Take a training checkpoint's EMA weights (train.py ``--model-ema``).
+
+    Returns:
+        The weights (training wrappers and ``module.``-style prefixes are removed by :func:`unwrap_state_dict`).
+
+    Raises:
+        NotFound: If the file does not exist.
+        InvalidCheckpoint: If the file is not a readable checkpoint of a supported format, holds Python objects
+            ``weights_only`` refuses, or has no EMA weights when asked for them.
     """
     path = Path(path)
     if not path.is_file():
         raise NotFound(f'checkpoint file not found: {path}')
     suffix = ''.join(path.suffixes[-2:]) if path.name.endswith('.pth.tar') else path.suffix
     if suffix == '.safetensors':
+        if ema:
+            raise InvalidCheckpoint(f'{path} is a safetensors file of plain weights: it has no EMA weights.')
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
             raise InvalidCheckpoint(f'{path} is not a readable safetensors file ({e}).') from e
     if suffix in TORCH_SUFFIXES or suffix == '.pth.tar':
-        try:
-            sd = torch.load(str(path), map_location='cpu', weights_only=True)
-        except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError ... on bad files
-            raise InvalidCheckpoint(f'{path} is not a readable torch checkpoint with weights_only=True '
-                             f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}).') from e
-        if not isinstance(sd, Mapping):
-            raise InvalidCheckpoint(f'{path} does not hold a state dict (found {type(sd).__name__}).')
-        return dict(sd)
+        checkpoint = _torch_load(path)
+        if not isinstance(checkpoint, Mapping):
+            raise InvalidCheckpoint(f'{path} does not hold a state dict (found {type(checkpoint).__name__}).')
+        return select_weights(checkpoint, ema, str(path))
     raise InvalidCheckpoint(f'{path}: unsupported checkpoint format {suffix!r}; use .safetensors, .pth, .pt or .bin.')
 
 

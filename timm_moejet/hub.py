@@ -88,11 +88,12 @@ def read_folder_config(folder: PathLike) -> Dict[str, Any]:
     return config
 
 
-def load_weights_into(model: nn.Module, checkpoint: PathLike) -> None:
-    """Strictly load a weights file into ``model``, naming every missing/unexpected/mismatched key first."""
+def load_weights_into(model: nn.Module, checkpoint: PathLike, ema: bool = False) -> None:
+    """Strictly load a weights file (or a training checkpoint's weights, its EMA weights with ``ema``) into
+    ``model``, naming every missing/unexpected/mismatched key first."""
     from .official import is_official_state_dict
 
-    state_dict = unwrap_state_dict(load_state_dict_file(checkpoint))
+    state_dict = unwrap_state_dict(load_state_dict_file(checkpoint, ema=ema))
     if is_official_state_dict(state_dict):
         raise InvalidCheckpoint(f'{checkpoint} holds official MoE Jetpack key names; convert it with '
                                 f'weights_tools import-official (timm_moejet.load_official).')
@@ -115,6 +116,7 @@ def load_model(
         checkpoint: Optional[PathLike] = None,
         pretrained: bool = False,
         model_kwargs: Optional[Dict[str, Any]] = None,
+        ema: bool = False,
 ) -> Tuple[nn.Module, Dict[str, Any]]:
     """Build a model from a registered name, a Hub folder, ``local-dir:``/``hf-hub:`` id, with optional weights.
 
@@ -124,6 +126,7 @@ def load_model(
         checkpoint: Weights for a named model (our key names; loaded strictly after a shape check).
         pretrained: Load the name's pretrained weights (for MoE names: recycling from the dense donors).
         model_kwargs: Extra ``create_model`` kwargs.
+        ema: Load the EMA weights of a training checkpoint (timm's train.py ``--model-ema``).
 
     Returns:
         The model and the extra top-level config entries of its source folder (e.g. ``imported_from``).
@@ -152,7 +155,7 @@ def load_model(
     with hub_errors_named(f'pretrained weights of {spec}'):
         model = create_model(spec, pretrained=pretrained, **kwargs)
     if checkpoint:
-        load_weights_into(model, checkpoint)
+        load_weights_into(model, checkpoint, ema=ema)
     return model, {}
 
 

@@ -15,7 +15,11 @@ def add_model_args(parser: argparse.ArgumentParser, what: str = 'model') -> None
                         help=f'the {what}: a timm model name (e.g. moejet_vit_tiny), a Hub folder '
                              f'(config.json + model.safetensors), local-dir:FOLDER or hf-hub:ORG/REPO')
     parser.add_argument('--checkpoint', metavar='FILE', default=None,
-                        help='weights for a named model (.safetensors, or .pth/.pt read with weights_only=True)')
+                        help='weights for a named model: .safetensors, or .pth/.pt/.pth.tar read with '
+                             'weights_only=True (a state dict, or a training checkpoint such as train.py\'s '
+                             'checkpoint-*.pth.tar)')
+    parser.add_argument('--ema', action='store_true',
+                        help='take the EMA weights of a training checkpoint (train.py --model-ema)')
     parser.add_argument('--pretrained', action='store_true',
                         help='load the named model\'s pretrained weights (MoE names: recycled from dense donors)')
     add_model_kwargs(parser, 'of a named model')

@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_output_free(args.output, args.overwrite, 'output folder',
                       {'model': args.model, 'checkpoint': args.checkpoint})
-    model, extra = load_model(args.model, args.checkpoint, args.pretrained, model_kwargs_from(args))
+    model, extra = load_model(args.model, args.checkpoint, args.pretrained, model_kwargs_from(args), ema=args.ema)
     out = save_hub_folder(model.eval(), args.output, args.overwrite, extra_config=extra)
     n = sum(p.numel() for p in model.parameters())
     print(f'exported {args.model} ({type(model).__name__}, {n / 1e6:.2f}M parameters) to {out}/ '

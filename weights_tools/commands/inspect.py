@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
             check_output_free(out, args.overwrite, what, {'model': args.model, 'checkpoint': args.checkpoint,
                                                           'image folder': args.images})
     device = resolve_device(args.device)
-    model, extra = load_model(args.model, args.checkpoint, args.pretrained, model_kwargs_from(args))
+    model, extra = load_model(args.model, args.checkpoint, args.pretrained, model_kwargs_from(args), ema=args.ema)
     if not moe_layers(model):
         raise InvalidArgument(f'{args.model} ({type(model).__name__}) has no SpheroMoE layer to inspect.')
     model = model.to(device).eval()

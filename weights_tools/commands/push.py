@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from timm_moejet.hub import check_repo_id, load_model, push_to_hub
 
     check_repo_id(args.repo_id)  # before the model is built
-    model, extra = load_model(args.model, args.checkpoint, args.pretrained, model_kwargs_from(args))
+    model, extra = load_model(args.model, args.checkpoint, args.pretrained, model_kwargs_from(args), ema=args.ema)
     result = push_to_hub(model.eval(), args.repo_id, extra, commit_message=args.commit_message, token=args.token,
                          revision=args.revision, private=args.private, create_pr=args.create_pr)
     print(f'pushed {args.model} to {args.repo_id}: {result}')
