@@ -359,3 +359,57 @@ def test_mmengine_checkpoints_as_far_as_weights_only_allows(tmp_path):
     torch.save({'meta': {'epoch': 300}, 'state_dict': sd, 'message_hub': _HistoryBufferLike()}, tmp_path / 'mm.pth')
     with pytest.raises(ValueError, match=r'_HistoryBufferLike.*weights_only.*state_dict'):
         load_state_dict_file(tmp_path / 'mm.pth')
+
+
+def _dense_folder_for(tmp_path: Path, name: str, architecture: str, model_args: dict, pretrained_cfg: dict,
+                      donor_kwargs: dict) -> Path:
+    """A timm Hub folder holding dense ViT weights whose config.json names a MoE architecture."""
+    import json
+
+    from hub_cache import DenseDonor, dense_vit_state_dict
+    from safetensors.torch import save_file
+
+    folder = tmp_path / name
+    folder.mkdir()
+    save_file(dense_vit_state_dict(DenseDonor('vit_tiny_patch16_224', **donor_kwargs)),
+              str(folder / 'model.safetensors'))
+    (folder / 'config.json').write_text(json.dumps(dict(architecture=architecture, num_classes=10,
+                                                        model_args=model_args, pretrained_cfg=pretrained_cfg)))
+    return folder
+
+
+def test_a_model_config_cannot_make_the_loader_read_other_files(tmp_path, monkeypatch):
+    """config.json of a local-dir:/hf-hub: model is data from the checkpoint: its model_args may not name other
+    files or repos (only the caller's kwargs can), and its tag may not pull the tag's expert donor from the Hub."""
+    from hub_cache import build_hub_cache, use_offline_hub
+    from safetensors.torch import load_file, save_file
+
+    from timm_moejet.recycling import weight_proxy_statistics
+
+    small = dict(depth=4, model_kwargs=dict(embed_dim=64, num_heads=2, img_size=64))
+    secret, stats = tmp_path / 'secret.safetensors', tmp_path / 'stats.safetensors'
+    save_file({'w': torch.ones(1)}, str(secret))
+    tampered = _dense_folder_for(tmp_path, 'tampered', 'moejet_vit_test',
+                                 dict(num_classes=10, recycle_stats=str(stats), recycle_experts=str(secret)),
+                                 dict(num_classes=10), small)
+    weight_proxy_statistics(load_file(str(tampered / 'model.safetensors')), [2, 3]).save(stats)
+    with pytest.raises(ValueError, match=r'config.*recycle_experts, recycle_stats.*caller'):
+        timm.create_model(f'local-dir:{tampered}', pretrained=True)
+    cache = build_hub_cache(tmp_path / 'hub', {'evil/tampered': {
+        'model.safetensors': (tampered / 'model.safetensors').read_bytes(),
+        'config.json': (tampered / 'config.json').read_bytes()}})
+    use_offline_hub(monkeypatch, cache)
+    with pytest.raises(ValueError, match=r'config.*recycle_experts, recycle_stats.*caller'):
+        timm.create_model('hf-hub:evil/tampered', pretrained=True)
+
+    # the caller may name files
+    clean = _dense_folder_for(tmp_path, 'clean', 'moejet_vit_test', dict(num_classes=10), dict(num_classes=10), small)
+    model = timm.create_model(f'local-dir:{clean}', pretrained=True, recycle_stats=str(stats))
+    assert model.pretrained_cfg['recycling']['stats_file'] == 'stats.safetensors'
+
+    # a dense folder that claims a recycling tag is its own (only) donor: the tag's expert repo is not fetched
+    use_offline_hub(monkeypatch, tmp_path / 'empty_cache')
+    tagged = _dense_folder_for(tmp_path, 'tagged', 'moejet_vit_tiny', dict(num_core_experts=3, num_univ_experts=5),
+                               dict(tag='recycled_in21k', num_classes=10), dict(depth=12))
+    model = timm.create_model(f'local-dir:{tagged}', pretrained=True)
+    assert model.pretrained_cfg['recycling']['experts'] == f'local-dir:{tagged}'

@@ -18,7 +18,7 @@ from ..errors import InvalidArgument, InvalidArgumentType, InvalidCheckpoint
 from ..official import convert_official_state_dict, is_official_state_dict
 from ..settings import unknown_kwargs_message
 from .families import family_of_model, is_moe_state_dict
-from .recipe import RECYCLE_KWARGS, RecyclingRecipe
+from .recipe import NAMES_OTHER_SOURCES, RECYCLE_KWARGS, RecyclingRecipe
 from .recycle import record_on, recycle_state_dict, recycling_record
 from .statistics import ActivationStats
 
@@ -134,6 +134,14 @@ class RecyclingArgs:
         unknown = [k for k in kwargs if k.startswith('recycle_') and k not in RECYCLE_KWARGS]
         if unknown:
             raise InvalidArgumentType(unknown_kwargs_message(variant, unknown, RECYCLE_KWARGS))
+        # timm hands a local-dir:/hf-hub: config's model_args over as pretrained_model_args (and merges them in)
+        from_config = sorted(k for k, f in RECYCLE_KWARGS.items()
+                             if f in NAMES_OTHER_SOURCES and k in (kwargs.get('pretrained_model_args') or {}))
+        if from_config:
+            raise InvalidArgument(
+                f'{variant}: the model\'s own config (config.json model_args) sets {", ".join(from_config)}; a '
+                f'checkpoint\'s config may not name other files or repos (they come only from the caller\'s kwargs). '
+                f'Remove them from config.json, then pass them to create_model if you mean them.')
         overrides = {RECYCLE_KWARGS[k]: kwargs.pop(k) for k in list(kwargs) if k in RECYCLE_KWARGS}
         record = None
         cfg = kwargs.get('pretrained_cfg')
@@ -144,8 +152,10 @@ class RecyclingArgs:
         overlay = kwargs.get('pretrained_cfg_overlay') or {}
         resolved = resolve_pretrained_cfg(variant, pretrained_cfg=cfg, pretrained_cfg_overlay=overlay)
         base = recipes.get(f'{resolved.architecture or variant}.{resolved.tag}') or RecyclingRecipe()
-        if any(overlay.get(k) is not None for k in ('file', 'url', 'hf_hub_id', 'state_dict')):
-            # the user replaced the tag's trunk checkpoint: it is also the expert donor unless recycle_experts says
+        replaced = any(overlay.get(k) is not None for k in ('file', 'url', 'hf_hub_id', 'state_dict'))
+        if replaced or resolved.source in ('hf-hub', 'local-dir'):
+            # the weights are the caller's file or a model folder/repo, not the tag's trunk: they are also the expert
+            # donor unless recycle_experts says otherwise (a folder's config may claim a tag; its donors stay unused)
             base = base.replace(experts='trunk')
         recipe = base.replace(**overrides)
         cache_dir = kwargs.get('cache_dir')

@@ -83,3 +83,5 @@ class RecyclingRecipe:
 
 # create_model kwarg -> recipe field
 RECYCLE_KWARGS: Dict[str, str] = kwarg_names(RecyclingRecipe)
+# fields that name other files or repos: only a caller may set them, never a checkpoint's own config
+NAMES_OTHER_SOURCES = ('experts', 'stats')
