@@ -413,3 +413,80 @@ def test_a_model_config_cannot_make_the_loader_read_other_files(tmp_path, monkey
                                dict(tag='recycled_in21k', num_classes=10), dict(depth=12))
     model = timm.create_model(f'local-dir:{tagged}', pretrained=True)
     assert model.pretrained_cfg['recycling']['experts'] == f'local-dir:{tagged}'
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(moe_blocks=2), r'moe_blocks must be a list of ints \(block indices\), got 2 \(int\)'),
+    (dict(num_core_experts='4'), r"num_core_experts must be an int >= 0, got '4' \(str\)"),
+    (dict(moe_drop_path_rate=2), r'moe_drop_path_rate must be a number in \[0, 1\), got 2\.'),
+    (dict(num_classes=-5), r'num_classes must be an int >= 0, got -5'),
+])
+def test_bad_model_kwargs_are_named_with_the_value_given(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        timm.create_model('moejet_vit_test', **kwargs)
+
+
+def test_official_config_values_are_checked():
+    from timm_moejet.official import official_config_to_kwargs
+
+    config = dict(embed_dim='64', depth=4, num_heads=2, moe_layers=[2, 3], core_experts=8)
+    with pytest.raises(ValueError, match=r"embed_dim must be an int >= 1, got '64' \(str\)"):
+        official_config_to_kwargs(config)
+    with pytest.raises(ValueError, match=r'moe_layers must be a list of ints'):
+        official_config_to_kwargs(dict(config, embed_dim=64, moe_layers=3))
+
+
+@pytest.mark.parametrize('argv, fragment', [
+    (['recycle', '--trunk', '{donor}', '--seed', str(2 ** 70), '--output', '{out}'],
+     'argument --seed: must be an int in [0, 9223372036854775807], got 1180591620717411303424'),
+    (['calibrate', '--donor', '{donor}', '--donor-arch', 'vit_tiny_patch16_224', '--images', '{digits}',
+      '--seed', str(2 ** 70), '--output', '{out}.safetensors'], 'argument --seed: must be an int in [0, 92233720'),
+    (['export', 'moejet_vit_test', '--num-classes', '-5', '--output', '{out}'],
+     'argument --num-classes: must be an int >= 0, got -5'),
+    (['inspect', 'moejet_vit_test', '--batch-size', '0'], 'argument --batch-size: must be an int >= 1, got 0'),
+    (['calibrate', '--donor', 'vit_small_patch16_224.augreg_in21k', '--images', '{digits}', '--output',
+      '{out}.safetensors'], "vit_small_patch16_224.augreg_in21k (Hub repository 'timm/vit_small_patch16_224."
+                            "augreg_in21k') is not in the local Hugging Face cache and the Hub was not reachable"),
+])
+def test_bad_arguments_get_one_clear_line(dense_folder, tmp_path, monkeypatch, capsys, argv, fragment):
+    from hub_cache import use_offline_hub
+
+    from weights_tools.cli import main
+
+    use_offline_hub(monkeypatch, tmp_path / 'empty_cache')
+    args = [a.format(donor=dense_folder / 'donor.safetensors', digits=dense_folder / 'digits', out=tmp_path / 'o')
+            for a in argv]
+    status = main(args)
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and fragment in err and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['empty_cache']
+
+
+def test_a_missing_donor_is_named_before_the_model_is_built(tmp_path, monkeypatch):
+    """export moejet_vit_small --pretrained from an empty offline cache failed only after building 1058M
+    parameters; the donors are now looked up first."""
+    from hub_cache import use_offline_hub
+
+    from timm_moejet.models import MoEVisionTransformer
+
+    use_offline_hub(monkeypatch, tmp_path / 'empty_cache')
+
+    def never(*args, **kwargs):
+        raise AssertionError('the model was built before its donors were found')
+    monkeypatch.setattr(MoEVisionTransformer, '__init__', never)
+    with pytest.raises(FileNotFoundError, match=r"trunk donor 'timm/vit_small_patch16_224.augreg_in21k'.*not reach"):
+        timm.create_model('moejet_vit_small', pretrained=True)
+
+
+def test_long_messages_are_cut_to_a_readable_line(tmp_path, capsys):
+    """A checkpoint of another model used to give a 4,500-character line."""
+    from safetensors.torch import save_file
+
+    from weights_tools.cli import main
+
+    save_file(timm.create_model('vit_tiny_patch16_224', depth=2).state_dict(), str(tmp_path / 'other.safetensors'))
+    status = main(['export', 'moejet_vit_test', '--checkpoint', str(tmp_path / 'other.safetensors'),
+                   '--output', str(tmp_path / 'out')])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and 'does not fit' in err and len(err.splitlines()) == 1 and len(err) <= 600, (len(err), err)
+    assert '--debug' in err

@@ -9,7 +9,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -18,7 +18,7 @@ from .checkpoint_io import load_state_dict_file, unwrap_state_dict
 from .errors import InvalidArgument, InvalidCheckpoint, NotFound
 from .hub import WEIGHT_SUFFIXES, check_model_name, hub_errors_named, read_folder_config
 
-__all__ = ['Donor', 'load_donor']
+__all__ = ['Donor', 'load_donor', 'locate_donor']
 
 PathLike = Union[str, os.PathLike]
 
@@ -95,11 +95,39 @@ class Donor:
         return model.eval()
 
 
-def _timm_name_weights(name: str, cache_dir: Optional[PathLike]) -> Tuple[Dict[str, torch.Tensor], str]:
-    """Weights of a timm ``name[.tag]`` from the Hub (cache first); returns them and the architecture."""
-    from timm.models import resolve_pretrained_cfg, split_model_name_tag
-    from timm.models._hub import load_state_dict_from_hf
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    """Where a donor name points: kind 'folder' or 'file' (a path), 'hub' (a repo, maybe with a file name)."""
+    kind: str
+    location: str
+    filename: Optional[str] = None
+    architecture: Optional[str] = None
+    what: str = ''
 
+
+def _resolve(spec: PathLike, role: str) -> _Source:
+    """Read a donor name without loading anything (a timm name becomes its pretrained cfg's Hub repo)."""
+    from timm.models import resolve_pretrained_cfg, split_model_name_tag
+
+    name = os.fspath(spec) if isinstance(spec, (str, os.PathLike)) else spec
+    if not isinstance(name, str) or not name:
+        raise InvalidArgument(f'{role} must be a name or a path, got {spec!r}.')
+    path = Path(name[len('local-dir:'):] if name.startswith('local-dir:') else name)
+    if name.startswith('local-dir:') or path.is_dir():
+        if not path.is_dir():
+            raise NotFound(f'{role} folder {path} does not exist.')
+        return _Source('folder', str(path), what=f'{role} {name!r}')
+    if path.is_file():
+        return _Source('file', str(path), what=f'{role} {name!r}')
+    is_repo = name.startswith('hf-hub:') or (name.count('/') == 1 and not name.startswith(('/', '.', '~'))
+                                             and path.suffix not in WEIGHT_SUFFIXES)
+    if is_repo:
+        repo = name[len('hf-hub:'):] if name.startswith('hf-hub:') else name
+        if repo.count('/') != 1 or not all(repo.split('@')[0].split('/')):
+            raise InvalidArgument(f'{role} {name!r} is not a Hub repository id (ORG/REPO).')
+        return _Source('hub', repo, what=f'{role} {repo!r}')
+    if path.suffix in WEIGHT_SUFFIXES or '/' in name or os.sep in name:
+        raise NotFound(f'{role} file {path} does not exist.')
     arch = check_model_name(name)
     tag = split_model_name_tag(name)[1]
     try:
@@ -109,10 +137,35 @@ def _timm_name_weights(name: str, cache_dir: Optional[PathLike]) -> Tuple[Dict[s
     if cfg is None or not cfg.hf_hub_id:
         raise NotFound(f'{name} has no pretrained weights on the Hub (timm knows no hf_hub_id for it); name a '
                        f'tagged checkpoint such as vit_tiny_patch16_224.augreg_in21k, a Hub repo or a file.')
-    with hub_errors_named(f'{name} (Hub repository {cfg.hf_hub_id!r})'):
-        if cfg.hf_hub_filename:
-            return load_state_dict_from_hf(cfg.hf_hub_id, cfg.hf_hub_filename, cache_dir=cache_dir), arch
-        return load_state_dict_from_hf(cfg.hf_hub_id, cache_dir=cache_dir), arch
+    return _Source('hub', cfg.hf_hub_id, cfg.hf_hub_filename, arch, f'{name} (Hub repository {cfg.hf_hub_id!r})')
+
+
+def locate_donor(spec: PathLike, *, cache_dir: Optional[PathLike] = None, role: str = 'donor') -> str:
+    """Make sure a donor can be loaded, cheaply: a path must exist, a Hub donor's weights file is fetched into the
+    cache (offline: must already be there). Lets a model entrypoint name a missing donor before it builds anything.
+
+    Returns:
+        The local path of the donor's weights (or folder).
+
+    Raises:
+        NotFound: Naming the donor, and whether the Hub was reachable.
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+    from timm.models._hub import hf_split
+
+    source = _resolve(spec, role)
+    if source.kind != 'hub':
+        return source.location
+    repo_id, revision = hf_split(source.location)
+    names = [source.filename] if source.filename else ['model.safetensors', 'pytorch_model.bin']  # timm's order
+    with hub_errors_named(source.what):
+        for filename in names[:-1]:
+            try:
+                return hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir)
+            except EntryNotFoundError:  # (offline: not cached) try the next name
+                pass
+        return hf_hub_download(repo_id, names[-1], revision=revision, cache_dir=cache_dir)
 
 
 def load_donor(spec: PathLike, *, cache_dir: Optional[PathLike] = None, role: str = 'donor') -> Donor:
@@ -132,30 +185,22 @@ def load_donor(spec: PathLike, *, cache_dir: Optional[PathLike] = None, role: st
     """
     from timm.models._hub import load_state_dict_from_hf
 
-    name = os.fspath(spec)
-    if not isinstance(name, str) or not name:
-        raise InvalidArgument(f'{role} must be a name or a path, got {spec!r}.')
-    path = Path(name[len('local-dir:'):] if name.startswith('local-dir:') else name)
-    if name.startswith('local-dir:') or path.is_dir():
-        if not path.is_dir():
-            raise NotFound(f'{role} folder {path} does not exist.')
-        return Donor.from_config(name, load_state_dict_file(_folder_weights(path)), read_folder_config(path))
-    if path.is_file():
-        return Donor(name, unwrap_state_dict(load_state_dict_file(path)))
-    is_repo = name.startswith('hf-hub:') or (name.count('/') == 1 and not name.startswith(('/', '.', '~'))
-                                             and path.suffix not in WEIGHT_SUFFIXES)
-    if not is_repo and (path.suffix in WEIGHT_SUFFIXES or '/' in name or os.sep in name):
-        raise NotFound(f'{role} file {path} does not exist.')
-    if is_repo:
-        repo = name[len('hf-hub:'):] if name.startswith('hf-hub:') else name
-        if repo.count('/') != 1 or not all(repo.split('/')):
-            raise InvalidArgument(f'{role} {name!r} is not a Hub repository id (ORG/REPO).')
-        config = _hub_config(repo, cache_dir) or {}
-        with hub_errors_named(f'{role} {repo!r}'):
-            state_dict = load_state_dict_from_hf(repo, cache_dir=cache_dir)
-        return Donor.from_config(name, state_dict, config)
-    state_dict, arch = _timm_name_weights(name, cache_dir)
-    return Donor(name, unwrap_state_dict(state_dict), arch)
+    name = os.fspath(spec) if isinstance(spec, os.PathLike) else spec
+    source = _resolve(spec, role)
+    if source.kind == 'folder':
+        folder = Path(source.location)
+        return Donor.from_config(name, load_state_dict_file(_folder_weights(folder)), read_folder_config(folder))
+    if source.kind == 'file':
+        return Donor(name, unwrap_state_dict(load_state_dict_file(source.location)))
+    config = (_hub_config(source.location, cache_dir) or {}) if source.architecture is None else {}
+    with hub_errors_named(source.what):
+        if source.filename:
+            state_dict = load_state_dict_from_hf(source.location, source.filename, cache_dir=cache_dir)
+        else:
+            state_dict = load_state_dict_from_hf(source.location, cache_dir=cache_dir)
+    if source.architecture is not None:
+        return Donor(name, unwrap_state_dict(state_dict), source.architecture)
+    return Donor.from_config(name, state_dict, config)
 
 
 def _folder_weights(folder: Path) -> Path:

@@ -13,7 +13,7 @@ import torch
 from .checkpoint_io import check_state_dict_fits, load_state_dict_file, unwrap_state_dict
 from .errors import InvalidArgument, InvalidArgumentType, InvalidCheckpoint
 from .layers.sphero_moe import SpheroMoESettings
-from .settings import kwarg_names
+from .settings import boolean, int_sequence, integer, kwarg_names, real
 
 __all__ = ['load_official', 'official_config_to_kwargs', 'convert_official_state_dict', 'is_official_state_dict']
 
@@ -60,6 +60,13 @@ _UNSUPPORTED = {
     'key_proj', 'query_proj', 'multi_head', 'glu', 'input_as_phi', 'only_phi', 'layer_scale', 'init_values',
     'moe_groups_dict', 'phi_groups_dict', 'freeze_moe', 'no_embed_class', 'reg_tokens', 'dynamic_img_size',
 }
+# checks of the official values the conversion computes with (the rest are checked by our model's settings)
+_CHECKS = {
+    'embed_dim': integer(1), 'depth': integer(1), 'num_heads': integer(1), 'mlp_ratio': real(0., min_open=True),
+    'compress_ratio': real(0., min_open=True), 'univ_factor': real(0., min_open=True), 'core_experts': integer(0),
+    'univ_experts': integer(0), 'moe_layers': int_sequence(0), 'noise_mult': real(0.), 'add_noise': boolean(),
+    'if_dualpath': boolean(),
+}
 # official VisionTransformerMoe defaults (a timm ViT-B/16 copy) where a config leaves a key out
 _DEFAULTS = dict(
     img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12, num_classes=1000,
@@ -90,12 +97,13 @@ def official_config_to_kwargs(config: Mapping[str, Any]) -> Dict[str, Any]:
     switched_on = sorted(k for k in _UNSUPPORTED if config.get(k))
     if switched_on:
         raise InvalidArgument(f'config enables official options this project does not implement: {switched_on}.')
-    if not config.get('if_dualpath', True):
+    if config.get('if_dualpath', True) is False:
         raise InvalidArgument('config has if_dualpath=False: only the dual-path SpheroMoE layer '
                          '(DualPathSoftMoELayerWrapper) can be imported.')
     for key in ('moe_layers', 'core_experts'):
         if key not in config:
             raise InvalidArgument(f'config must give {key!r} (the official default builds a model without experts).')
+    config = {k: (_CHECKS[k](k, v) if k in _CHECKS else v) for k, v in config.items()}
 
     cfg = dict(_DEFAULTS, **config)
     kwargs = {ours: cfg[theirs] for theirs, ours in _DIRECT.items() if theirs in cfg}

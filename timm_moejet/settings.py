@@ -15,7 +15,7 @@ from .errors import InvalidArgument, InvalidArgumentType
 
 __all__ = [
     'Check', 'setting', 'check_fields', 'kwarg_names', 'from_kwargs', 'markdown_table', 'integer', 'real',
-    'boolean', 'choice', 'optional', 'text', 'path', 'int_sequence',
+    'boolean', 'choice', 'optional', 'text', 'path', 'int_sequence', 'SEED',
 ]
 
 
@@ -138,6 +138,10 @@ def optional(check: Check, none_means: str = '') -> Check:
     def fn(label: str, value: Any) -> Any:
         return None if value is None else check(label, value)
     return Check(f'{check.allowed}, or None' + (f' ({none_means})' if none_means else ''), fn)
+
+
+# a seed torch.Generator.manual_seed accepts
+SEED = integer(0, 2 ** 63 - 1)
 
 
 def setting(default: Any, check: Check, doc: str, kwarg: Optional[str] = None) -> Any:

@@ -57,9 +57,27 @@ def _is_input_error(e: BaseException) -> bool:
                           PermissionError))
 
 
+_MAX_MESSAGE = 480  # characters of one error message; --debug shows the whole exception
+
+
 def _one_line(e: BaseException) -> str:
-    msg = ' '.join(part.strip() for part in str(e).splitlines() if part.strip())
-    return msg or type(e).__name__
+    msg = ' '.join(part.strip() for part in str(e).splitlines() if part.strip()) or type(e).__name__
+    if len(msg) > _MAX_MESSAGE:
+        msg = f'{msg[:_MAX_MESSAGE]} ... ({len(msg) - _MAX_MESSAGE} more characters; --debug shows all)'
+    return msg
+
+
+class _UsageError(Exception):
+    """An argparse usage error, reported as one line like the others."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise _UsageError(self.prog, message)
 
 
 class _Formatter(argparse.HelpFormatter):
@@ -80,7 +98,7 @@ class _Formatter(argparse.HelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     from importlib import import_module
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog='weights_tools',
         formatter_class=_Formatter,
         description='Calibrate and recycle dense timm models into MoE Jetpack models, export/push them in timm\'s '
@@ -101,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help='show the full traceback on errors')
     parent.add_argument('-q', '--quiet', action='store_true', default=argparse.SUPPRESS,
                         help='log warnings only (no progress information)')
-    subparsers = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
+    subparsers = parser.add_subparsers(dest='command', metavar='COMMAND', required=True, parser_class=_Parser)
     for name in _COMMANDS:
         module = import_module(f'.commands.{name}', __package__)
         sub = module.add_parser(subparsers, parent, _Formatter)
@@ -115,8 +133,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
-    except SystemExit as e:  # --help (0) or an argparse usage error (2)
+    except SystemExit as e:  # --help, --version
         return int(e.code or 0) if not isinstance(e.code, str) else EXIT_BAD_INPUT
+    except _UsageError as e:
+        print(f'{e.prog}: error: {e} (see {e.prog} --help)', file=sys.stderr)
+        return EXIT_BAD_INPUT
     debug = getattr(args, 'debug', False)
     quiet = getattr(args, 'quiet', False)
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')

@@ -15,9 +15,10 @@ import torch.nn as nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from ..errors import InvalidArgument, InvalidArgumentType
+from ..errors import InvalidArgument
 from ..layers import SpheroMoE
 from ..recycling import RecyclingArgs, RecyclingRecipe
+from ..settings import integer
 from .placement import pop_moe_kwargs
 
 __all__ = ['MoEVisionTransformer']
@@ -48,10 +49,8 @@ class MoEVisionTransformer(VisionTransformer):
             **kwargs: MoE placement and layer settings, and ``VisionTransformer`` arguments.
         """
         for name, value in (('embed_dim', embed_dim), ('depth', depth), ('num_heads', num_heads)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise InvalidArgumentType(f'{name} must be a positive int, got {value!r} ({type(value).__name__}).')
-            if value < 1:
-                raise InvalidArgument(f'{name} must be a positive int, got {value!r}.')
+            integer(1)(name, value)
+        integer(0)('num_classes', kwargs.get('num_classes', 0))
         if embed_dim % num_heads:
             raise InvalidArgument(
                 f'embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads}); '
@@ -150,6 +149,8 @@ def _create_moejet(variant: str, pretrained: bool = False, **kwargs) -> MoEVisio
     out_indices = kwargs.pop('out_indices', 3)
     # recycle_strategy / recycle_stats / recycle_seed / ... configure the dense->MoE pretrained filter
     recycling = RecyclingArgs.pop_from(variant, kwargs, _RECIPES)
+    if pretrained:
+        recycling.locate_donors()
     with recycling.naming_missing_donors():
         model = build_model_with_cfg(
             MoEVisionTransformer,

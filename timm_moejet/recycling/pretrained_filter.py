@@ -108,11 +108,12 @@ class RecyclingArgs:
     """
 
     def __init__(self, recipe: RecyclingRecipe, trunk_id: Optional[str], record: Optional[Dict[str, Any]],
-                 cache_dir: Optional[str]) -> None:
+                 cache_dir: Optional[str], trunk_repo: Optional[str] = None) -> None:
         self.recipe = recipe
         self.trunk_id = trunk_id
         self.record = record
         self.cache_dir = cache_dir
+        self.trunk_repo = trunk_repo
 
     @classmethod
     def pop_from(cls, variant: str, kwargs: Dict[str, Any], recipes: Mapping[str, RecyclingRecipe]
@@ -159,7 +160,18 @@ class RecyclingArgs:
             base = base.replace(experts='trunk')
         recipe = base.replace(**overrides)
         cache_dir = kwargs.get('cache_dir')
-        return cls(recipe, resolved.hf_hub_id, record, str(cache_dir) if cache_dir is not None else None)
+        trunk_repo = None if replaced or resolved.source in ('hf-hub', 'local-dir') else resolved.hf_hub_id
+        return cls(recipe, resolved.hf_hub_id, record, str(cache_dir) if cache_dir is not None else None, trunk_repo)
+
+    def locate_donors(self) -> None:
+        """Find the tag's trunk donor and the expert donor (fetching them into the Hub cache when online) before
+        the model is built, so a missing donor is named at once rather than after building the model."""
+        from ..donors import locate_donor
+
+        if self.trunk_repo:
+            locate_donor(f'hf-hub:{self.trunk_repo}', cache_dir=self.cache_dir, role='trunk donor')
+        if self.recipe.experts:
+            locate_donor(self.recipe.experts, cache_dir=self.cache_dir, role='expert donor')
 
     @property
     def filter_fn(self) -> Callable[..., Dict[str, torch.Tensor]]:

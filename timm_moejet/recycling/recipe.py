@@ -9,7 +9,7 @@ import os
 from typing import Any, Dict, Optional
 
 from ..errors import InvalidArgumentType, NotFound
-from ..settings import Check, check_fields, choice, integer, kwarg_names, optional, path, setting
+from ..settings import SEED, Check, check_fields, choice, integer, kwarg_names, optional, path, setting
 from .graph import GRAPH_METHODS
 from .statistics import METRICS
 from .strategies import Strategy, get_strategy, strategy_names
@@ -45,7 +45,7 @@ class RecyclingRecipe:
     stats: Optional[str] = setting(
         None, optional(path()), 'Activation statistics file of the expert donor (weights_tools calibrate); None: '
         'the data-free proxy for strategies that need statistics.', 'recycle_stats')
-    seed: int = setting(DEFAULT_SEED, integer(0, 2 ** 63 - 1), 'Seed of the selection; the same seed gives '
+    seed: int = setting(DEFAULT_SEED, SEED, 'Seed of the selection; the same seed gives '
                         'bit-identical weights.', 'recycle_seed')
     metric: str = setting('l2', choice(lambda: METRICS), 'Importance statistic: l2 (released), l1 or freq.',
                           'recycle_metric')

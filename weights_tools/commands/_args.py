@@ -2,11 +2,28 @@
 import argparse
 import ast
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 
 from timm_moejet.errors import InvalidArgument, OutputExists
+from timm_moejet.settings import SEED, Check, integer
+
+
+def checked(check: Check) -> Callable[[str], int]:
+    """An argparse ``type`` for an int option, checked by one of the library's checks (argparse then reports
+    'argument --x: must be ..., got ...')."""
+    def convert(text: str) -> int:
+        try:
+            return check('value', int(text))
+        except (ValueError, InvalidArgument):
+            raise argparse.ArgumentTypeError(f'must be {check.allowed}, got {text}') from None
+    return convert
+
+
+SEED_ARG = checked(SEED)
+COUNT_ARG = checked(integer(1))  # sizes and counts: batch size, images, ...
+NON_NEGATIVE_ARG = checked(integer(0))  # class counts, worker processes
 
 
 def add_model_args(parser: argparse.ArgumentParser, what: str = 'model') -> None:
@@ -27,7 +44,7 @@ def add_model_args(parser: argparse.ArgumentParser, what: str = 'model') -> None
 
 def add_model_kwargs(parser: argparse.ArgumentParser, whose: str) -> None:
     """--num-classes / --model-kwargs."""
-    parser.add_argument('--num-classes', type=int, default=None, help=f'classifier size {whose}')
+    parser.add_argument('--num-classes', type=NON_NEGATIVE_ARG, default=None, help=f'classifier size {whose}')
     parser.add_argument('--model-kwargs', nargs='*', default=None, metavar='KEY=VALUE',
                         help=f'extra create_model kwargs {whose}, values parsed as Python literals')
 

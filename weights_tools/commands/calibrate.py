@@ -3,7 +3,7 @@ import argparse
 import textwrap
 import time
 
-from ._args import check_output_free, resolve_device
+from ._args import COUNT_ARG, NON_NEGATIVE_ARG, SEED_ARG, check_output_free, resolve_device
 
 EXAMPLE = textwrap.dedent('''\
     example:
@@ -26,10 +26,10 @@ def add_parser(subparsers, parent: argparse.ArgumentParser, formatter) -> argpar
     p.add_argument('--images', required=True, metavar='FOLDER', help='image folder (class_name/*.png ...)')
     p.add_argument('--split', default='train',
                    help='split subfolder used when the folder has them (train, validation ...)')
-    p.add_argument('--limit', type=int, default=None, help='use at most this many images (class-balanced)')
-    p.add_argument('--seed', type=int, default=0, help='seed of the class-balanced random subset')
-    p.add_argument('--batch-size', type=int, default=32, help='images per forward')
-    p.add_argument('--workers', type=int, default=0, help='DataLoader worker processes')
+    p.add_argument('--limit', type=COUNT_ARG, default=None, help='use at most this many images (class-balanced)')
+    p.add_argument('--seed', type=SEED_ARG, default=0, help='seed of the class-balanced random subset')
+    p.add_argument('--batch-size', type=COUNT_ARG, default=32, help='images per forward')
+    p.add_argument('--workers', type=NON_NEGATIVE_ARG, default=0, help='DataLoader worker processes')
     p.add_argument('--device', default='cpu', help='torch device, e.g. cpu or cuda')
     p.add_argument('--no-coactivation', action='store_true',
                    help='skip the hidden-unit co-activation matrices (needed only by --strategy graph)')

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ._args import add_model_args, check_output_free, model_kwargs_from, resolve_device
+from ._args import COUNT_ARG, SEED_ARG, add_model_args, check_output_free, model_kwargs_from, resolve_device
 
 EXAMPLE = textwrap.dedent('''\
     example:
@@ -26,11 +26,11 @@ def add_parser(subparsers, parent: argparse.ArgumentParser, formatter) -> argpar
     add_model_args(p, what='MoE model')
     src = p.add_mutually_exclusive_group()
     src.add_argument('--images', metavar='FOLDER', default=None, help='image folder for the router diagnostics')
-    src.add_argument('--random-images', type=int, default=None, metavar='N',
+    src.add_argument('--random-images', type=COUNT_ARG, default=None, metavar='N',
                      help='use N Gaussian-noise images instead of a folder (diagnostics of little meaning)')
-    p.add_argument('--limit', type=int, default=64, help='images used from --images (class-balanced, seeded)')
-    p.add_argument('--batch-size', type=int, default=32, help='images per forward')
-    p.add_argument('--seed', type=int, default=0, help='seed of the image subset / random images')
+    p.add_argument('--limit', type=COUNT_ARG, default=64, help='images used from --images (class-balanced, seeded)')
+    p.add_argument('--batch-size', type=COUNT_ARG, default=32, help='images per forward')
+    p.add_argument('--seed', type=SEED_ARG, default=0, help='seed of the image subset / random images')
     p.add_argument('--device', default='cpu', help='torch device')
     p.add_argument('--plot', metavar='FILE.png', default=None, help='write the diagnostics figure here')
     p.add_argument('--json', metavar='FILE.json', default=None, help='also write all figures as JSON here')
@@ -74,8 +74,6 @@ def run(args: argparse.Namespace) -> int:
         source = f'{summary["images"]} images of {args.images} ({summary["classes"]} classes)'
     else:
         n = args.random_images if args.random_images is not None else 8
-        if n < 1:
-            raise InvalidArgument(f'--random-images must be >= 1, got {n}.')
         g = torch.Generator().manual_seed(args.seed)
         images = list(torch.randn(n, *input_size, generator=g).split(args.batch_size))
         source = f'{n} random Gaussian images (pass --images FOLDER for meaningful routing figures)'

@@ -2,7 +2,7 @@
 import argparse
 import textwrap
 
-from ._args import add_model_kwargs, check_output_free, model_kwargs_from
+from ._args import SEED_ARG, add_model_kwargs, check_output_free, model_kwargs_from
 
 EXAMPLE = textwrap.dedent('''\
     example:
@@ -36,7 +36,7 @@ def add_parser(subparsers, parent: argparse.ArgumentParser, formatter) -> argpar
     p.add_argument('--metric', default=RecyclingRecipe.metric, help=f'importance statistic: {", ".join(METRICS)}')
     p.add_argument('--graph-method', default=RecyclingRecipe.graph_method,
                    help=f'graph strategy partitioner: {", ".join(GRAPH_METHODS)}')
-    p.add_argument('--seed', type=int, default=RecyclingRecipe.seed,
+    p.add_argument('--seed', type=SEED_ARG, default=RecyclingRecipe.seed,
                    help='seed of the sampling and of the initial values of what is not recycled (head, slot '
                         'queries): the same command gives a bit-identical checkpoint')
     add_model_kwargs(p, 'of the MoE model')
