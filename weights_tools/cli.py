@@ -105,9 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                     'Hub layout, import official checkpoints and inspect the routers.',
         epilog=textwrap.dedent('''\
             examples:
-              python -m weights_tools calibrate --donor vit_small_patch16_224.augreg_in21k --images ./imgs \
+              python -m weights_tools calibrate --donor vit_small_patch16_224.augreg_in21k --images ./imgs \\
                   --output stats.safetensors
-              python -m weights_tools recycle --model moejet_vit_tiny --trunk vit_tiny_patch16_224.augreg_in21k \
+              python -m weights_tools recycle --model moejet_vit_tiny --trunk vit_tiny_patch16_224.augreg_in21k \\
                   --experts vit_small_patch16_224.augreg_in21k --stats stats.safetensors --output ./moejet_tiny
               python -m weights_tools inspect ./moejet_tiny --images ./imgs --plot routers.png
             run "python -m weights_tools COMMAND --help" for the options and an example of each command.'''),

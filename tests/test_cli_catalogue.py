@@ -1,0 +1,98 @@
+""" The command line on every bad input docs/command_line.md documents: exit status, message, nothing written.
+
+The table in the docs is the catalogue: each row's command runs, as written, in a folder holding the files it names;
+the test checks the exit status, that the one-line message says what the row says, that no file appeared and that
+every existing file (the earlier output ``moe/`` included) keeps its sha256.
+"""
+import argparse
+import hashlib
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from hub_cache import use_offline_hub
+from safetensors.torch import save_file
+
+import timm_moejet  # noqa: F401
+from weights_tools.cli import main
+
+DOC = Path(__file__).resolve().parents[1] / 'docs' / 'command_line.md'
+
+
+def _catalogue():
+    text = DOC.read_text()
+    table = text[text.index('<!-- bad-inputs'):text.index('<!-- /bad-inputs -->')]
+    rows = []
+    for line in table.splitlines():
+        cells = [c.strip() for c in re.split(r'(?<!\\)\|', line)[1:-1]]
+        if len(cells) != 4 or not cells[1].startswith('`python'):
+            continue
+        rows.append(pytest.param(cells[1].strip('`'), int(cells[2]), cells[3].strip('`'), id=cells[0]))
+    return rows
+
+
+def _dense(width: int, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model('vit_tiny_patch16_224', embed_dim=width, depth=4, num_heads=2, img_size=64,
+                             num_classes=3)
+
+
+class _Payload:
+    """A Python object besides the weights, which weights_only refuses to unpickle."""
+
+
+@pytest.fixture(scope='module')
+def workspace(tmp_path_factory):
+    """The files the catalogue names."""
+    from timm.models import save_for_hf
+
+    from benchmarks.digits.data import write_digits_image_folder
+    from timm_moejet.recycling import collect_statistics
+
+    root = tmp_path_factory.mktemp('catalogue')
+    donor = _dense(64, 0)
+    save_file(donor.state_dict(), str(root / 'donor.safetensors'))
+    save_file(_dense(128, 1).state_dict(), str(root / 'wide.safetensors'))
+    save_file(_dense(32, 2).state_dict(), str(root / 'narrow.safetensors'))
+    nan = dict(donor.state_dict())
+    nan['blocks.2.mlp.fc1.weight'] = nan['blocks.2.mlp.fc1.weight'].clone().fill_(float('nan'))
+    save_file(nan, str(root / 'nan_donor.safetensors'))
+    save_for_hf(donor, str(root / 'donor'), safe_serialization=True)
+    collect_statistics(donor, [torch.randn(2, 3, 64, 64)], progress=False).save(root / 'donor_stats.safetensors')
+    (root / 'corrupt.safetensors').write_bytes(b'\x00\x01 not safetensors')
+    write_digits_image_folder(str(root / 'images'), image_size=16)
+    (root / 'empty_images' / 'cls0').mkdir(parents=True)
+    (root / 'broken').mkdir()
+    (root / 'broken' / 'config.json').write_text('{"architecture": ')
+    torch.save({'epoch': 1, 'state_dict': timm.create_model('moejet_vit_test').state_dict(),
+                'args': argparse.Namespace(model='moejet_vit_test')}, root / 'train_checkpoint.pth.tar')
+    torch.save({'state_dict': {}, 'hub': _Payload()}, root / 'pickled.pth')
+    assert main(['recycle', '--model', 'moejet_vit_test', '--trunk', str(root / 'donor.safetensors'),
+                 '--strategy', 'uniform', '--output', str(root / 'moe')]) == 0
+    return root
+
+
+def _digests(root: Path) -> dict:
+    """Every path under ``root`` (hidden ones included) with the sha256 of each file."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else 'folder'
+            for p in sorted(root.rglob('*')) if 'hf_cache' not in p.parts}
+
+
+@pytest.mark.parametrize('command, status, says', _catalogue())
+def test_bad_input(command, status, says, workspace, monkeypatch, capsys):
+    monkeypatch.chdir(workspace)
+    use_offline_hub(monkeypatch, workspace / 'hf_cache')
+    before = _digests(workspace)
+    argv = shlex.split(command)
+    assert argv[:3] == ['python', '-m', 'weights_tools']
+    assert main(argv[3:]) == status
+    err = capsys.readouterr().err.strip()
+    assert says in err and len(err.splitlines()) == 1 and 'Traceback' not in err, err
+    assert _digests(workspace) == before, 'a bad input changed or added a file'
+
+
+def test_the_catalogue_is_read():
+    assert len(_catalogue()) >= 25
