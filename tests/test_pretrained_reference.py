@@ -85,3 +85,23 @@ def test_full_size_default_tag_equals_the_reference_and_keeps_the_init_distribut
         assert scipy_stats.ks_2samp(q.flatten().numpy(), fresh.flatten().numpy()).pvalue > 1e-3
     # and they are not all the same draw
     assert not torch.equal(model.blocks[6].mlp.slot_queries, model.blocks[7].mlp.slot_queries)
+
+
+def test_plain_construction_draws_each_expert_once_from_the_same_distribution():
+    """Without weights the experts are trunc-normal(0.02) as before (drawn once now, not four times)."""
+    torch.manual_seed(0)
+    layer = timm.create_model('moejet_vit_test').blocks[3].mlp
+    for group in (layer.core, layer.univ):
+        w = group.fc1.weight.detach().flatten().double()
+        assert scipy_stats.kstest(w.numpy(), 'norm', args=(0, 0.02)).pvalue > 1e-3
+        assert torch.equal(group.fc1.bias, torch.zeros_like(group.fc1.bias))
+
+
+def test_a_moe_checkpoint_missing_experts_is_refused_not_left_uninitialised():
+    """Built for pretrained weights, the experts are not initialised; a MoE checkpoint must fill them all, also when
+    timm's load is not strict (a new head)."""
+    sd = timm.create_model('moejet_vit_test', num_classes=3).state_dict()
+    del sd['blocks.3.mlp.univ.fc2.weight']
+    with pytest.raises(ValueError, match=r'lacks expert weights.*blocks.3.mlp.univ.fc2.weight'):
+        timm.create_model('moejet_vit_test', pretrained=True, num_classes=5,
+                          pretrained_cfg_overlay=dict(state_dict=sd, num_classes=3))

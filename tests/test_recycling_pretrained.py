@@ -75,18 +75,18 @@ def _check_trunk(sd, trunk, skip=(), moe_blocks=range(6, 12), num_blocks=12):
 
 
 def test_default_tag_reduced_experts(hub, donors):
-    torch.manual_seed(0)
     fresh = timm.create_model('moejet_vit_tiny', **REDUCED).state_dict()
-    torch.manual_seed(0)
     model = timm.create_model('moejet_vit_tiny', pretrained=True, **REDUCED)
     sd = model.state_dict()
     _check_trunk(sd, donors[TINY])
     _check_experts_are_submatrices(sd, donors[SMALL], range(6, 12), 192)
-    # the new head, fc_norm and the router keep the model's own initial values
+    # the new head, fc_norm and the router keep the model's own initial values: the constants exactly, the random
+    # draws (head, slot queries; their distribution is tested in test_pretrained_reference.py) are not the donor's
     for key in sd:
-        if key.startswith(('head.', 'fc_norm.')) or key.endswith(('slot_queries', 'log_temperature')) \
-                or '.slot_norm.' in key:
+        if key.startswith('fc_norm.') or key.endswith('log_temperature') or '.slot_norm.' in key \
+                or key == 'head.bias':
             assert torch.equal(sd[key], fresh[key]), key
+    assert sd['head.weight'].shape == (1000, 192) and 0.015 < float(sd['head.weight'].std()) < 0.025
     rec = model.pretrained_cfg['recycling']
     assert (rec['strategy'], rec['seed'], rec['trunk'], rec['experts']) == ('importance', 3407, TINY, SMALL)
     assert rec['stats'] == 'weights-proxy'

@@ -50,6 +50,7 @@ def test_end_to_end_calibrate_recycle_inspect_export(workspace, capsys, monkeypa
     from PIL import Image
 
     from timm_moejet.checkpoint_io import load_state_dict_file
+    from timm_moejet.layers import experts_to_be_loaded
     from timm_moejet.recycling import RecyclingRecipe, recycle_into
 
     root = workspace
@@ -87,8 +88,11 @@ def test_end_to_end_calibrate_recycle_inspect_export(workspace, capsys, monkeypa
     record = config['pretrained_cfg']['recycling']
     assert record['strategy'] == 'importance' and record['seed'] == 11 and record['stats']['source'] == 'data'
     assert record['experts'] == expert_donor
-    torch.manual_seed(11)  # recycle seeds the values that are not recycled (head, slot queries) with --seed
-    reference = timm.create_model('moejet_vit_test', num_classes=10)
+    # recycle seeds the values that are not recycled (head, slot queries) with --seed; the experts are filled from
+    # the donor, so construction leaves them uninitialised
+    with torch.random.fork_rng(), experts_to_be_loaded():
+        torch.manual_seed(11)
+        reference = timm.create_model('moejet_vit_test', num_classes=10)
     recycle_into(reference, load_state_dict_file(root / 'trunk.safetensors'),
                  load_state_dict_file(repo_snapshot(root / 'hf_cache', expert_donor[7:]) / 'model.safetensors'),
                  RecyclingRecipe(stats=stats, seed=11))

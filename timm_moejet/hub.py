@@ -152,7 +152,9 @@ def load_model(
         raise InvalidArgument(f'{spec} is a weights file: give the architecture as the model name and the file as '
                               f'the checkpoint (or use import-official for official MoE Jetpack checkpoints).')
     check_model_name(spec)
-    with hub_errors_named(f'pretrained weights of {spec}'):
+    from .layers import experts_to_be_loaded
+    with hub_errors_named(f'pretrained weights of {spec}'), \
+            experts_to_be_loaded() if checkpoint else contextlib.nullcontext():  # the checkpoint fills every expert
         model = create_model(spec, pretrained=pretrained, **kwargs)
     if checkpoint:
         load_weights_into(model, checkpoint, ema=ema)

@@ -12,6 +12,7 @@ import torch
 
 from .checkpoint_io import check_state_dict_fits, load_state_dict_file, unwrap_state_dict
 from .errors import InvalidArgument, InvalidArgumentType, InvalidCheckpoint
+from .layers import experts_to_be_loaded
 from .layers.sphero_moe import SpheroMoESettings
 from .settings import boolean, int_sequence, integer, kwarg_names, real
 
@@ -242,7 +243,8 @@ def load_official(
         raise InvalidArgument('load_official needs the official VisionTransformerMoe kwargs (config).')
     kwargs = official_config_to_kwargs(config)
     state_dict = convert_official_state_dict(checkpoint)
-    model = timm.create_model(_architecture_for(kwargs), pretrained=False, **kwargs)
+    with experts_to_be_loaded():  # the checkpoint fills every expert (checked below, then loaded strictly)
+        model = timm.create_model(_architecture_for(kwargs), pretrained=False, **kwargs)
     check_state_dict_fits(state_dict, model, source)
     model.load_state_dict(state_dict, strict=True)
     # imported_from is not a timm cfg field: an export writes it at the top level of config.json

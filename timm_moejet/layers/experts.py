@@ -1,5 +1,7 @@
 """ Batched experts: many same-shaped MLPs applied with one matmul per linear layer. """
-from typing import Optional, Type
+import contextlib
+import threading
+from typing import Iterator, Optional, Type
 
 import torch
 import torch.nn as nn
@@ -7,7 +9,22 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
-__all__ = ['BatchedLinear', 'BatchedExperts', 'ExpertDropout', 'batched_linear']
+__all__ = ['BatchedLinear', 'BatchedExperts', 'ExpertDropout', 'batched_linear', 'experts_to_be_loaded']
+
+_construction = threading.local()
+
+
+@contextlib.contextmanager
+def experts_to_be_loaded() -> Iterator[None]:
+    """Within: expert weights are allocated but not initialised, because a checkpoint is about to overwrite them
+    (drawing 260M random values, or even zeroing them, costs seconds). Everything else initialises as usual. Whoever
+    uses this must fill every expert: the pretrained filter checks that a checkpoint holds them all."""
+    previous = getattr(_construction, 'to_be_loaded', False)
+    _construction.to_be_loaded = True
+    try:
+        yield
+    finally:
+        _construction.to_be_loaded = previous
 
 
 def _batched_linear_ops(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -112,12 +129,18 @@ class BatchedLinear(nn.Module):
         self.num_experts = num_experts
         self.in_features = in_features
         self.out_features = out_features
+        to_be_loaded = getattr(_construction, 'to_be_loaded', False)
         self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features, **dd))
-        self.bias = nn.Parameter(torch.empty(num_experts, out_features, **dd)) if bias else None
-        self.init_weights()
+        self.bias = nn.Parameter(torch.zeros(num_experts, out_features, **dd)) if bias else None
+        if not to_be_loaded:
+            self.reset_parameters()
 
-    def init_weights(self) -> None:
+    def reset_parameters(self) -> None:
+        """trunc-normal(0.02) weights, zero biases. Called once, at construction; timm's init pass leaves it alone
+        (it calls ``reset_parameters`` only when asked to reset a built model)."""
         # per-expert fan-in (the official kaiming init on the 3-D tensor used fan_in = out * in, far too small)
+        if self.weight.is_meta:
+            return
         trunc_normal_(self.weight, std=.02)
         if self.bias is not None:
             nn.init.zeros_(self.bias)

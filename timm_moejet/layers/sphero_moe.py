@@ -190,16 +190,16 @@ class SpheroMoE(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
-        """Orthogonal slot queries (as released), temperatures at ``temperature_init``, experts trunc-normal."""
+        """The router: orthogonal slot queries (as released), temperatures at ``temperature_init``, slot norm.
+
+        The experts initialise themselves at construction (``BatchedLinear.reset_parameters``, trunc-normal), once:
+        timm's init pass calls this method for the layer and skips the experts.
+        """
         if not self.slot_queries.is_meta:
             nn.init.orthogonal_(self.slot_queries)
         nn.init.constant_(self.log_temperature, math.log(self.temperature_init))
         if isinstance(self.slot_norm, nn.LayerNorm):
             self.slot_norm.reset_parameters()
-        for experts in (self.core, self.univ):
-            if experts is not None:
-                experts.fc1.init_weights()
-                experts.fc2.init_weights()
 
     def route(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Dispatch and combine weights.

@@ -7,6 +7,7 @@
 everything timm's ViT offers (features, intermediates, grad checkpointing, dynamic size, torchscript, fx)
 keeps working.
 """
+import contextlib
 from functools import partial
 from typing import Any, Callable, Dict, Sequence, Set
 
@@ -16,7 +17,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..errors import InvalidArgument
-from ..layers import SpheroMoE
+from ..layers import SpheroMoE, experts_to_be_loaded
 from ..recycling import RecyclingArgs, RecyclingRecipe
 from ..settings import integer
 from .placement import pop_moe_kwargs
@@ -151,7 +152,8 @@ def _create_moejet(variant: str, pretrained: bool = False, **kwargs) -> MoEVisio
     recycling = RecyclingArgs.pop_from(variant, kwargs, _RECIPES)
     if pretrained:
         recycling.locate_donors()
-    with recycling.naming_missing_donors():
+    # with pretrained weights the experts are about to be overwritten: skip drawing 260M random values
+    with recycling.naming_missing_donors(), experts_to_be_loaded() if pretrained else contextlib.nullcontext():
         model = build_model_with_cfg(
             MoEVisionTransformer,
             variant,

@@ -42,6 +42,16 @@ def _source_name(cfg: Mapping[str, Any]) -> str:
     return 'pretrained checkpoint'
 
 
+def _with_every_expert(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """A MoE checkpoint must fill every expert tensor: timm's load is not strict when the head changes, and the
+    experts of a model built for pretrained weights are left uninitialised."""
+    missing = [k for k in model.state_dict() if ('.mlp.core.fc' in k or '.mlp.univ.fc' in k) and k not in state_dict]
+    if missing:
+        raise InvalidCheckpoint(f'the MoE checkpoint lacks expert weights of the model: {missing[:6]}'
+                                f'{" ..." if len(missing) > 6 else ""} ({len(missing)} tensors).')
+    return state_dict
+
+
 def checkpoint_filter_fn(
         state_dict: Mapping[str, Any],
         model: nn.Module,
@@ -68,9 +78,9 @@ def checkpoint_filter_fn(
         raw = unwrap_state_dict(state_dict)
         if is_official_state_dict(raw):
             _logger.info('Converting an official MoE Jetpack checkpoint')
-            return family.prepare(convert_official_state_dict(raw), model)
+            return _with_every_expert(family.prepare(convert_official_state_dict(raw), model), model)
         if is_moe_state_dict(raw):
-            return family.prepare(raw, model)
+            return _with_every_expert(family.prepare(raw, model), model)
         trunk = family.prepare(raw, model)
         if not family.is_dense(trunk):
             raise InvalidCheckpoint(

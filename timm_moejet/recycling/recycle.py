@@ -32,7 +32,6 @@ __all__ = ['recycle_state_dict', 'recycle_into', 'recycling_record', 'build_recy
            'copy_trunk', 'carve_experts']
 
 _logger = logging.getLogger(__name__)
-_CHUNK = 32  # experts gathered per step by the torch fallback, bounds the temporary index memory
 
 
 def resolve_statistics(plan: RecyclingPlan, recipe: RecyclingRecipe,
@@ -128,17 +127,10 @@ def _gather_experts(
         out = torch.empty(e, r, c, dtype=dtype)
     out = out.detach()
     w = w.detach().to('cpu', dtype)
-    try:
-        wn, on = w.numpy(), out.numpy()
-    except TypeError:  # a dtype numpy lacks (bfloat16): torch's indexing, chunked to bound the index memory
-        for s in range(0, e, _CHUNK):
-            t = slice(s, s + _CHUNK)
-            out[t] = w[rows[t, :, None], cols[t, None, :]]
-        return out
-    # numpy's row-then-column fancy indexing is ~4x faster here than torch's gather/advanced indexing
-    rn, cn = rows.numpy(), cols.numpy()
+    # two index_selects per expert, the second straight into the output (multi-threaded; about 2.5x faster than
+    # numpy's fancy indexing, 4x faster than advanced indexing of all experts at once)
     for i in range(e):
-        on[i] = wn[rn[i]][:, cn[i]]
+        torch.index_select(w.index_select(0, rows[i]), 1, cols[i], out=out[i])
     return out
 
 
@@ -337,10 +329,11 @@ def build_recycled_model(
     """
     from ..donors import load_donor
     from ..hub import check_model_name, create_model
+    from ..layers import experts_to_be_loaded
 
     check_model_name(model_name)
     recipe = recipe if recipe is not None else RecyclingRecipe()
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), experts_to_be_loaded():  # recycling fills every expert
         if init_seed is not None:
             torch.manual_seed(init_seed)
         model = create_model(model_name, **model_kwargs)
