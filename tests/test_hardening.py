@@ -490,3 +490,23 @@ def test_long_messages_are_cut_to_a_readable_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert status == 2 and 'does not fit' in err and len(err.splitlines()) == 1 and len(err) <= 600, (len(err), err)
     assert '--debug' in err
+
+
+@pytest.mark.parametrize('module, argv', [
+    ('pymetis', ['recycle', '--model', 'moejet_vit_test', '--trunk', '{donor}', '--strategy', 'graph',
+                 '--output', '{out}']),
+    ('matplotlib', ['inspect', 'moejet_vit_test', '--random-images', '2', '--plot', '{out}.png']),
+])
+def test_a_missing_optional_package_names_its_extra(dense_folder, tmp_path, monkeypatch, capsys, module, argv):
+    """pymetis and matplotlib are extras ([graph], [plot]): without them, one line says which extra to install."""
+    from weights_tools.cli import main
+
+    for name in list(sys.modules):
+        if name == module or name.startswith(module + '.'):
+            monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, module, None)  # import fails as if the package were not installed
+    status = main([a.format(donor=dense_folder / 'donor.safetensors', out=tmp_path / 'o') for a in argv])
+    err = capsys.readouterr().err.strip()
+    extra = 'graph' if module == 'pymetis' else 'plot'
+    assert status == 2 and f'needs {module}' in err and f'pip install "timm-moejet[{extra}]"' in err, err
+    assert len(err.splitlines()) == 1 and list(tmp_path.iterdir()) == []

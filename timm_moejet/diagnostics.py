@@ -261,8 +261,10 @@ def plot_diagnostics(
     Returns:
         The PNG bytes.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from .extras import require
+
+    FigureCanvasAgg = require('matplotlib.backends.backend_agg', 'plot', 'plot_diagnostics').FigureCanvasAgg
+    Figure = require('matplotlib.figure', 'plot', 'plot_diagnostics').Figure
 
     if not diagnostics:
         raise ValueError('plot_diagnostics needs at least one layer of diagnostics.')

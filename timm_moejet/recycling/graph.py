@@ -9,14 +9,23 @@ from typing import List, Tuple
 import numpy as np
 import torch
 
-__all__ = ['GRAPH_METHODS', 'partition_graph']
+from ..extras import require
+
+__all__ = ['GRAPH_METHODS', 'partition_graph', 'require_partitioner']
 
 GRAPH_METHODS = ('metis', 'spectral')
+# the package each method needs (both in the [graph] extra)
+_PARTITIONER_MODULES = {'metis': 'pymetis', 'spectral': 'sklearn.cluster'}
+
+
+def require_partitioner(method: str):
+    """The module of a graph method, or ``MissingExtra`` naming the extra to install."""
+    return require(_PARTITIONER_MODULES[method], 'graph', f'the graph strategy with graph_method {method}')
 _EDGE_SCALE = 10000  # METIS takes integer edge weights
 
 
 def _metis(weights: torch.Tensor, num_parts: int, seed: int) -> np.ndarray:
-    import pymetis
+    pymetis = require_partitioner('metis')
 
     n = weights.shape[0]
     w = (weights / weights.max().clamp_min(1e-30) * _EDGE_SCALE).round().long()
@@ -37,7 +46,7 @@ def _metis(weights: torch.Tensor, num_parts: int, seed: int) -> np.ndarray:
 
 
 def _spectral(weights: torch.Tensor, num_parts: int, seed: int) -> np.ndarray:
-    from sklearn.cluster import SpectralClustering
+    SpectralClustering = require_partitioner('spectral').SpectralClustering
 
     a = weights.double()
     a = torch.maximum(a, a.t())

@@ -57,6 +57,7 @@ class RecyclingRecipe:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        self.strategy_obj.check_available(self)  # a missing optional package is named before any work
         if self.stats is not None and not os.path.isfile(self.stats):
             raise NotFound(f'recycle_stats: activation statistics file not found: {self.stats}')
 

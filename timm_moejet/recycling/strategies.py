@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ..errors import InvalidArgument
-from .graph import partition_graph
+from .graph import partition_graph, require_partitioner
 from .selection import select_from_parts, select_importance, select_random, select_uniform
 from .statistics import ActivationStats
 
@@ -69,6 +69,9 @@ class Strategy:
     def hidden(self, ctx: SelectionContext, num: int, population: int, k: int) -> torch.Tensor:
         """Hidden units of ``num`` experts: a sorted LongTensor [num, k] of unique indices < population per row."""
         raise NotImplementedError
+
+    def check_available(self, recipe) -> None:
+        """Raise ``MissingExtra`` now if the strategy needs an optional package that is not installed."""
 
     def channels(self, ctx: SelectionContext, num: int, population: int, k: int) -> torch.Tensor:
         """Input/output channels of ``num`` experts when the donor is wider (population > k); same contract.
@@ -125,6 +128,9 @@ class Graph(Importance):
     doc = 'whole parts of the co-activation graph (METIS or spectral) per expert; channels by importance'
     needs_coactivation = True
     recipe_fields = ('metric', 'graph_method', 'graph_parts')
+
+    def check_available(self, recipe) -> None:
+        require_partitioner(recipe.graph_method)
 
     def hidden(self, ctx: SelectionContext, num: int, population: int, k: int) -> torch.Tensor:
         if 'parts' not in ctx.cache:  # one partition per layer, shared by its expert groups
