@@ -106,6 +106,23 @@ def checkpoint_filter_fn(
         raise InvalidArgument(f'checkpoint recycling failed: {e}') from e
 
 
+def _refuse_config_naming_files(variant: str, resolved: Any, kwargs: Mapping[str, Any]) -> None:
+    """A local-dir:/hf-hub: model's config.json is data from the checkpoint: its model_args (which timm merges into
+    the kwargs) may not name other files or repos."""
+    if resolved.source not in ('local-dir', 'hf-hub'):
+        return
+    config_args = kwargs.get('pretrained_model_args')  # timm >= 1.0.31 hands them over; older ones only merge them
+    if config_args is None:
+        from ..hub import source_config
+        config_args = source_config(resolved).get('model_args') or {}
+    from_config = sorted(k for k, f in RECYCLE_KWARGS.items() if f in NAMES_OTHER_SOURCES and k in config_args)
+    if from_config:
+        raise InvalidArgument(
+            f'{variant}: the model\'s own config (config.json model_args) sets {", ".join(from_config)}; a '
+            f'checkpoint\'s config may not name other files or repos (they come only from the caller\'s kwargs). '
+            f'Remove them from config.json, then pass them to create_model if you mean them.')
+
+
 class RecyclingArgs:
     """What a model entrypoint needs for recycling on load; consumes the ``recycle_*`` kwargs.
 
@@ -145,14 +162,6 @@ class RecyclingArgs:
         unknown = [k for k in kwargs if k.startswith('recycle_') and k not in RECYCLE_KWARGS]
         if unknown:
             raise InvalidArgumentType(unknown_kwargs_message(variant, unknown, RECYCLE_KWARGS))
-        # timm hands a local-dir:/hf-hub: config's model_args over as pretrained_model_args (and merges them in)
-        from_config = sorted(k for k, f in RECYCLE_KWARGS.items()
-                             if f in NAMES_OTHER_SOURCES and k in (kwargs.get('pretrained_model_args') or {}))
-        if from_config:
-            raise InvalidArgument(
-                f'{variant}: the model\'s own config (config.json model_args) sets {", ".join(from_config)}; a '
-                f'checkpoint\'s config may not name other files or repos (they come only from the caller\'s kwargs). '
-                f'Remove them from config.json, then pass them to create_model if you mean them.')
         overrides = {RECYCLE_KWARGS[k]: kwargs.pop(k) for k in list(kwargs) if k in RECYCLE_KWARGS}
         record = None
         cfg = kwargs.get('pretrained_cfg')
@@ -162,6 +171,7 @@ class RecyclingArgs:
             kwargs['pretrained_cfg'] = cfg = {k: v for k, v in cfg.items() if k != 'recycling'}
         overlay = kwargs.get('pretrained_cfg_overlay') or {}
         resolved = resolve_pretrained_cfg(variant, pretrained_cfg=cfg, pretrained_cfg_overlay=overlay)
+        _refuse_config_naming_files(variant, resolved, kwargs)
         base = recipes.get(f'{resolved.architecture or variant}.{resolved.tag}') or RecyclingRecipe()
         replaced = any(overlay.get(k) is not None for k in ('file', 'url', 'hf_hub_id', 'state_dict'))
         if replaced or resolved.source in ('hf-hub', 'local-dir'):
