@@ -88,21 +88,6 @@ def read_folder_config(folder: PathLike) -> Dict[str, Any]:
     return config
 
 
-def source_config(cfg: Any) -> Dict[str, Any]:
-    """The config.json of the local-dir:/hf-hub: source a resolved pretrained cfg points at ({} if none)."""
-    if cfg.source == 'local-dir' and cfg.file:
-        path = Path(cfg.file) / 'config.json'
-        return json.loads(path.read_text()) if path.is_file() else {}
-    if cfg.source == 'hf-hub' and cfg.hf_hub_id:
-        from huggingface_hub import hf_hub_download
-        from timm.models._hub import hf_split
-
-        repo_id, revision = hf_split(cfg.hf_hub_id)
-        with hub_errors_named(f'config.json of {cfg.hf_hub_id!r}'):
-            return json.loads(Path(hf_hub_download(repo_id, 'config.json', revision=revision)).read_text())
-    return {}
-
-
 def load_weights_into(model: nn.Module, checkpoint: PathLike, ema: bool = False) -> None:
     """Strictly load a weights file (or a training checkpoint's weights, its EMA weights with ``ema``) into
     ``model``, naming every missing/unexpected/mismatched key first."""

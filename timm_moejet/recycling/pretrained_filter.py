@@ -111,10 +111,7 @@ def _refuse_config_naming_files(variant: str, resolved: Any, kwargs: Mapping[str
     the kwargs) may not name other files or repos."""
     if resolved.source not in ('local-dir', 'hf-hub'):
         return
-    config_args = kwargs.get('pretrained_model_args')  # timm >= 1.0.31 hands them over; older ones only merge them
-    if config_args is None:
-        from ..hub import source_config
-        config_args = source_config(resolved).get('model_args') or {}
+    config_args = kwargs.get('pretrained_model_args') or {}  # timm hands the config's model_args over apart
     from_config = sorted(k for k, f in RECYCLE_KWARGS.items() if f in NAMES_OTHER_SOURCES and k in config_args)
     if from_config:
         raise InvalidArgument(
