@@ -12,6 +12,7 @@ from ..checkpoint_io import unwrap_state_dict
 from ..errors import DonorMismatch, InvalidArgumentType, InvalidCheckpoint
 from .families import MLP_KEYS, Family, family_of_model, family_of_state_dict
 from .recipe import RecyclingRecipe
+from .selection import map_blocks
 from .statistics import weights_hash
 
 __all__ = ['DenseDonor', 'RecyclingPlan', 'check_geometry']
@@ -140,24 +141,27 @@ def check_geometry(
     if trunk.width() != width or trunk.depth != depth:
         raise DonorMismatch(f'{trunk.label()} must have the model width {width} and depth {depth}; use a trunk '
                             f'donor of the model size.')
-    if experts.depth != depth:
-        raise DonorMismatch(f'{experts.label()} must have the model depth {depth}; expert block i comes from donor '
-                            f'block i.')
+    if experts.depth < depth:
+        raise DonorMismatch(f'{experts.label()} is shallower than the model (depth {depth}); an expert donor needs '
+                            f'a block for each model block.')
     if experts.width() < width:
         raise DonorMismatch(f'{experts.label()} is narrower than the model (width {width}); the expert donor must '
                             f'be as wide or wider.')
+    donor_block = map_blocks(depth, experts.depth, recipe.block_map)
+    expert_blocks = {i: donor_block[i] for i in layers}
     strategy = recipe.strategy_obj
     for i, layer in layers.items():
+        j = expert_blocks[i]
         for group in (layer.core, layer.univ):
-            if group is not None and group.hidden_features > experts.hidden(i):
-                raise DonorMismatch(f'block {i}: experts need {group.hidden_features} hidden units but '
-                                    f'{experts.label()} has {experts.hidden(i)}; use a wider expert donor.')
-        if strategy.copies_donor and (experts.width(i) != width or (
-                layer.core is not None and layer.core.hidden_features != experts.hidden(i))):
+            if group is not None and group.hidden_features > experts.hidden(j):
+                raise DonorMismatch(f'block {i}: experts need {group.hidden_features} hidden units but block {j} of '
+                                    f'{experts.label()} has {experts.hidden(j)}; use a wider expert donor.')
+        if strategy.copies_donor and (experts.width(j) != width or (
+                layer.core is not None and layer.core.hidden_features != experts.hidden(j))):
             raise DonorMismatch(
                 f'strategy {recipe.strategy!r} copies the donor MLP into each expert, so it needs an expert donor '
                 f'with the model width {width} and core hidden '
                 f'{layer.core.hidden_features if layer.core is not None else "-"}; {experts.label()} has hidden '
-                f'{experts.hidden(i)}. Use the trunk as expert donor or another strategy.')
-        experts.mlp(i)
-    return RecyclingPlan(model, family, prefixes, layers, trunk, experts, {i: i for i in layers})
+                f'{experts.hidden(j)}. Use the trunk as expert donor or another strategy.')
+        experts.mlp(j)
+    return RecyclingPlan(model, family, prefixes, layers, trunk, experts, expert_blocks)

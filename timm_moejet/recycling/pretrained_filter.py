@@ -19,7 +19,7 @@ from ..official import convert_official_state_dict, is_official_state_dict
 from ..settings import unknown_kwargs_message
 from .families import family_of_model, is_moe_state_dict
 from .recipe import NAMES_OTHER_SOURCES, RECYCLE_KWARGS, RecyclingRecipe
-from .recycle import record_on, recycle_state_dict, recycling_record
+from .recycle import record_on, run_recycling
 from .statistics import ActivationStats
 
 __all__ = ['checkpoint_filter_fn', 'RecyclingArgs']
@@ -97,9 +97,9 @@ def checkpoint_filter_fn(
         stats = ActivationStats.load(recipe.stats) if recipe.stats and recipe.strategy_obj.needs_stats else None
         _logger.info('Recycling %s (trunk) and %s (experts) into %s with strategy %r, seed %d',
                      trunk_id, expert_id, type(model).__name__, recipe.strategy, recipe.seed)
-        out = recycle_state_dict(model, trunk, experts, recipe, stats=stats, trunk_id=trunk_id, expert_id=expert_id,
-                                 adapt_input_conv=False, inplace=True)
-        record_on(model, recycling_record(recipe, stats, trunk_id, expert_id))
+        out, _, record = run_recycling(model, trunk, experts, recipe, stats=stats, trunk_id=trunk_id,
+                                       expert_id=expert_id, adapt_input_conv=False, inplace=True)
+        record_on(model, record)
         return out
     except TypeError as e:
         # timm retries a filter that raised TypeError with one argument, which would hide this message

@@ -11,6 +11,7 @@ from typing import Any, Dict, Optional
 from ..errors import InvalidArgumentType, NotFound
 from ..settings import SEED, Check, check_fields, choice, integer, kwarg_names, optional, path, setting
 from .graph import GRAPH_METHODS
+from .selection import BLOCK_MAPS
 from .statistics import METRICS
 from .strategies import Strategy, get_strategy, strategy_names
 
@@ -54,6 +55,9 @@ class RecyclingRecipe:
                                 'recycle_graph_method')
     graph_parts: int = setting(32, integer(2), 'Parts of the co-activation graph (graph strategy).',
                                'recycle_graph_parts')
+    block_map: str = setting('even', choice(lambda: BLOCK_MAPS),
+                             'Which block of a deeper expert donor gives the experts of each block: even (evenly '
+                             'spaced over its depth) or first (its first blocks).', 'recycle_block_map')
 
     def __post_init__(self) -> None:
         check_fields(self)

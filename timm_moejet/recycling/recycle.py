@@ -65,8 +65,8 @@ def resolve_statistics(plan: RecyclingPlan, recipe: RecyclingRecipe,
             f'These activation statistics were made for donor {stats.describe()}, not for the expert donor '
             f'{experts.name or "given"} (weights sha256 {experts.hash[:12]}); collect statistics on the expert '
             f'donor or pass the matching file.')
-    stats.validate(blocks, experts.hidden(), experts.width(), need_coact=strategy.needs_coactivation,
-                   metric=recipe.metric)
+    stats.validate({j: (experts.hidden(j), experts.width(j)) for j in blocks},
+                   need_coact=strategy.needs_coactivation, metric=recipe.metric)
     return stats
 
 
@@ -194,14 +194,19 @@ def recycling_record(
         stats: Optional[ActivationStats],
         trunk_id: Optional[str],
         expert_id: Optional[str],
+        expert_blocks: Optional[Mapping[int, int]] = None,
 ) -> Dict[str, Any]:
     """Step 4: the JSON-serialisable record kept in ``model.pretrained_cfg['recycling']``.
 
     Statistics are recorded only when the strategy reads them: the identity of the ones given, or 'weights-proxy'
-    when none were given and the data-free proxy was used.
+    when none were given and the data-free proxy was used. When the expert donor is deeper than the model, the
+    donor block of every MoE block is recorded too.
     """
     record: Dict[str, Any] = dict(recipe.record_fields(), trunk=trunk_id or '',
                                   experts=expert_id or trunk_id or '')
+    if expert_blocks and any(i != j for i, j in expert_blocks.items()):
+        record['block_map'] = recipe.block_map
+        record['expert_blocks'] = {str(i): j for i, j in sorted(expert_blocks.items())}
     if recipe.strategy_obj.needs_stats:
         record['stats'] = stats.identity() if stats is not None else 'weights-proxy'
         if recipe.stats is not None:
@@ -250,17 +255,36 @@ def recycle_state_dict(
             computed or written.
         InvalidArgumentType: If ``model`` is not a MoE model or a donor is not a mapping.
     """
+    out, indices, _ = run_recycling(model, trunk_state_dict, expert_state_dict, recipe, stats=stats,
+                                    trunk_id=trunk_id, expert_id=expert_id, adapt_input_conv=adapt_input_conv,
+                                    inplace=inplace)
+    return (out, indices) if return_indices else out
+
+
+def run_recycling(
+        model: nn.Module,
+        trunk_state_dict: Mapping[str, torch.Tensor],
+        expert_state_dict: Optional[Mapping[str, torch.Tensor]],
+        recipe: Optional[RecyclingRecipe],
+        *,
+        stats: Optional[ActivationStats] = None,
+        trunk_id: Optional[str] = None,
+        expert_id: Optional[str] = None,
+        adapt_input_conv: bool = True,
+        inplace: bool = False,
+) -> Tuple[Dict[str, torch.Tensor], Dict[int, Dict[str, Tuple[torch.Tensor, torch.Tensor]]], Dict[str, Any]]:
+    """The four steps; returns the state dict, the donor indices of every expert and the record."""
     recipe = recipe if recipe is not None else RecyclingRecipe()
     if not isinstance(recipe, RecyclingRecipe):
         raise InvalidArgumentType(f'recipe must be a RecyclingRecipe, got {type(recipe).__name__}.')
     plan = check_geometry(model, trunk_state_dict, expert_state_dict, recipe, trunk_id, expert_id)
-    stats = resolve_statistics(plan, recipe, stats)
+    used = resolve_statistics(plan, recipe, stats)
     out = copy_trunk(plan, adapt_input_conv)
-    indices = carve_experts(plan, recipe, stats, out, inplace=inplace)
+    indices = carve_experts(plan, recipe, used, out, inplace=inplace)
     missing = [k for k in model.state_dict() if k not in out]
     if missing:  # a layer variant this module does not know how to fill
         raise InvalidCheckpoint(f'recycling left model keys unfilled: {missing[:8]}.')
-    return (out, indices) if return_indices else out
+    return out, indices, recycling_record(recipe, stats, trunk_id, expert_id, plan.expert_blocks)
 
 
 def record_on(model: nn.Module, record: Dict[str, Any]) -> None:
@@ -297,10 +321,10 @@ def recycle_into(
     recipe = recipe if recipe is not None else RecyclingRecipe()
     if stats is None and recipe.stats is not None and recipe.strategy_obj.needs_stats:
         stats = ActivationStats.load(recipe.stats)
-    state_dict = recycle_state_dict(model, trunk_state_dict, expert_state_dict, recipe, stats=stats,
-                                    trunk_id=trunk_id, expert_id=expert_id)
+    state_dict, _, record = run_recycling(model, trunk_state_dict, expert_state_dict, recipe, stats=stats,
+                                          trunk_id=trunk_id, expert_id=expert_id)
     model.load_state_dict(state_dict, strict=True)
-    record_on(model, recycling_record(recipe, stats, trunk_id, expert_id))
+    record_on(model, record)
     return model
 
 

@@ -3,14 +3,16 @@
 Every function returns a sorted ``LongTensor`` of shape [num_experts, k] with unique indices per row, and draws
 its randomness only from the ``torch.Generator`` it is given, so a fixed seed gives bit-identical experts.
 """
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
 from ..errors import InvalidArgument
 
 __all__ = ['uniform_indices', 'select_uniform', 'select_random', 'select_importance', 'select_from_parts',
-           'subselect_uniform']
+           'subselect_uniform', 'map_blocks', 'BLOCK_MAPS']
+
+BLOCK_MAPS = ('even', 'first')
 
 
 def _check_k(population: int, k: int) -> None:
@@ -101,6 +103,24 @@ def select_from_parts(
                 break
         out[e] = torch.cat(chosen).sort().values
     return out
+
+
+def map_blocks(depth: int, donor_depth: int, how: str = 'even') -> List[int]:
+    """Which of ``donor_depth`` donor blocks stands for each of ``depth`` model blocks.
+
+    Args:
+        depth: Blocks of the model.
+        donor_depth: Blocks of the donor (>= depth).
+        how: 'even': evenly spaced over the donor, ``round(linspace(0, donor_depth - 1, depth))`` (the identity at
+            equal depth); 'first': the first ``depth`` blocks.
+    """
+    if donor_depth < depth:
+        raise InvalidArgument(f'a donor of {donor_depth} blocks cannot give {depth} blocks.')
+    if how == 'first':
+        return list(range(depth))
+    if how != 'even':
+        raise InvalidArgument(f'block mapping must be one of {", ".join(BLOCK_MAPS)}, got {how!r}.')
+    return uniform_indices(donor_depth, depth).tolist()
 
 
 def subselect_uniform(indices: torch.Tensor, k: int) -> torch.Tensor:

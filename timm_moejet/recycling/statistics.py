@@ -19,7 +19,7 @@ import logging
 import math
 import os
 import re
-from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -116,14 +116,19 @@ class ActivationStats:
                              f'{list(self.blocks)}, metrics: {sorted({k.split(".")[-1] for k in self.tensors})}.')
         return self.tensors[key]
 
-    def validate(self, blocks: Iterable[int], hidden: int, channels: int, need_coact: bool = False,
-                 metric: str = 'l2') -> None:
-        """Check the statistics cover ``blocks`` with the donor's sizes and hold only finite values.
+    def validate(self, sizes: Mapping[int, Tuple[int, int]], need_coact: bool = False, metric: str = 'l2') -> None:
+        """Check the statistics cover the donor blocks with their sizes and hold only finite, non-negative values.
+
+        Args:
+            sizes: Donor block -> (hidden units, channels) of its MLP.
+            need_coact: The co-activation matrices must be there too.
+            metric: The importance statistic that will be read.
 
         Raises:
-            ValueError: Naming the offending statistic, its shape and the expected one.
+            DonorMismatch: Naming a statistic whose shape is not the donor's.
+            InvalidCheckpoint: Naming a statistic that is missing or holds NaN, inf or negative values.
         """
-        for i in blocks:
+        for i, (hidden, channels) in sizes.items():
             wanted = [('hidden', metric, (hidden,)), ('channel', metric, (channels,))]
             if need_coact:
                 wanted.append(('hidden', 'coact', (hidden, hidden)))
