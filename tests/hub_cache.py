@@ -186,10 +186,12 @@ def offline_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     return use_offline_hub(monkeypatch, tmp_path / 'hf_cache')
 
 
+# repo -> (architecture, seed offset of its random weights; fixed, so adding a repo changes no other donor)
 _ARCH_OF_REPO = {
-    'timm/vit_tiny_patch16_224.augreg_in21k': 'vit_tiny_patch16_224',
-    'timm/vit_small_patch16_224.augreg_in21k': 'vit_small_patch16_224',
-    'timm/vit_base_patch16_224.augreg_in21k': 'vit_base_patch16_224',
+    'timm/vit_base_patch16_224.augreg_in21k': ('vit_base_patch16_224', 0),
+    'timm/vit_small_patch16_224.augreg_in21k': ('vit_small_patch16_224', 1),
+    'timm/vit_tiny_patch16_224.augreg_in21k': ('vit_tiny_patch16_224', 2),
+    'timm/vit_large_patch16_224.augreg_in21k': ('vit_large_patch16_224', 3),
 }
 
 
@@ -222,8 +224,8 @@ def pretrained_tag_repos(model_names: Optional[Iterable[str]] = None, seed: int 
         for repo in wanted:
             if repo not in _ARCH_OF_REPO:
                 raise ValueError(f'no fake donor recipe for {repo!r} (needed by {name}).')
-            offset = sorted(_ARCH_OF_REPO).index(repo)
-            repos[repo] = DenseDonor(_ARCH_OF_REPO[repo], seed=seed + offset)
+            architecture, offset = _ARCH_OF_REPO[repo]
+            repos[repo] = DenseDonor(architecture, seed=seed + offset)
     return repos
 
 

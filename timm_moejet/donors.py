@@ -18,7 +18,7 @@ from .checkpoint_io import load_state_dict_file, unwrap_state_dict
 from .errors import InvalidArgument, InvalidCheckpoint, NotFound
 from .hub import WEIGHT_SUFFIXES, check_model_name, hub_errors_named, read_folder_config
 
-__all__ = ['Donor', 'load_donor', 'locate_donor']
+__all__ = ['Donor', 'load_donor', 'locate_donor', 'folder_weights']
 
 PathLike = Union[str, os.PathLike]
 
@@ -189,7 +189,7 @@ def load_donor(spec: PathLike, *, cache_dir: Optional[PathLike] = None, role: st
     source = _resolve(spec, role)
     if source.kind == 'folder':
         folder = Path(source.location)
-        return Donor.from_config(name, load_state_dict_file(_folder_weights(folder)), read_folder_config(folder))
+        return Donor.from_config(name, load_state_dict_file(folder_weights(folder)), read_folder_config(folder))
     if source.kind == 'file':
         return Donor(name, unwrap_state_dict(load_state_dict_file(source.location)))
     config = (_hub_config(source.location, cache_dir) or {}) if source.architecture is None else {}
@@ -203,7 +203,7 @@ def load_donor(spec: PathLike, *, cache_dir: Optional[PathLike] = None, role: st
     return Donor.from_config(name, state_dict, config)
 
 
-def _folder_weights(folder: Path) -> Path:
+def folder_weights(folder: Path) -> Path:
     """The weights file of a Hub folder, in timm's order of preference."""
     for fname in ('model.safetensors', 'pytorch_model.bin', 'pytorch_model.pth', 'model.pth'):
         if (folder / fname).is_file():

@@ -1,1 +1,2 @@
+from .from_donor import create_moejet_from
 from .moejet import *

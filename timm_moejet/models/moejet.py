@@ -9,17 +9,18 @@ keeps working.
 """
 import contextlib
 from functools import partial
-from typing import Any, Callable, Dict, Sequence, Set
+from typing import Any, Callable, Dict, Optional, Sequence, Set
 
 import torch
 import torch.nn as nn
+from timm.layers import LayerNorm
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..errors import InvalidArgument
 from ..layers import SpheroMoE, experts_to_be_loaded
 from ..recycling import RecyclingArgs, RecyclingRecipe
-from ..settings import integer
+from ..settings import integer, real
 from .placement import pop_moe_kwargs
 
 __all__ = ['MoEVisionTransformer']
@@ -41,16 +42,23 @@ class MoEVisionTransformer(VisionTransformer):
     """
     recycling_family = 'vit'
 
-    def __init__(self, depth: int = 12, embed_dim: int = 768, num_heads: int = 12, **kwargs) -> None:
+    def __init__(self, depth: int = 12, embed_dim: int = 768, num_heads: int = 12, norm_eps: Optional[float] = None,
+                 **kwargs) -> None:
         """
         Args:
             depth: Number of blocks.
             embed_dim: Transformer width.
             num_heads: Attention heads (must divide ``embed_dim``).
+            norm_eps: Epsilon of every LayerNorm (None: timm's ViT default, 1e-6). A JSON-serialisable way to carry
+                a donor's norms (CLIP's are torch's 1e-5) into the model's config.json.
             **kwargs: MoE placement and layer settings, and ``VisionTransformer`` arguments.
         """
         for name, value in (('embed_dim', embed_dim), ('depth', depth), ('num_heads', num_heads)):
             integer(1)(name, value)
+        if norm_eps is not None:
+            if kwargs.get('norm_layer') is not None:
+                raise InvalidArgument('give norm_eps or norm_layer, not both.')
+            kwargs['norm_layer'] = partial(LayerNorm, eps=real(0., min_open=True)('norm_eps', norm_eps))
         integer(0)('num_classes', kwargs.get('num_classes', 0))
         if embed_dim % num_heads:
             raise InvalidArgument(
@@ -125,21 +133,30 @@ def _recycled_cfgs(names: Sequence[str], tag: str, trunk: str, recipe: Recycling
 
 _TINY_NAMES = ('moejet_vit_tiny_patch16_224', 'moejet_vit_tiny')
 _SMALL_NAMES = ('moejet_vit_small_patch16_224', 'moejet_vit_small')
+_BASE_NAMES = ('moejet_vit_base_patch16_224', 'moejet_vit_base')
 _VIT_TINY_IN21K = 'timm/vit_tiny_patch16_224.augreg_in21k'
 _VIT_SMALL_IN21K = 'timm/vit_small_patch16_224.augreg_in21k'
 _VIT_BASE_IN21K = 'timm/vit_base_patch16_224.augreg_in21k'
+_VIT_LARGE_IN21K = 'timm/vit_large_patch16_224.augreg_in21k'
 
 default_cfgs = generate_default_cfgs({
     # the released recipe (default tag): experts carved from the next wider in21k ViT, the rest from the same width
     **_recycled_cfgs(_TINY_NAMES, 'recycled_in21k', _VIT_TINY_IN21K, RecyclingRecipe(experts=_VIT_SMALL_IN21K)),
     **_recycled_cfgs(_SMALL_NAMES, 'recycled_in21k', _VIT_SMALL_IN21K, RecyclingRecipe(experts=_VIT_BASE_IN21K)),
+    # the next size: experts from ViT-L (24 blocks: MoE block i takes evenly spaced ViT-L block, width 1024 cut to 768)
+    **_recycled_cfgs(_BASE_NAMES, 'recycled_in21k', _VIT_BASE_IN21K, RecyclingRecipe(experts=_VIT_LARGE_IN21K)),
     # sparse upcycling of the same-width checkpoint (core experts are copies of its MLPs)
     **_recycled_cfgs(_TINY_NAMES, 'upcycled_in21k', _VIT_TINY_IN21K, RecyclingRecipe(strategy='upcycle')),
     **_recycled_cfgs(_SMALL_NAMES, 'upcycled_in21k', _VIT_SMALL_IN21K, RecyclingRecipe(strategy='upcycle')),
+    **_recycled_cfgs(_BASE_NAMES, 'upcycled_in21k', _VIT_BASE_IN21K, RecyclingRecipe(strategy='upcycle')),
+    # any dense timm ViT (create_moejet_from): architecture and weights come from the donor
+    'moejet_vit.untrained': _cfg(),
     'moejet_vit_tiny_patch16_224.untrained': _cfg(),
     'moejet_vit_tiny.untrained': _cfg(),
     'moejet_vit_small_patch16_224.untrained': _cfg(),
     'moejet_vit_small.untrained': _cfg(),
+    'moejet_vit_base_patch16_224.untrained': _cfg(),
+    'moejet_vit_base.untrained': _cfg(),
     'softmoe_vit_tiny_patch16_224.untrained': _cfg(),
     'moejet_vit_test.untrained': _cfg(input_size=(3, 64, 64)),
     'softmoe_vit_test.untrained': _cfg(input_size=(3, 64, 64)),
@@ -168,6 +185,7 @@ def _create_moejet(variant: str, pretrained: bool = False, **kwargs) -> MoEVisio
 # MoE Jetpack defaults (released code): MoE in the second half, 98 core + 196 universal experts, 1 slot each.
 _MOEJET_TINY = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, global_pool='avg')
 _MOEJET_SMALL = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, global_pool='avg')
+_MOEJET_BASE = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, global_pool='avg')
 # Soft MoE baseline from the same layer code: one path of 197 experts, softmax combine, one learnable scale.
 _SOFTMOE = dict(
     num_core_experts=197, num_univ_experts=0, moe_combine='softmax', moe_shared_temperature=True,
@@ -202,6 +220,25 @@ def moejet_vit_small_patch16_224(pretrained: bool = False, **kwargs) -> MoEVisio
 def moejet_vit_small(pretrained: bool = False, **kwargs) -> MoEVisionTransformer:
     """Alias of ``moejet_vit_small_patch16_224``."""
     return _create_moejet('moejet_vit_small', pretrained=pretrained, **dict(_MOEJET_SMALL, **kwargs))
+
+
+@register_model
+def moejet_vit_base_patch16_224(pretrained: bool = False, **kwargs) -> MoEVisionTransformer:
+    """V-JetMoE-B: ViT-B/16 with SpheroMoE (98 core + 196 universal experts) in blocks 6..11, experts from ViT-L."""
+    return _create_moejet('moejet_vit_base_patch16_224', pretrained=pretrained, **dict(_MOEJET_BASE, **kwargs))
+
+
+@register_model
+def moejet_vit_base(pretrained: bool = False, **kwargs) -> MoEVisionTransformer:
+    """Alias of ``moejet_vit_base_patch16_224``."""
+    return _create_moejet('moejet_vit_base', pretrained=pretrained, **dict(_MOEJET_BASE, **kwargs))
+
+
+@register_model
+def moejet_vit(pretrained: bool = False, **kwargs) -> MoEVisionTransformer:
+    """Any MoE Jetpack ViT, all of its architecture given as kwargs (``timm_moejet.create_moejet_from`` reads them
+    from a dense donor; an exported model's config.json carries them). Defaults: timm's ViT-B/16."""
+    return _create_moejet('moejet_vit', pretrained=pretrained, **kwargs)
 
 
 @register_model

@@ -329,7 +329,7 @@ def recycle_into(
 
 
 def build_recycled_model(
-        model_name: str,
+        model_name: Optional[str],
         trunk: str,
         recipe: Optional[RecyclingRecipe] = None,
         *,
@@ -340,7 +340,8 @@ def build_recycled_model(
     """Create a MoE model and fill it from donors named as :func:`timm_moejet.donors.load_donor` accepts.
 
     Args:
-        model_name: A registered MoE architecture (``moejet_vit_tiny``, ...).
+        model_name: A registered MoE architecture (``moejet_vit_tiny``, ...), or None: ``moejet_vit`` with the
+            trunk donor's architecture and the paper's MoE settings scaled to it (see ``create_moejet_from``).
         trunk: The trunk donor (timm name with tag, ``ORG/REPO``, ``hf-hub:``, ``local-dir:``, folder or file).
         recipe: How to recycle; ``recipe.experts`` names the expert donor (None: the trunk donor).
         init_seed: Seed of the model's initial values (what is not recycled: head, slot queries); None leaves the
@@ -355,6 +356,10 @@ def build_recycled_model(
     from ..hub import check_model_name, create_model
     from ..layers import experts_to_be_loaded
 
+    if model_name is None:
+        from ..models.from_donor import moejet_vit_kwargs
+        model_kwargs = dict(moejet_vit_kwargs(trunk)[0], **model_kwargs)
+        model_name = 'moejet_vit'
     check_model_name(model_name)
     recipe = recipe if recipe is not None else RecyclingRecipe()
     with torch.random.fork_rng(devices=[]), experts_to_be_loaded():  # recycling fills every expert

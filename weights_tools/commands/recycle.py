@@ -22,7 +22,9 @@ def add_parser(subparsers, parent: argparse.ArgumentParser, formatter) -> argpar
                     'attention, embeddings and norms, the expert donor (same depth, same or wider) is cut into '
                     'experts by the chosen strategy. Writes model.safetensors + config.json (model args and the '
                     'recycling recipe), loadable with timm.create_model("local-dir:FOLDER", pretrained=True).')
-    p.add_argument('--model', default='moejet_vit_tiny', help='the MoE architecture (a registered timm name)')
+    p.add_argument('--model', default=None,
+                   help='the MoE architecture, a registered timm name (default: the trunk donor\'s own ViT '
+                        'architecture with MoE layers, see create_moejet_from)')
     p.add_argument('--trunk', required=True,
                    help='trunk donor: a timm name with its tag (from the Hub cache), ORG/REPO or hf-hub:ORG/REPO, '
                         'a Hub folder or a weights file (.safetensors, or .pth read with weights_only=True)')
@@ -57,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     model.pretrained_cfg = dict(model.pretrained_cfg, tag='recycled')
     out = save_hub_folder(model.eval(), args.output, args.overwrite)
     n = sum(p.numel() for p in model.parameters())
-    print(f'recycled {args.model} ({n / 1e6:.2f}M parameters, MoE blocks {list(model.moe_layers())}) from trunk '
-          f'{args.trunk} and experts {args.experts or args.trunk} with strategy {args.strategy!r}, seed {args.seed}'
-          f'{", statistics " + args.stats if args.stats else ""} to {out}/')
+    print(f'recycled {model.pretrained_cfg["architecture"]} ({n / 1e6:.2f}M parameters, MoE blocks '
+          f'{list(model.moe_layers())}) from trunk {args.trunk} and experts {args.experts or args.trunk} with strategy '
+          f'{args.strategy!r}, seed {args.seed}{", statistics " + args.stats if args.stats else ""} to {out}/')
     return 0
