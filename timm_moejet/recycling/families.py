@@ -56,6 +56,14 @@ class Family:
                 found[tuple(int(g) for g in m.groups())] = m.group(0)
         return [found[k] for k in sorted(found)]
 
+    def block_stages(self, keys: Sequence[str]) -> List[List[str]]:
+        """Block prefixes grouped by stage (all groups of the block pattern but the last), in forward order."""
+        stages: Dict[Tuple[int, ...], List[str]] = {}
+        for key in self.block_prefixes(keys):
+            stage = tuple(int(g) for g in self.block_re.match(key).groups()[:-1])
+            stages.setdefault(stage, []).append(key)
+        return [stages[s] for s in sorted(stages)]
+
     def is_dense(self, state_dict: Mapping[str, object]) -> bool:
         """A dense checkpoint of this family: its first block has a dense MLP and the norm feeding it."""
         prefixes = self.block_prefixes(list(state_dict))
@@ -81,6 +89,11 @@ FAMILIES: Dict[str, Family] = {
     'vit': Family(
         'vit', 'timm ViT', r'^blocks\.(\d+)\.', 'norm2', ('head.', 'fc_norm.', 'head_drop.'),
         'timm.models.vision_transformer.checkpoint_filter_fn', lambda model: list(model.blocks)),
+    # blocks counted over all stages in forward order (C-JetMoE-F's "MoE layers 10:18" are flat indices 9..17);
+    # the head's norm is part of the trunk, only its classifier is new
+    'convnext': Family(
+        'convnext', 'timm ConvNeXt', r'^stages\.(\d+)\.blocks\.(\d+)\.', 'norm', ('head.fc.',),
+        'timm.models.convnext.checkpoint_filter_fn', lambda model: [b for s in model.stages for b in s.blocks]),
 }
 
 

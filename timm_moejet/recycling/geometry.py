@@ -70,9 +70,14 @@ class DenseDonor:
                 raise InvalidCheckpoint(f'{self.label()}: tensor {key} holds NaN or Inf values; recycling it would '
                                         f'give a model that computes NaN.')
 
+    def widths(self) -> List[int]:
+        """Channels of every block."""
+        return [self.width(i) for i in range(self.depth)]
+
     def label(self) -> str:
-        return f'{self.role} donor {self.name}'.rstrip() + f' ({self.family.name}, width {self.width()}, ' \
-                                                            f'depth {self.depth})'
+        widths = sorted(set(self.widths()), key=self.widths().index)
+        width = widths[0] if len(widths) == 1 else tuple(widths)
+        return f'{self.role} donor {self.name}'.rstrip() + f' ({self.family.name}, width {width}, depth {self.depth})'
 
     def mlp(self, block: int) -> Tuple[torch.Tensor, ...]:
         """fc1 weight, fc1 bias, fc2 weight, fc2 bias of block ``block``."""
@@ -97,7 +102,7 @@ class RecyclingPlan:
     """
 
     def __init__(self, model: nn.Module, family: Family, prefixes: List[str], layers: Dict[int, nn.Module],
-                 trunk: DenseDonor, experts: DenseDonor, expert_blocks: Dict[int, int]) -> None:
+                 trunk: DenseDonor, experts: DenseDonor, expert_blocks: Dict[int, int], select_trunk: bool) -> None:
         self.model = model
         self.family = family
         self.prefixes = prefixes
@@ -105,6 +110,10 @@ class RecyclingPlan:
         self.trunk = trunk
         self.experts = experts
         self.expert_blocks = expert_blocks
+        self.select_trunk = select_trunk
+        # the first convolution, whose input channels timm adapts to in_chans (ViT: patch_embed.proj.weight)
+        first = (getattr(model, 'pretrained_cfg', None) or {}).get('first_conv') or 'patch_embed.proj'
+        self.first_conv = f'{first}.weight'
 
     def moe_prefix(self, block: int) -> str:
         return f'{self.prefixes[block]}mlp.'
@@ -129,29 +138,41 @@ def check_geometry(
         raise InvalidArgumentType(f'model must be a MoE Jetpack model (with moe_layers() and recycling_family), got '
                                   f'{type(model).__name__}.')
     layers = model.moe_layers()
-    prefixes = family.block_prefixes(list(model.state_dict()))
+    model_sd = model.state_dict()
+    prefixes = family.block_prefixes(list(model_sd))
+    widths = [int(model_sd[f'{p}{family.mlp_input_norm}.weight'].shape[0]) for p in prefixes]
     trunk = DenseDonor(trunk_state_dict, 'trunk', trunk_id)
     experts = trunk if expert_state_dict is None else DenseDonor(expert_state_dict, 'expert', expert_id)
-    depth, width = len(prefixes), int(model.embed_dim)
+    depth = len(prefixes)
+    model_label = f'the model {type(model).__name__} (width {widths[0] if len(set(widths)) == 1 else widths}, ' \
+                  f'depth {depth})'
     for donor in (trunk, experts):
         donor.check_finite()
         if donor.family is not family:
-            raise DonorMismatch(f'{donor.label()} is of family {donor.family.name}, the model '
-                                f'{type(model).__name__} of family {family.name}.')
-    if trunk.width() != width or trunk.depth != depth:
-        raise DonorMismatch(f'{trunk.label()} must have the model width {width} and depth {depth}; use a trunk '
-                            f'donor of the model size.')
+            raise DonorMismatch(f'{donor.label()} is of family {donor.family.name}, {model_label} of family '
+                                f'{family.name}.')
+    select_trunk = recipe.trunk_fit == 'select'
+    if trunk.depth != depth:
+        raise DonorMismatch(f'{trunk.label()} must have the depth of {model_label}; the trunk gives every block.')
+    if select_trunk and any(t < w for t, w in zip(trunk.widths(), widths)):
+        raise DonorMismatch(f'{trunk.label()} is narrower than {model_label}; Weight Selection needs a donor as '
+                            f'wide or wider.')
+    if not select_trunk and trunk.widths() != widths:
+        raise DonorMismatch(f'{trunk.label()} must have the width of {model_label}; use a trunk donor of the model '
+                            f'size, or recycle_trunk_fit="select" to take the trunk from a wider one by Weight '
+                            f'Selection.')
     if experts.depth < depth:
-        raise DonorMismatch(f'{experts.label()} is shallower than the model (depth {depth}); an expert donor needs '
-                            f'a block for each model block.')
-    if experts.width() < width:
-        raise DonorMismatch(f'{experts.label()} is narrower than the model (width {width}); the expert donor must '
-                            f'be as wide or wider.')
+        raise DonorMismatch(f'{experts.label()} is shallower than {model_label}; an expert donor needs a block for '
+                            f'each model block.')
     donor_block = map_blocks(depth, experts.depth, recipe.block_map)
     expert_blocks = {i: donor_block[i] for i in layers}
     strategy = recipe.strategy_obj
     for i, layer in layers.items():
         j = expert_blocks[i]
+        width = layer.dim
+        if experts.width(j) < width:
+            raise DonorMismatch(f'{experts.label()} is narrower than {model_label} at block {i} (width {width}); the '
+                                f'expert donor must be as wide or wider.')
         for group in (layer.core, layer.univ):
             if group is not None and group.hidden_features > experts.hidden(j):
                 raise DonorMismatch(f'block {i}: experts need {group.hidden_features} hidden units but block {j} of '
@@ -164,4 +185,4 @@ def check_geometry(
                 f'{layer.core.hidden_features if layer.core is not None else "-"}; {experts.label()} has hidden '
                 f'{experts.hidden(j)}. Use the trunk as expert donor or another strategy.')
         experts.mlp(j)
-    return RecyclingPlan(model, family, prefixes, layers, trunk, experts, expert_blocks)
+    return RecyclingPlan(model, family, prefixes, layers, trunk, experts, expert_blocks, select_trunk)

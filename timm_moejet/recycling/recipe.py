@@ -18,6 +18,7 @@ from .strategies import Strategy, get_strategy, strategy_names
 __all__ = ['RecyclingRecipe', 'DEFAULT_SEED', 'RECYCLE_KWARGS']
 
 DEFAULT_SEED = 3407  # the released gen_ViT_MoE_weight.py seed
+TRUNK_FITS = ('copy', 'select')
 
 
 def _donor_spec() -> Check:
@@ -55,6 +56,10 @@ class RecyclingRecipe:
                                 'recycle_graph_method')
     graph_parts: int = setting(32, integer(2), 'Parts of the co-activation graph (graph strategy).',
                                'recycle_graph_parts')
+    trunk_fit: str = setting('copy', choice(lambda: TRUNK_FITS),
+                         'How the trunk donor gives the dense tensors: copy (same shapes, the released ViT recipe) '
+                         'or select (Weight Selection: evenly spaced elements of a wider donor, the C-JetMoE-F '
+                         'trunk).', 'recycle_trunk_fit')
     block_map: str = setting('even', choice(lambda: BLOCK_MAPS),
                              'Which block of a deeper expert donor gives the experts of each block: even (evenly '
                              'spaced over its depth) or first (its first blocks).', 'recycle_block_map')
@@ -81,9 +86,12 @@ class RecyclingRecipe:
         return f'MoE Jetpack checkpoint recycling: experts from {experts}, strategy {self.strategy}, seed {self.seed}'
 
     def record_fields(self) -> Dict[str, Any]:
-        """The settings that shaped the result: strategy, seed and the ones the strategy reads."""
-        return dict(strategy=self.strategy, seed=self.seed,
-                    **{name: getattr(self, name) for name in self.strategy_obj.recipe_fields})
+        """The settings that shaped the result: strategy, seed, the ones the strategy reads, a selected trunk."""
+        fields = dict(strategy=self.strategy, seed=self.seed,
+                      **{name: getattr(self, name) for name in self.strategy_obj.recipe_fields})
+        if self.trunk_fit != 'copy':
+            fields['trunk_fit'] = self.trunk_fit
+        return fields
 
 
 # create_model kwarg -> recipe field

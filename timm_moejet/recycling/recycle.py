@@ -27,6 +27,7 @@ from .recipe import RecyclingRecipe
 from .selection import subselect_uniform
 from .statistics import ActivationStats, weight_proxy_statistics
 from .strategies import SelectionContext
+from .weight_selection import select_tensor
 
 __all__ = ['recycle_state_dict', 'recycle_into', 'recycling_record', 'build_recycled_model', 'resolve_statistics',
            'copy_trunk', 'carve_experts']
@@ -93,14 +94,18 @@ def copy_trunk(plan: RecyclingPlan, adapt_input_conv: bool = True) -> Dict[str, 
         if src is None:
             problems.append(f'missing {key}')
             continue
-        if key == 'patch_embed.proj.weight' and src.ndim == 4 and src.shape[1] != value.shape[1] \
-                and src.shape[0] == value.shape[0] and adapt_input_conv:
+        first_conv = key == plan.first_conv
+        if first_conv and src.ndim == 4 and src.shape[1] != value.shape[1] and adapt_input_conv:
             from timm.layers import adapt_input_conv as _adapt
             src = _adapt(value.shape[1], src)
-        if tuple(src.shape) != tuple(value.shape) and not (key == 'patch_embed.proj.weight' and not adapt_input_conv
-                                                           and src.shape[2:] == value.shape[2:]):
-            problems.append(f'{key}: donor {tuple(src.shape)} vs model {tuple(value.shape)}')
-            continue
+        # timm's loader adapts the input channels of the first convolution after the filter
+        channels_left_to_timm = first_conv and not adapt_input_conv and src.ndim == 4 and src.shape[1] != value.shape[1]
+        wanted = (value.shape[0], src.shape[1], *value.shape[2:]) if channels_left_to_timm else value.shape
+        if tuple(src.shape) != tuple(wanted):
+            if not plan.select_trunk:
+                problems.append(f'{key}: donor {tuple(src.shape)} vs model {tuple(value.shape)}')
+                continue
+            src = select_tensor(src, wanted, key)  # Weight Selection from a wider trunk donor
         out[key] = src.detach().to(value.dtype)
     if problems:
         raise DonorMismatch(f'{trunk.label()} does not fit the model: ' + '; '.join(problems[:12])
@@ -155,7 +160,6 @@ def carve_experts(
     """
     strategy = recipe.strategy_obj
     experts = plan.experts
-    width = int(plan.model.embed_dim)
     target = plan.model.state_dict()
     g = torch.Generator().manual_seed(recipe.seed)
     indices: Dict[int, Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -175,7 +179,7 @@ def carve_experts(
             hidden = strategy.hidden(ctx, n, population, base_k)
             if base_k != k:
                 hidden = subselect_uniform(hidden, k)
-            donor_width = experts.width(donor_block)
+            width, donor_width = layer.dim, experts.width(donor_block)
             chans = torch.arange(width).expand(n, width) if donor_width == width else \
                 strategy.channels(ctx, n, donor_width, width)
             p = f'{plan.moe_prefix(i)}{name}.'
