@@ -32,6 +32,9 @@ VIT_TESTS = (
     'test_model_backward_fx',
     'test_model_forward_fx_torchscript',
 )
+# what timm runs for its own ConvNeXts (CNN features instead of token features)
+CONVNEXT_TESTS = tuple(t for t in VIT_TESTS if t != 'test_model_default_cfgs_non_std') + (
+    'test_model_default_cfgs', 'test_model_forward_features')
 
 
 def _timm_test_models_file() -> Path:
@@ -97,6 +100,12 @@ def test_timm_suite_reduced_variants(suite_dir):
     assert rc == 0, out[-6000:]
     for model in ('moejet_vit_test', 'softmoe_vit_test'):
         _check(outcomes, out, model)
+
+
+def test_timm_suite_reduced_convnext(suite_dir):
+    rc, out, outcomes = run_timm_suite(suite_dir, 'moejet_convnext_test')
+    assert rc == 0, out[-6000:]
+    _check(outcomes, out, 'moejet_convnext_test', CONVNEXT_TESTS)
 
 
 def test_timm_suite_moejet_vit_tiny(suite_dir, tmp_path):

@@ -1,4 +1,4 @@
-""" ``python -m weights_tools``: calibrate, recycle, export, push, import-official, inspect.
+""" ``python -m weights_tools``: calibrate, recycle, select, export, push, import-official, inspect.
 
 Each command lives in ``weights_tools/commands/<name>.py`` with ``add_parser(subparsers, parent, formatter)`` and
 ``run(args) -> int``; it parses its arguments and calls the library. Errors are worded by their type: the library's
@@ -17,7 +17,7 @@ from typing import List, Optional
 
 __all__ = ['main', 'build_parser']
 
-_COMMANDS = ('calibrate', 'recycle', 'export', 'push', 'import_official', 'inspect')
+_COMMANDS = ('calibrate', 'recycle', 'select', 'export', 'push', 'import_official', 'inspect')
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1

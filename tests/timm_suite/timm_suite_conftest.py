@@ -2,9 +2,10 @@
 
 Copied next to the ``test_models.py`` taken from the timm sdist (never committed). It imports the plugin and
 wraps ``timm.list_models``/``list_pretrained`` (bound by ``test_models.py`` at import) so that our models are
-treated like timm's ViTs: listed wherever ``vit_*`` is (NON_STD, token features), excluded wherever ``vit_*`` is
-excluded, and in the ``vision_transformer`` module group (forward_intermediates, pruning). Only our models are
-returned, so the run covers nothing else.
+treated like their timm families: the MoE ViTs like timm's ViTs (listed wherever ``vit_*`` is: NON_STD, token
+features; excluded wherever ``vit_*`` is; in the ``vision_transformer`` module group for forward_intermediates and
+pruning), the MoE ConvNeXts like timm's ConvNeXts (CNN features; in the ``convnext`` module group). Only our models
+are returned, so the run covers nothing else.
 """
 import fnmatch
 import importlib
@@ -13,8 +14,12 @@ import os
 import timm
 
 PLUGIN = os.environ.get('PLUGIN_PKG', 'timm_moejet')
-PATTERNS = os.environ.get('PLUGIN_PATTERNS', 'moejet_*,softmoe_*').split(',')
-MODULE = os.environ.get('PLUGIN_MODULE', 'moejet')
+# (our name patterns, the timm filter they stand beside, the timm module group they join, our module)
+FAMILIES = (
+    (['moejet_vit*', 'softmoe_*'], 'vit_*', 'vision_transformer', 'moejet'),
+    (['moejet_convnext*'], 'convnext*', 'convnext', 'moejet_convnext'),
+)
+PATTERNS = [p for patterns, *_ in FAMILIES for p in patterns]
 
 importlib.import_module(PLUGIN)
 _list_models = timm.list_models
@@ -34,12 +39,13 @@ def _ours(names):
 def list_models(filter='', module='', pretrained=False, exclude_filters='', name_matches_cfg=False,
                 include_tags=None):
     filters, excludes, modules = _as_list(filter), _as_list(exclude_filters), _as_list(module)
-    if 'vit_*' in filters:
-        filters = filters + PATTERNS
-    if 'vit_*' in excludes:
-        excludes = excludes + PATTERNS
-    if 'vision_transformer' in modules:
-        modules = modules + [MODULE]
+    for patterns, timm_filter, timm_module, ours in FAMILIES:
+        if timm_filter in filters:
+            filters = filters + patterns
+        if timm_filter in excludes:
+            excludes = excludes + patterns
+        if timm_module in modules:
+            modules = modules + [ours]
     names = _list_models(
         filter=filters or '', module=modules or '', pretrained=pretrained, exclude_filters=excludes or '',
         name_matches_cfg=name_matches_cfg, include_tags=include_tags)

@@ -18,6 +18,12 @@ from .statistics import weights_hash
 __all__ = ['DenseDonor', 'RecyclingPlan', 'check_geometry']
 
 
+def _compact(widths: List[int]) -> Any:
+    """One width, or the widths of the stages in order (each listed once)."""
+    distinct = sorted(set(widths), key=widths.index)
+    return distinct[0] if len(distinct) == 1 else tuple(distinct)
+
+
 class DenseDonor:
     """A dense state dict with its family and geometry.
 
@@ -75,9 +81,8 @@ class DenseDonor:
         return [self.width(i) for i in range(self.depth)]
 
     def label(self) -> str:
-        widths = sorted(set(self.widths()), key=self.widths().index)
-        width = widths[0] if len(widths) == 1 else tuple(widths)
-        return f'{self.role} donor {self.name}'.rstrip() + f' ({self.family.name}, width {width}, depth {self.depth})'
+        return f'{self.role} donor {self.name}'.rstrip() + \
+            f' ({self.family.name}, width {_compact(self.widths())}, depth {self.depth})'
 
     def mlp(self, block: int) -> Tuple[torch.Tensor, ...]:
         """fc1 weight, fc1 bias, fc2 weight, fc2 bias of block ``block``."""
@@ -144,8 +149,7 @@ def check_geometry(
     trunk = DenseDonor(trunk_state_dict, 'trunk', trunk_id)
     experts = trunk if expert_state_dict is None else DenseDonor(expert_state_dict, 'expert', expert_id)
     depth = len(prefixes)
-    model_label = f'the model {type(model).__name__} (width {widths[0] if len(set(widths)) == 1 else widths}, ' \
-                  f'depth {depth})'
+    model_label = f'the model {type(model).__name__} (width {_compact(widths)}, depth {depth})'
     for donor in (trunk, experts):
         donor.check_finite()
         if donor.family is not family:
@@ -159,8 +163,8 @@ def check_geometry(
                             f'wide or wider.')
     if not select_trunk and trunk.widths() != widths:
         raise DonorMismatch(f'{trunk.label()} must have the width of {model_label}; use a trunk donor of the model '
-                            f'size, or recycle_trunk_fit="select" to take the trunk from a wider one by Weight '
-                            f'Selection.')
+                            f'size, or recycle_trunk_fit="select" (weights_tools: --trunk-fit select) to take the '
+                            f'trunk from a wider one by Weight Selection.')
     if experts.depth < depth:
         raise DonorMismatch(f'{experts.label()} is shallower than {model_label}; an expert donor needs a block for '
                             f'each model block.')

@@ -377,3 +377,43 @@ def build_recycled_model(
     expert_donor = load_donor(recipe.experts, cache_dir=cache_dir, role='expert donor') if recipe.experts else None
     return recycle_into(model, trunk_donor.state_dict, expert_donor.state_dict if expert_donor else None, recipe,
                         trunk_id=str(trunk), expert_id=str(recipe.experts or trunk))
+
+
+def build_selected_model(
+        model_name: str,
+        donor: str,
+        block_map: str = 'even',
+        *,
+        init_seed: Optional[int] = None,
+        cache_dir: Optional[str] = None,
+        **model_kwargs: Any,
+) -> nn.Module:
+    """A dense timm model initialised from a larger donor of its family by Weight Selection.
+
+    Args:
+        model_name: The smaller architecture (``vit_tiny_patch16_224``, ``convnext_femto``, ...).
+        donor: The larger donor, named as :func:`timm_moejet.donors.load_donor` takes it.
+        block_map: 'even' or 'first': which donor blocks a stage with fewer blocks takes.
+        init_seed: Seed of what the donor cannot give (a head for another number of classes); None leaves the
+            global RNG as it is.
+        cache_dir: Hugging Face cache folder.
+        **model_kwargs: ``create_model`` kwargs of the smaller model.
+
+    Returns:
+        The model, holding the selected weights (``pretrained_cfg['weight_selection']`` records the donor).
+    """
+    from ..donors import load_donor
+    from ..hub import check_model_name, create_model
+    from .weight_selection import select_state_dict
+
+    check_model_name(model_name)
+    with torch.random.fork_rng(devices=[]):
+        if init_seed is not None:
+            torch.manual_seed(init_seed)
+        model = create_model(model_name, **model_kwargs)
+    state_dict = select_state_dict(model, load_donor(donor, cache_dir=cache_dir, role='donor').state_dict,
+                                   block_map=block_map, donor_name=str(donor))
+    model.load_state_dict(state_dict, strict=True)
+    model.pretrained_cfg = dict(model.pretrained_cfg or {}, weight_selection=dict(donor=str(donor),
+                                                                                  block_map=block_map))
+    return model

@@ -13,7 +13,7 @@ EXAMPLE = textwrap.dedent('''\
 
 
 def add_parser(subparsers, parent: argparse.ArgumentParser, formatter) -> argparse.ArgumentParser:
-    from timm_moejet.recycling import GRAPH_METHODS, METRICS, STRATEGIES, RecyclingRecipe
+    from timm_moejet.recycling import BLOCK_MAPS, GRAPH_METHODS, METRICS, STRATEGIES, TRUNK_FITS, RecyclingRecipe
 
     p = subparsers.add_parser(
         'recycle', parents=[parent], formatter_class=formatter, epilog=EXAMPLE,
@@ -38,6 +38,11 @@ def add_parser(subparsers, parent: argparse.ArgumentParser, formatter) -> argpar
     p.add_argument('--metric', default=RecyclingRecipe.metric, help=f'importance statistic: {", ".join(METRICS)}')
     p.add_argument('--graph-method', default=RecyclingRecipe.graph_method,
                    help=f'graph strategy partitioner: {", ".join(GRAPH_METHODS)}')
+    p.add_argument('--trunk-fit', default=RecyclingRecipe.trunk_fit, choices=TRUNK_FITS,
+                   help='copy: the trunk donor has the model\'s shapes (the ViT recipes); select: Weight Selection '
+                        'from a wider trunk donor (the C-JetMoE-F recipe, e.g. ConvNeXt-T for moejet_convnext_femto)')
+    p.add_argument('--block-map', default=RecyclingRecipe.block_map, choices=BLOCK_MAPS,
+                   help='which blocks of a deeper expert donor give the experts: evenly spaced or the first ones')
     p.add_argument('--seed', type=SEED_ARG, default=RecyclingRecipe.seed,
                    help='seed of the sampling and of the initial values of what is not recycled (head, slot '
                         'queries): the same command gives a bit-identical checkpoint')
@@ -52,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     from timm_moejet.recycling import RecyclingRecipe, build_recycled_model
 
     recipe = RecyclingRecipe(experts=args.experts, strategy=args.strategy, stats=args.stats, seed=args.seed,
-                             metric=args.metric, graph_method=args.graph_method)
+                             metric=args.metric, graph_method=args.graph_method, trunk_fit=args.trunk_fit,
+                             block_map=args.block_map)
     check_output_free(args.output, args.overwrite, 'output folder',
                       {'trunk donor': args.trunk, 'expert donor': args.experts, 'statistics file': args.stats})
     model = build_recycled_model(args.model, args.trunk, recipe, init_seed=args.seed, **model_kwargs_from(args))

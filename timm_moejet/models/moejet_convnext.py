@@ -1,0 +1,219 @@
+""" C-JetMoE: timm's ConvNeXt with SpheroMoE layers in place of chosen block MLPs (MoE Jetpack, NeurIPS 2024).
+
+`MoE Jetpack: From Dense Checkpoints to Adaptive Mixture of Experts for Vision Tasks`
+    - https://arxiv.org/abs/2406.04801
+
+The paper reports C-JetMoE-F (ConvNeXt, "MoE layers 10:18", core experts [98, 24], universal [196, 48], about 1.1
+GMACs) without its code or exact architecture. Its best reading (docs/convnext.md): ConvNeXt-T's depths (3, 3, 9, 3)
+at femto widths (48, 96, 192, 384), the SpheroMoE layer in place of the MLP of blocks 10-18 counted over all 18 (the
+last six of stage 3 at 14x14 = 196 tokens, the three of stage 4 at 7x7 = 49 tokens), a token being one position of
+the stage's channels-last feature map, the layer before the block's layer scale; experts per stage: tokens // 2
+core and twice as many universal (the paper's [98, 24] and [196, 48]). Each choice is a ``create_model`` kwarg.
+
+``MoEConvNeXt`` subclasses timm's ``ConvNeXt`` and swaps only those MLPs, so features, intermediates, grad
+checkpointing and the classifier reset of timm's ConvNeXt keep working.
+"""
+import contextlib
+import dataclasses
+from typing import Any, Dict, Optional, Sequence, Set, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.layers import calculate_drop_path_rates
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.convnext import ConvNeXt
+
+from ..errors import InvalidArgument, InvalidArgumentType
+from ..layers import SpheroMoE, experts_to_be_loaded
+from ..recycling import RecyclingArgs, RecyclingRecipe
+from ..settings import integer
+from .placement import pop_moe_kwargs
+
+__all__ = ['MoEConvNeXt']
+
+PerStage = Union[None, int, Sequence[int]]
+
+
+def _image_size(value: Union[int, Sequence[int]]) -> Tuple[int, int]:
+    """An int (square) or (height, width), as timm's ``img_size``; exports write it back as a pair."""
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return integer(1)('img_size height', value[0]), integer(1)('img_size width', value[1])
+    if isinstance(value, (list, tuple)):
+        raise InvalidArgument(f'img_size must be an int or (height, width), got {value!r}.')
+    side = integer(1)('img_size', value)
+    return side, side
+
+
+def _per_stage(name: str, value: PerStage, num_stages: int) -> Tuple[Optional[int], ...]:
+    """None (derived per stage), one int for every stage, or one int per stage."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return (None if value is None else integer(0)(name, value),) * num_stages
+    if isinstance(value, (list, tuple)) and len(value) == num_stages:
+        return tuple(integer(0)(f'{name} entry', v) for v in value)
+    raise InvalidArgumentType(f'{name} must be None (derived from the tokens of the stage), an int, or '
+                              f'{num_stages} ints (one per stage), got {value!r}.')
+
+
+class MoEConvNeXt(ConvNeXt):
+    """ConvNeXt with SpheroMoE layers (C-JetMoE).
+
+    Takes every ``ConvNeXt`` argument (``conv_mlp`` must stay False: the MoE layer works on the channels-last
+    path), plus the MoE placement (``moe_blocks`` counted over all stages, ``moe_drop_path_rate``), the SpheroMoE
+    settings under their ``create_model`` names, and the per-stage expert counts below.
+    """
+    recycling_family = 'convnext'
+
+    def __init__(
+            self,
+            depths: Tuple[int, ...] = (3, 3, 9, 3),
+            dims: Tuple[int, ...] = (48, 96, 192, 384),
+            patch_size: int = 4,
+            img_size: Union[int, Tuple[int, int]] = 224,
+            num_core_experts: PerStage = None,
+            num_univ_experts: PerStage = None,
+            **kwargs,
+    ) -> None:
+        """
+        Args:
+            depths: Blocks per stage.
+            dims: Channels per stage.
+            patch_size: Stem patch size (the stride of stage 1's feature map).
+            img_size: Input size (int, or (height, width)) the expert counts are scaled for: a stage's tokens are
+                the positions of its feature map at this size (the layers accept any size).
+            num_core_experts: Core experts per MoE layer: None (tokens of the stage // 2), an int, or one per stage.
+            num_univ_experts: Universal experts per MoE layer: None (twice the core experts), an int, or one per
+                stage.
+            **kwargs: MoE placement and layer settings, and ``ConvNeXt`` arguments.
+        """
+        if kwargs.get('conv_mlp'):
+            raise InvalidArgument('MoEConvNeXt needs conv_mlp=False: the SpheroMoE layer replaces the channels-last '
+                                  'MLP (the 1x1-conv MLP of conv_mlp=True has no token axis).')
+        depths, dims = tuple(depths), tuple(dims)
+        for name, values in (('depths', depths), ('dims', dims)):
+            for v in values:
+                integer(1)(f'{name} entry', v)
+        if len(depths) != 4 or len(dims) != 4:
+            raise InvalidArgument(f'depths {depths} and dims {dims} must have one entry per stage; timm\'s ConvNeXt '
+                                  f'has 4 stages.')
+        img_size = _image_size(img_size)
+        integer(0)('num_classes', kwargs.get('num_classes', 0))
+        cores = _per_stage('num_core_experts', num_core_experts, len(depths))
+        univs = _per_stage('num_univ_experts', num_univ_experts, len(depths))
+        # per-stage counts are resolved below; the shared settings must not see them
+        placement, settings = pop_moe_kwargs(kwargs, num_core_experts=1, num_univ_experts=0)
+        super().__init__(depths=depths, dims=dims, patch_size=patch_size, **kwargs)
+
+        total = sum(depths)
+        moe_blocks = placement.blocks(total)
+        rates = calculate_drop_path_rates(placement.moe_drop_path_rate, total)
+        stage_of = [s for s, d in enumerate(depths) for _ in range(d)]
+        self.moe_blocks = tuple(moe_blocks)
+        self.img_size = img_size
+        blocks = self.flat_blocks()
+        fields = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
+        for i in moe_blocks:
+            s = stage_of[i]
+            stride = patch_size * 2 ** s
+            tokens = max(1, (img_size[0] // stride) * (img_size[1] // stride))
+            core = cores[s] if cores[s] is not None else max(1, tokens // 2)
+            univ = univs[s] if univs[s] is not None else 2 * core
+            dense = blocks[i].mlp
+            # built with the factory kwargs the block's own MLP got (device, dtype), through timm's Mlp call
+            p = next(dense.parameters())
+            blocks[i].mlp = SpheroMoE(
+                dims[s], dense.fc1.out_features, act_layer=type(dense.act), drop_path=rates[i],
+                device=p.device, dtype=p.dtype, **dict(fields, num_core=core, num_univ=univ))
+
+    def flat_blocks(self) -> Tuple[nn.Module, ...]:
+        """The blocks of every stage, in forward order (block ``i`` of ``moe_blocks``)."""
+        return tuple(b for stage in self.stages for b in stage.blocks)
+
+    def moe_layers(self) -> Dict[int, SpheroMoE]:
+        """The SpheroMoE layers by block index counted over all stages."""
+        blocks = self.flat_blocks()
+        return {i: blocks[i].mlp for i in self.moe_blocks}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """Parameter groups for layer-wise lr decay: as for the MoE ViTs, the MoE layers and the norm feeding them
+        train at the full lr with the head; the dense trunk decays by depth."""
+        matcher = super().group_matcher(coarse=coarse)
+        if coarse or not self.moe_blocks:
+            return matcher
+        depths = [len(stage.blocks) for stage in self.stages]
+        where = [(s, j) for s, d in enumerate(depths) for j in range(d)]
+        moe = '|'.join(rf'{s}\.blocks\.{j}' for s, j in (where[i] for i in self.moe_blocks))
+        block_re = rf'^stages\.(?!(?:{moe})\.(?:mlp|norm)\.)(\d+)\.blocks\.(\d+)'
+        matcher['blocks'] = [(block_re, None) if pattern == r'^stages\.(\d+)\.blocks\.(\d+)' else (pattern, order)
+                             for pattern, order in matcher['blocks']]
+        return matcher
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        """Routing temperatures, biases of every shape (experts' are 2-D), norms and layer scales."""
+        return {'*.log_temperature', '*.bias', '*norm*.weight', '*.gamma'}
+
+
+def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
+    return {
+        'url': url,
+        'num_classes': 1000,
+        'input_size': (3, 224, 224),
+        'pool_size': (7, 7),
+        'crop_pct': 0.875,
+        'interpolation': 'bicubic',
+        'mean': (0.485, 0.456, 0.406),
+        'std': (0.229, 0.224, 0.225),
+        'first_conv': 'stem.0',
+        'classifier': 'head.fc',
+        'license': 'apache-2.0',
+        'paper_ids': 'arXiv:2406.04801',
+        'paper_name': 'MoE Jetpack: From Dense Checkpoints to Adaptive Mixture of Experts for Vision Tasks',
+        **kwargs,
+    }
+
+
+_CONVNEXT_TINY_IN22K = 'timm/convnext_tiny.fb_in22k'
+# the paper's C-JetMoE-F: ConvNeXt-T in22k is the only donor: the trunk by Weight Selection, the experts cut from
+# the MLPs of the same blocks by importance
+_RECIPES: Dict[str, RecyclingRecipe] = {
+    'moejet_convnext_femto.recycled_in22k': RecyclingRecipe(trunk_fit='select'),
+}
+
+default_cfgs = generate_default_cfgs({
+    'moejet_convnext_femto.recycled_in22k': _cfg(
+        hf_hub_id=_CONVNEXT_TINY_IN22K, description='C-JetMoE-F recycled from ConvNeXt-T in22k: trunk by Weight '
+                                                    'Selection, experts by importance'),
+    'moejet_convnext_femto.untrained': _cfg(),
+    'moejet_convnext_test.untrained': _cfg(input_size=(3, 64, 64), pool_size=(2, 2)),
+})
+
+
+def _create_moejet_convnext(variant: str, pretrained: bool = False, **kwargs) -> MoEConvNeXt:
+    recycling = RecyclingArgs.pop_from(variant, kwargs, _RECIPES)
+    if pretrained:
+        recycling.locate_donors()
+    with recycling.naming_missing_donors(), experts_to_be_loaded() if pretrained else contextlib.nullcontext():
+        model = build_model_with_cfg(
+            MoEConvNeXt,
+            variant,
+            pretrained,
+            pretrained_filter_fn=recycling.filter_fn,
+            feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
+            **kwargs,
+        )
+    return recycling.finish(model)
+
+
+@register_model
+def moejet_convnext_femto(pretrained: bool = False, **kwargs) -> MoEConvNeXt:
+    """C-JetMoE-F: ConvNeXt-T depths at femto widths, SpheroMoE in blocks 10-18 (98+196 and 24+48 experts)."""
+    model_args = dict(depths=(3, 3, 9, 3), dims=(48, 96, 192, 384))
+    return _create_moejet_convnext('moejet_convnext_femto', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def moejet_convnext_test(pretrained: bool = False, **kwargs) -> MoEConvNeXt:
+    """Reduced C-JetMoE for tests: depths (1, 1, 2, 2), dims (16, 32, 64, 128), 64 px; MoE in the last 3 blocks."""
+    model_args = dict(depths=(1, 1, 2, 2), dims=(16, 32, 64, 128), img_size=64)
+    return _create_moejet_convnext('moejet_convnext_test', pretrained=pretrained, **dict(model_args, **kwargs))

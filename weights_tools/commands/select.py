@@ -1,0 +1,53 @@
+""" ``select``: Weight Selection: a smaller dense timm model initialised from a larger donor of its family. """
+import argparse
+import textwrap
+
+from ._args import SEED_ARG, add_model_kwargs, check_output_free, model_kwargs_from
+
+EXAMPLE = textwrap.dedent('''\
+    example:
+      python -m weights_tools select --model convnext_femto --donor convnext_tiny.fb_in22k \\
+          --output convnext_femto_ws.safetensors
+      python -c "import timm; timm.create_model('convnext_femto', pretrained=True, \\
+          pretrained_cfg_overlay=dict(file='convnext_femto_ws.safetensors'))"''')
+
+
+def add_parser(subparsers, parent: argparse.ArgumentParser, formatter) -> argparse.ArgumentParser:
+    from timm_moejet.recycling import BLOCK_MAPS
+
+    p = subparsers.add_parser(
+        'select', parents=[parent], formatter_class=formatter, epilog=EXAMPLE,
+        help='initialise a smaller dense model from a larger one (Weight Selection)',
+        description='Weight Selection (Xu et al., ICLR 2024), the "Dense (21k)" baseline of MoE Jetpack\'s tables: '
+                    'every tensor of the smaller model keeps evenly spaced elements of the donor\'s along each '
+                    'dimension that shrinks; a stage with fewer blocks takes evenly spaced (or the first) donor '
+                    'blocks. Writes a safetensors file that timm loads with pretrained_cfg_overlay=dict(file=...).')
+    p.add_argument('--model', required=True, help='the smaller dense architecture (a timm name)')
+    p.add_argument('--donor', required=True,
+                   help='the larger donor of the same family: a timm name with its tag, ORG/REPO or hf-hub:ORG/REPO, '
+                        'a Hub folder or a weights file')
+    p.add_argument('--block-map', default='even', choices=BLOCK_MAPS,
+                   help='which donor blocks a stage with fewer blocks takes')
+    p.add_argument('--seed', type=SEED_ARG, default=0,
+                   help='seed of what the donor cannot give (a head for another number of classes)')
+    add_model_kwargs(p, 'of the smaller model')
+    p.add_argument('--output', '-o', required=True, metavar='FILE.safetensors', help='the weights file to write')
+    p.add_argument('--overwrite', action='store_true', help='replace an existing output file')
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from timm_moejet.checkpoint_io import save_safetensors_atomic
+    from timm_moejet.errors import InvalidArgument
+    from timm_moejet.recycling import build_selected_model
+
+    if not args.output.endswith('.safetensors'):
+        raise InvalidArgument(f'--output must be a .safetensors file, got {args.output}.')
+    check_output_free(args.output, args.overwrite, 'output file', {'donor': args.donor})
+    model = build_selected_model(args.model, args.donor, args.block_map, init_seed=args.seed,
+                                 **model_kwargs_from(args))
+    save_safetensors_atomic(model.state_dict(), args.output, overwrite=args.overwrite)
+    n = sum(p.numel() for p in model.parameters())
+    print(f'selected {args.model} ({n / 1e6:.2f}M parameters) from {args.donor} (blocks: {args.block_map}) to '
+          f'{args.output}')
+    return 0
