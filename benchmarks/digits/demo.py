@@ -24,7 +24,7 @@ from timm_moejet.cost import count_params
 from timm_moejet.recycling import ActivationStats, RecyclingRecipe, collect_statistics, recycle_into
 
 from .experiment import (
-    ARM_LABELS,
+    ARMS,
     DOWNSTREAM,
     DOWNSTREAM_CLASSES,
     MOE,
@@ -116,7 +116,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, List[float]]:
     curves: Dict[str, List[float]] = {}
     for arm in DEMO_ARMS:
         def progress(epoch: int, loss: float, acc: float, arm: str = arm) -> None:
-            _log(f'  {ARM_LABELS[arm]:<30} epoch {epoch + 1:>3}: train loss {loss:.3f}, test acc {acc:5.1f}%', start)
+            _log(f'  {ARMS[arm].label:<30} epoch {epoch + 1:>3}: train loss {loss:.3f}, test acc {acc:5.1f}%', start)
         curves[arm] = run_arm(arm, data, args.seed, donors=donors, cfg=cfg, on_epoch=progress,
                               model=moe if arm == 'moe_jetpack' else None)
     save_safetensors_atomic(moe.state_dict(), os.path.join(out_dir, 'moe_finetuned.safetensors'), overwrite=True)
@@ -124,7 +124,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, List[float]]:
     print('\nsummary (downstream test accuracy, %):')
     print(f'{"model":<32}{"epoch 1":>9}{"best":>8}{"final":>8}')
     for arm, curve in curves.items():
-        print(f'{ARM_LABELS[arm]:<32}{curve[0]:>9.1f}{max(curve):>8.1f}{curve[-1]:>8.1f}')
+        print(f'{ARMS[arm].label:<32}{curve[0]:>9.1f}{max(curve):>8.1f}{curve[-1]:>8.1f}')
     scratch_final = curves['moe_scratch'][-1]
     reach = next((i + 1 for i, a in enumerate(curves['moe_jetpack']) if a >= scratch_final), None)
     if reach is not None:
