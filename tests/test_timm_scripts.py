@@ -3,8 +3,8 @@
 OPT-IN, NOT RUN IN CI: timm's scripts (train.py, validate.py, benchmark.py, inference.py, onnx_export.py,
 onnx_validate.py) are only in timm's GitHub repository, not in its wheel or sdist, and CI reaches PyPI only. Set
 ``TIMM_SCRIPTS_DIR`` to a folder holding them (a clone of https://github.com/huggingface/pytorch-image-models) to
-run this file; without it every test here is skipped. inference.py also needs pandas. Measured: 7 min 52 s on a
-2-core CPU shared with other jobs, most of it train.py; ``pytest -s`` prints the figures.
+run this file; without it every test here is skipped. inference.py also needs pandas. Measured on 2 cores: 80 s
+(7 min 52 s while other jobs shared the CPU), most of it train.py; ``pytest -s`` prints the figures.
 
 train.py fits the model for a few epochs; the other scripts then read its checkpoint, and their figures are checked
 against one another: validate.py's accuracy (``--results-file`` JSON), the accuracy of inference.py's predictions
