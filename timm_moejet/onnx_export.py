@@ -45,6 +45,10 @@ class OnnxExport:
     batch_sizes: Tuple[int, ...]
 
 
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters(), torch.empty(0)).device
+
+
 def _ort_session(path: PathLike):
     ort = require('onnxruntime', 'onnx', 'running an ONNX model')
     return ort.InferenceSession(os.fspath(path), providers=['CPUExecutionProvider'])
@@ -67,7 +71,7 @@ def onnx_max_abs_error(onnx_file: PathLike, model: nn.Module, inputs: Sequence[t
         raise InvalidArgument('inputs must hold at least one tensor.')
     session = _ort_session(onnx_file)
     name = session.get_inputs()[0].name
-    device = next(model.parameters()).device
+    device = _device(model)
     was_training = model.training
     model.eval()
     worst = 0.
@@ -133,7 +137,8 @@ def export_onnx(
         opset: ONNX opset; default the exporter's.
         dynamo: Use torch's ``torch.export``-based exporter (needs onnxscript) instead of the TorchScript one
             (what timm's onnx_export.py uses unless given ``--dynamo``).
-        check: Compare onnxruntime with eager on random inputs of ``CHECK_BATCH_SIZES`` (and ``batch_size + 4``).
+        check: Compare onnxruntime with eager on random inputs of the batch sizes ``CHECK_BATCH_SIZES`` and
+            ``batch_size + 4``, other than ``batch_size``.
         atol: Largest absolute output difference the check accepts.
         overwrite: Replace an existing ``output``.
 
@@ -148,10 +153,10 @@ def export_onnx(
     onnx = require('onnx', 'onnx', 'ONNX export')
     if check:
         require('onnxruntime', 'onnx', 'the onnxruntime check of an ONNX export')
-    batch_size = integer(2 if dynamo else 1)('batch_size', batch_size)
-    opset = optional(integer(7))('opset', opset)
     dynamo, check, overwrite = (boolean()(n, v) for n, v in (('dynamo', dynamo), ('check', check),
                                                              ('overwrite', overwrite)))
+    batch_size = integer(2 if dynamo else 1)('batch_size', batch_size)
+    opset = optional(integer(7))('opset', opset)
     atol = real(0.)('atol', atol)
     size = _input_size(model, input_size)
     output = Path(output)
@@ -162,7 +167,7 @@ def export_onnx(
     if not output.parent.is_dir():
         raise NotFound(f'the folder of {output} does not exist.')
 
-    device = next(model.parameters()).device
+    device = _device(model)
     gen = torch.Generator().manual_seed(0)
     example = torch.randn(batch_size, *size, generator=gen).to(device)
     batch_sizes = tuple(sorted({*CHECK_BATCH_SIZES, batch_size + 4} - {batch_size})) if check else ()
