@@ -102,7 +102,6 @@ def _input_size(model: nn.Module, input_size: Optional[Sequence[int]]) -> Tuple[
 
 def _export(model: nn.Module, x: torch.Tensor, path: Path, opset: Optional[int], dynamo: bool) -> None:
     if dynamo:
-        require('onnxscript', 'onnx', 'the dynamo ONNX exporter (dynamo=True)')
         big = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) >= _PROTOBUF_LIMIT
         # a batch of 1 would be specialised by torch.export: trace with >= 2 (export_onnx's default)
         torch.onnx.export(model, (x,), os.fspath(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
@@ -155,6 +154,8 @@ def export_onnx(
         require('onnxruntime', 'onnx', 'the onnxruntime check of an ONNX export')
     dynamo, check, overwrite = (boolean()(n, v) for n, v in (('dynamo', dynamo), ('check', check),
                                                              ('overwrite', overwrite)))
+    if dynamo:
+        require('onnxscript', 'onnx', 'the dynamo ONNX exporter (dynamo=True)')
     batch_size = integer(2 if dynamo else 1)('batch_size', batch_size)
     opset = optional(integer(7))('opset', opset)
     atol = real(0.)('atol', atol)
