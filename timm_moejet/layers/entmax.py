@@ -17,11 +17,17 @@ Two exact ways to find tau:
 The gradient is the closed form of implicit differentiation: with r = [z - tau]_+, d out / d z applied to g is
 ``2 r (g - sum(g r) / sum(r))``. Eager and compiled code use an ``autograd.Function``; TorchScript, which cannot
 script one, uses an equivalent composition of tensor ops.
+
+Export: ``torch.compile`` and ``torch.export`` (the dynamo ONNX exporter) take a fixed number of Newton steps and a
+``torch.cond`` sort fallback (an ONNX ``If``). The TorchScript ONNX exporter traces: it cannot inline the
+``autograd.Function`` (its ``out=`` ops), and a trace holds only the path its example input took through the Newton
+loop. So while tracing, or under timm's ``set_layer_config(exportable=True)``, the threshold is the sort-based one:
+straight-line ops, the same exact result.
 """
 from typing import Optional, Tuple
 
 import torch
-from timm.layers import register_notrace_function
+from timm.layers import is_exportable, register_notrace_function
 
 __all__ = ['entmax15', 'entmax15_halved', 'entmax15_threshold', 'entmax15_threshold_newton']
 
@@ -191,8 +197,18 @@ class _Entmax15Halved(torch.autograd.Function):
         return torch.addcmul(g_root, root, q, value=-1.).mul_(2.), None, None
 
 
+def _entmax15_halved_sorted(z: torch.Tensor, dim: int) -> torch.Tensor:
+    """The same function from the sort-based threshold alone: straight-line tensor ops that a tracer records
+    faithfully (autograd differentiates the closed-form tau of the support, which is the implicit gradient)."""
+    out = torch.clamp(z - _sorted_threshold(z, dim), min=0.)
+    return out * out
+
+
 @torch.jit.unused
 def _entmax15_halved_function(z: torch.Tensor, dim: int, num_steps: int) -> torch.Tensor:
+    if torch.jit.is_tracing() or is_exportable():
+        # a trace keeps one path through the Newton loop and its fallback: export the sort, exact for any input
+        return _entmax15_halved_sorted(z, dim)
     return _Entmax15Halved.apply(z, dim, num_steps)
 
 
