@@ -150,15 +150,37 @@ class TestLayerFastPaths:
             torch.testing.assert_close(torch.jit.script(layer)(x), ref, rtol=0, atol=1e-6)
             torch.testing.assert_close(torch.fx.symbolic_trace(layer)(x), ref, rtol=0, atol=1e-6)
 
-    def test_expert_dropout_distribution(self):
-        drop = ExpertDropout(0.4).train()
-        x = torch.ones(1_000_000)
+    @pytest.mark.parametrize('p', [0.4, 0.1, 0.75])
+    def test_expert_dropout_distribution(self, p):
+        drop = ExpertDropout(p).train()
+        torch.manual_seed(0)
+        x = torch.ones(4_000_000 + 3)  # not a multiple of the four lanes per random word
         y = drop(x)
         kept = y.ne(0)
-        # keep rate 0.6; binomial std over 1e6 draws is 4.9e-4, so 0.003 is about 6 sigma
-        assert abs(kept.float().mean().item() - 0.6) < 3e-3
-        torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.6), rtol=1e-6, atol=0)
+        keep_rate = 1 - round(p * 65536) / 65536  # the lanes' resolution: within 2**-17 of 1 - p
+        assert abs(keep_rate - (1 - p)) <= 2 ** -17
+        # binomial std over n draws is sqrt(k (1 - k) / n); 6 sigma bounds every check below
+        for n, rate in [(kept.numel(), kept.float().mean())] + [
+                (kept.numel() // 4, kept[lane:-3:4].float().mean()) for lane in range(4)]:  # each lane of a word
+            assert abs(rate.item() - keep_rate) < 6 * (keep_rate * (1 - keep_rate) / n) ** 0.5, (rate, keep_rate)
+        # kept values are scaled by the inverse of the exact keep probability: the expectation is x
+        torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / keep_rate), rtol=1e-6, atol=0)
+        # neighbours (lanes of one word) and consecutive words are independent: P(both kept) = k^2
+        for lag in (1, 2, 3, 4, 5):
+            both = (kept[:-lag] & kept[lag:]).float().mean().item()
+            k2 = keep_rate ** 2
+            assert abs(both - k2) < 6 * (k2 * (1 - k2) / (kept.numel() - lag)) ** 0.5, (lag, both, k2)
         assert torch.equal(drop.eval()(x), x)
+
+    def test_expert_dropout_is_seeded_and_masks_the_gradient(self):
+        drop = ExpertDropout(0.4).train()
+        x = torch.randn(3, 5, 7, requires_grad=True)
+        torch.manual_seed(3)
+        y = drop(x)
+        torch.manual_seed(3)
+        assert torch.equal(drop(x), y)
+        y.backward(torch.ones_like(y))
+        torch.testing.assert_close(x.grad, (y != 0).float() / (1 - round(0.4 * 65536) / 65536), rtol=1e-6, atol=0)
 
 
 def _fixture_model():
@@ -187,6 +209,38 @@ class TestFixtureAtSpeed:
         assert torch.isfinite(out).all()
         rel = ((out - ref).norm() / ref.norm()).item()
         assert rel <= 1e-2, f'bf16 autocast relative error {rel:.3g} > 1e-2'
+
+    def test_bf16_expert_weights_close_to_float32(self):
+        """cast_experts (opt-in inference mode): expert weights in bf16, everything else float32. Error against
+        float32 on the fixture's logits: relative norm <= 1e-3 (bf16 keeps 8 bits; measured 1.1e-4)."""
+        from timm_moejet import cast_experts
+        from timm_moejet.layers import BatchedLinear
+        model, tensors = _fixture_model()
+        x = tensors['input']
+        with torch.no_grad():
+            ref = model(x)
+            assert cast_experts(model) == 2 * len(model.moe_blocks) * 2  # fc1, fc2 of core and universal experts
+            out = model(x)
+        for name, p in model.named_parameters():
+            in_experts = '.' in name and isinstance(model.get_submodule(name.rsplit('.', 1)[0]), BatchedLinear)
+            assert p.dtype == (torch.bfloat16 if in_experts else torch.float32), name
+        assert out.dtype == torch.float32
+        rel = ((out - ref).norm() / ref.norm()).item()
+        assert 0 < rel <= 1e-3, f"bf16 expert weights relative error {rel:.3g} not in (0, 1e-3]"
+        # back to float32: the bf16-rounded weights compute in float32 again, closer to the reference
+        cast_experts(model, torch.float32)
+        with torch.no_grad():
+            back = model(x)
+        assert ((back - ref).norm() / ref.norm()).item() < rel
+
+    @pytest.mark.parametrize('bad', [torch.int8, 'bfloat16'])
+    def test_cast_experts_refuses_bad_input(self, bad):
+        from timm_moejet import cast_experts
+        from timm_moejet.errors import InvalidArgument
+        with pytest.raises(InvalidArgument, match='floating-point torch.dtype'):
+            cast_experts(make_layer(), bad)
+        with pytest.raises(InvalidArgument, match='no experts'):
+            cast_experts(torch.nn.Linear(2, 2))
 
     def test_routing_stays_float32_under_autocast(self):
         model, tensors = _fixture_model()
@@ -254,3 +308,74 @@ def test_fast_expert_backward_runs_under_autocast(monkeypatch):
     for a, b in zip(grads_fast, grads_plain):
         assert a.dtype == b.dtype  # the parameter gradients come back in float32, as autocast's
         torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-2)
+
+
+class TestGradRecycler:
+    """Expert weight gradients reuse their memory between steps on CPU, without changing any gradient a caller sees."""
+
+    @staticmethod
+    def _step(layer, x, g):
+        layer(x).backward(g)
+        return layer.weight.grad
+
+    @staticmethod
+    def _reference_grad(layer, x, g):
+        w = layer.weight.detach().clone().requires_grad_()
+        torch.baddbmm(layer.bias.detach().unsqueeze(1), x, w.transpose(1, 2)).backward(g)
+        return w.grad
+
+    def test_recycled_gradients_equal_fresh_ones_and_reuse_memory(self):
+        from timm_moejet.layers.experts import BatchedLinear
+        torch.manual_seed(0)
+        layer = BatchedLinear(4, 16, 8).train()
+        xs, gs = [torch.randn(4, 5, 16) for _ in range(3)], [torch.randn(4, 5, 8) for _ in range(3)]
+        pointers = []
+        for x, g in zip(xs, gs):
+            layer.zero_grad(set_to_none=True)
+            grad = self._step(layer, x, g)
+            torch.testing.assert_close(grad, self._reference_grad(layer, x, g), rtol=0, atol=1e-6)
+            pointers.append(grad.data_ptr())
+            del grad
+        # malloc may hand a freed block back by chance; the recycler's own storage is what must hold the gradient
+        assert pointers[1] == pointers[2] == layer.grad_recycler._storages[False].data_ptr()
+
+    def test_a_kept_gradient_never_changes(self):
+        from timm_moejet.layers.experts import BatchedLinear
+        torch.manual_seed(0)
+        layer = BatchedLinear(4, 16, 8).train()
+        x, g = torch.randn(4, 5, 16), torch.randn(4, 5, 8)
+        layer.zero_grad(set_to_none=True)
+        kept = self._step(layer, x, g)  # the caller keeps a reference, then timm sets .grad to None
+        snapshot = kept.clone()
+        layer.zero_grad(set_to_none=True)
+        new = self._step(layer, 2 * x, g)
+        assert new.data_ptr() != kept.data_ptr()
+        assert torch.equal(kept, snapshot)
+        torch.testing.assert_close(new, 2 * snapshot, rtol=1e-6, atol=1e-6)
+
+    @pytest.mark.parametrize('set_to_none', [True, False])
+    def test_accumulation_adds_the_steps(self, set_to_none):
+        from timm_moejet.layers.experts import BatchedLinear
+        torch.manual_seed(0)
+        layer = BatchedLinear(4, 16, 8).train()
+        xs, gs = [torch.randn(4, 5, 16) for _ in range(3)], [torch.randn(4, 5, 8) for _ in range(3)]
+        expected = sum(self._reference_grad(layer, x, g) for x, g in zip(xs, gs))
+        for _ in range(2):  # the second round runs on recycled memory
+            layer.zero_grad(set_to_none=set_to_none)
+            for x, g in zip(xs, gs):
+                self._step(layer, x, g)
+            torch.testing.assert_close(layer.weight.grad, expected, rtol=1e-5, atol=1e-6)
+
+    def test_eval_and_moving_release_the_memory(self):
+        from timm_moejet.layers.experts import BatchedLinear
+        layer = BatchedLinear(4, 16, 8).train()
+        self._step(layer, torch.randn(4, 5, 16), torch.randn(4, 5, 8))
+        assert layer.grad_recycler._storages
+        layer.eval()
+        assert not layer.grad_recycler._storages
+        layer.train()
+        self._step(layer, torch.randn(4, 5, 16), torch.randn(4, 5, 8))
+        layer.double()
+        assert not layer.grad_recycler._storages
+        import copy
+        assert not copy.deepcopy(layer).grad_recycler._storages

@@ -3,7 +3,7 @@
 Importing the package registers its models with timm (``timm.list_models('moejet*')``).
 """
 from .errors import MoEJetError
-from .layers import SpheroMoE, entmax15
+from .layers import SpheroMoE, cast_experts, entmax15
 from .models import *
 from .official import load_official
 from .recycling import RecyclingRecipe
