@@ -274,6 +274,21 @@ def test_recycle_into_records_recipe(donors, fresh_model, tmp_path):
     assert rec['stats']['hub_id'] == 'test/wide' and rec['stats']['weights_hash'] == weights_hash(wide)
 
 
+@pytest.mark.parametrize('in_chans', [1, 4])
+def test_recycle_into_adapts_the_patch_embedding_to_the_input_channels(donors, in_chans):
+    """A 3-channel donor recycled into a model of other in_chans: timm's own adapt_input_conv of the donor's
+    patch embedding (exact), the rest as for 3 channels."""
+    from timm.models import adapt_input_conv
+    trunk, wide = donors
+    torch.manual_seed(0)
+    model = timm.create_model('moejet_vit_test', num_classes=7, in_chans=in_chans)
+    recycle_into(model, trunk, wide, RecyclingRecipe(strategy='uniform'))
+    weight = model.state_dict()['patch_embed.proj.weight']
+    assert weight.shape[1] == in_chans
+    assert torch.equal(weight, adapt_input_conv(in_chans, trunk['patch_embed.proj.weight']))
+    assert torch.equal(model.state_dict()['blocks.0.attn.qkv.weight'], trunk['blocks.0.attn.qkv.weight'])
+
+
 def _bad_inputs(trunk, wide):
     narrow = dense_vit_state_dict(DenseDonor('vit_tiny_patch16_224', depth=4, model_kwargs=dict(
         embed_dim=32, num_heads=2, img_size=64)))

@@ -96,7 +96,7 @@ def copy_trunk(plan: RecyclingPlan, adapt_input_conv: bool = True) -> Dict[str, 
             continue
         first_conv = key == plan.first_conv
         if first_conv and src.ndim == 4 and src.shape[1] != value.shape[1] and adapt_input_conv:
-            from timm.layers import adapt_input_conv as _adapt
+            from timm.models import adapt_input_conv as _adapt
             src = _adapt(value.shape[1], src)
         # timm's loader adapts the input channels of the first convolution after the filter
         channels_left_to_timm = first_conv and not adapt_input_conv and src.ndim == 4 and src.shape[1] != value.shape[1]
