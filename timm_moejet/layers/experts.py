@@ -7,7 +7,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
-from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+
+try:
+    from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+except ImportError:  # torch < 2.9: one flag for every fx tracer (make_fx too), which only costs the fast paths there
+    from torch.fx._symbolic_trace import is_fx_tracing as is_fx_symbolic_tracing
 
 from ..errors import InvalidArgument
 
