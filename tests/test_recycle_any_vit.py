@@ -138,6 +138,11 @@ def test_defaults_scale_with_the_donor_tokens():
 
     args, _ = moejet_vit_kwargs('vit_small_patch14_reg4_dinov2.lvd142m')
     assert (args['num_core_experts'], args['num_univ_experts']) == (37 * 37 // 2, 37 * 37)
+    # at another input size the counts follow its tokens (16 x 16 patches of 14 px at 224)
+    args, _ = moejet_vit_kwargs('vit_small_patch14_reg4_dinov2.lvd142m', img_size=224)
+    assert (args['num_core_experts'], args['num_univ_experts']) == (128, 256)
+    args, _ = moejet_vit_kwargs('vit_small_patch14_reg4_dinov2.lvd142m', img_size=(224, 112))
+    assert (args['num_core_experts'], args['num_univ_experts']) == (64, 128)
     args, _ = moejet_vit_kwargs('vit_base_patch16_224.augreg_in21k')
     assert (args['num_core_experts'], args['num_univ_experts']) == (98, 196)
 

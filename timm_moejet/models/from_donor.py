@@ -12,6 +12,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from timm.layers import to_2tuple
 
 from ..errors import DonorMismatch, InvalidArgument
 
@@ -154,16 +155,25 @@ def _check_rebuilds(model: nn.Module, args: Dict[str, Any], name: str) -> None:
                             f'{differ[:6]}); it uses options MoE Jetpack ViTs do not carry.')
 
 
-def moejet_vit_kwargs(trunk: str) -> Tuple[Dict[str, Any], nn.Module]:
+def moejet_vit_kwargs(trunk: str, img_size: Any = None) -> Tuple[Dict[str, Any], nn.Module]:
     """The ``moejet_vit`` kwargs for a trunk donor: its architecture plus the paper's MoE settings scaled to it.
+
+    Args:
+        trunk: The trunk donor, named as ``create_moejet_from`` takes it.
+        img_size: The MoE model's input size (int or (height, width)) when it differs from the donor's: the expert
+            counts scale with the tokens at this size (a DINOv2 donor is configured for 518 px: 1369 tokens).
 
     Returns:
         The kwargs and the donor built on the meta device.
     """
     donor = _donor_model(trunk)
     args = vit_architecture(donor, trunk)
-    tokens = donor.patch_embed.num_patches  # 196 for a 224 px ViT/16: the paper's 98 core + 196 universal
-    args.update(num_core_experts=max(1, tokens // 2), num_univ_experts=tokens)
+    grid = donor.patch_embed.grid_size
+    if img_size is not None:
+        size = to_2tuple(img_size)
+        grid = tuple(s // p for s, p in zip(size, donor.patch_embed.patch_size))
+    tokens = grid[0] * grid[1]  # 196 for a 224 px ViT/16: the paper's 98 core + 196 universal
+    args.update(num_core_experts=max(1, tokens // 2), num_univ_experts=max(1, tokens))
     return args, donor
 
 
@@ -215,7 +225,7 @@ def create_moejet_from(
     """
     import timm
 
-    args, donor = moejet_vit_kwargs(trunk)
+    args, donor = moejet_vit_kwargs(trunk, kwargs.get('img_size'))
     if experts is not None:
         if not isinstance(experts, str) or not experts:
             raise InvalidArgument(f'experts must name a donor, got {experts!r}.')

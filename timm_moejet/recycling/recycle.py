@@ -362,7 +362,7 @@ def build_recycled_model(
 
     if model_name is None:
         from ..models.from_donor import moejet_vit_kwargs
-        model_kwargs = dict(moejet_vit_kwargs(trunk)[0], **model_kwargs)
+        model_kwargs = dict(moejet_vit_kwargs(trunk, model_kwargs.get('img_size'))[0], **model_kwargs)
         model_name = 'moejet_vit'
     check_model_name(model_name)
     recipe = recipe if recipe is not None else RecyclingRecipe()
