@@ -7,20 +7,20 @@
 everything timm's ViT offers (features, intermediates, grad checkpointing, dynamic size, torchscript, fx)
 keeps working.
 """
-import contextlib
 from functools import partial
 from typing import Any, Callable, Dict, Optional, Sequence, Set
 
 import torch
 import torch.nn as nn
 from timm.layers import LayerNorm
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..errors import InvalidArgument
-from ..layers import SpheroMoE, experts_to_be_loaded
-from ..recycling import RecyclingArgs, RecyclingRecipe
+from ..layers import SpheroMoE
+from ..recycling import RecyclingRecipe
 from ..settings import integer, real
+from .builder import build_moe_model
 from .placement import pop_moe_kwargs
 
 __all__ = ['MoEVisionTransformer']
@@ -165,21 +165,8 @@ default_cfgs = generate_default_cfgs({
 
 def _create_moejet(variant: str, pretrained: bool = False, **kwargs) -> MoEVisionTransformer:
     out_indices = kwargs.pop('out_indices', 3)
-    # recycle_strategy / recycle_stats / recycle_seed / ... configure the dense->MoE pretrained filter
-    recycling = RecyclingArgs.pop_from(variant, kwargs, _RECIPES)
-    if pretrained:
-        recycling.locate_donors()
-    # with pretrained weights the experts are about to be overwritten: skip drawing 260M random values
-    with recycling.naming_missing_donors(), experts_to_be_loaded() if pretrained else contextlib.nullcontext():
-        model = build_model_with_cfg(
-            MoEVisionTransformer,
-            variant,
-            pretrained,
-            pretrained_filter_fn=recycling.filter_fn,
-            feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-            **kwargs,
-        )
-    return recycling.finish(model)
+    return build_moe_model(MoEVisionTransformer, variant, pretrained, _RECIPES,
+                           dict(out_indices=out_indices, feature_cls='getter'), **kwargs)
 
 
 # MoE Jetpack defaults (released code): MoE in the second half, 98 core + 196 universal experts, 1 slot each.

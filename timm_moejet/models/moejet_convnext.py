@@ -13,20 +13,20 @@ core and twice as many universal (the paper's [98, 24] and [196, 48]). Each choi
 ``MoEConvNeXt`` subclasses timm's ``ConvNeXt`` and swaps only those MLPs, so features, intermediates, grad
 checkpointing and the classifier reset of timm's ConvNeXt keep working.
 """
-import contextlib
 import dataclasses
 from typing import Any, Dict, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
 from timm.layers import calculate_drop_path_rates
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models.convnext import ConvNeXt
 
 from ..errors import InvalidArgument, InvalidArgumentType
-from ..layers import SpheroMoE, experts_to_be_loaded
-from ..recycling import RecyclingArgs, RecyclingRecipe
+from ..layers import SpheroMoE
+from ..recycling import RecyclingRecipe
 from ..settings import integer
+from .builder import build_moe_model
 from .placement import pop_moe_kwargs
 
 __all__ = ['MoEConvNeXt']
@@ -190,19 +190,8 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_moejet_convnext(variant: str, pretrained: bool = False, **kwargs) -> MoEConvNeXt:
-    recycling = RecyclingArgs.pop_from(variant, kwargs, _RECIPES)
-    if pretrained:
-        recycling.locate_donors()
-    with recycling.naming_missing_donors(), experts_to_be_loaded() if pretrained else contextlib.nullcontext():
-        model = build_model_with_cfg(
-            MoEConvNeXt,
-            variant,
-            pretrained,
-            pretrained_filter_fn=recycling.filter_fn,
-            feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
-            **kwargs,
-        )
-    return recycling.finish(model)
+    return build_moe_model(MoEConvNeXt, variant, pretrained, _RECIPES,
+                           dict(out_indices=(0, 1, 2, 3), flatten_sequential=True), **kwargs)
 
 
 @register_model
