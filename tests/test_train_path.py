@@ -211,7 +211,7 @@ def test_pretrained_path_and_initial_checkpoint(digits_root, tmp_path):
 
 def test_paper_randaugment_runs_every_op_at_full_magnitude():
     # the paper's rand-m9-mstd0.5-inc1 samples magnitudes up to 10, where PosterizeIncreasing keeps 0 bits
-    # (Pillow 13 raises on that inside a train.py data worker; pyproject pins pillow<13)
+    # (Pillow 13 raises on that inside a train.py data worker; install pillow<13 for that recipe: docs/training.md)
     from PIL import Image
     from timm.data.auto_augment import rand_augment_transform
     transform = rand_augment_transform('rand-m10-mstd0-inc1', dict(translate_const=10, img_mean=(128, 128, 128)))
