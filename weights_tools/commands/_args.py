@@ -87,6 +87,20 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def add_output_args(parser: argparse.ArgumentParser, what: str, folder: bool = False) -> None:
+    """``--output``/``-o`` (a ``.safetensors`` file, or a folder) and ``--overwrite``."""
+    kind = 'folder' if folder else 'file'
+    parser.add_argument('--output', '-o', required=True, metavar='FOLDER' if folder else 'FILE.safetensors', help=what)
+    parser.add_argument('--overwrite', action='store_true', help=f'replace an existing output {kind}')
+
+
+def check_file_output(args: argparse.Namespace, inputs: Dict[str, Any]) -> Path:
+    """A ``--output`` of :func:`add_output_args` (file form): a ``.safetensors`` path, free, not one of the inputs."""
+    if not args.output.endswith('.safetensors'):
+        raise InvalidArgument(f'--output must be a .safetensors file, got {args.output}.')
+    return check_output_free(args.output, args.overwrite, 'output file', inputs)
+
+
 def check_output_free(path: str, overwrite: bool, what: str = 'output', inputs: Optional[Dict[str, Any]] = None
                       ) -> Path:
     """Refuse an output that is, contains or lies inside one of the ``inputs`` (role -> path or name), and an existing

@@ -3,7 +3,7 @@ import argparse
 import textwrap
 import time
 
-from ._args import COUNT_ARG, NON_NEGATIVE_ARG, SEED_ARG, check_output_free, resolve_device
+from ._args import COUNT_ARG, NON_NEGATIVE_ARG, SEED_ARG, add_output_args, check_file_output, resolve_device
 
 EXAMPLE = textwrap.dedent('''\
     example:
@@ -34,21 +34,17 @@ def add_parser(subparsers, parent: argparse.ArgumentParser, formatter) -> argpar
     p.add_argument('--no-coactivation', action='store_true',
                    help='skip the hidden-unit co-activation matrices (needed only by --strategy graph)')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
-    p.add_argument('--output', '-o', required=True, metavar='FILE.safetensors', help='the statistics file')
-    p.add_argument('--overwrite', action='store_true', help='replace an existing output file')
+    add_output_args(p, 'the statistics file')
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     from timm_moejet.donors import load_donor
-    from timm_moejet.errors import InvalidArgument
     from timm_moejet.image_folder import image_loader
     from timm_moejet.recycling import collect_statistics
 
-    if not args.output.endswith('.safetensors'):
-        raise InvalidArgument(f'--output must be a .safetensors file, got {args.output}.')
     inputs = {'donor': args.donor, 'image folder': args.images}
-    check_output_free(args.output, args.overwrite, 'output file', inputs)
+    check_file_output(args, inputs)
     device = resolve_device(args.device)
     donor = load_donor(args.donor, role='donor')
     model = donor.build_model(args.donor_arch)
@@ -58,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     stats = collect_statistics(model, loader, device=device, progress=not args.no_progress, donor_id=args.donor,
                                coactivation=not args.no_coactivation)
     seconds = time.perf_counter() - start
-    check_output_free(args.output, args.overwrite, 'output file', inputs)
+    check_file_output(args, inputs)  # again: the output may have appeared during the pass
     stats.save(args.output)
     print(f'calibrated {stats.describe()} on {summary["images"]} of {summary["available"]} images '
           f'({summary["classes"]} classes, seed {args.seed}) from {args.images}: {len(loader)} batches of '

@@ -2,7 +2,7 @@
 import argparse
 import textwrap
 
-from ._args import add_model_args, check_output_free, model_kwargs_from
+from ._args import add_model_args, add_output_args, check_output_free, model_kwargs_from
 
 EXAMPLE = textwrap.dedent('''\
     example:
@@ -19,8 +19,7 @@ def add_parser(subparsers, parent: argparse.ArgumentParser, formatter) -> argpar
                     'or an hf-hub: model as a timm Hub folder: model.safetensors + config.json, loadable with '
                     'timm.create_model("local-dir:FOLDER", pretrained=True).')
     add_model_args(p)
-    p.add_argument('--output', '-o', required=True, metavar='FOLDER', help='the folder to write')
-    p.add_argument('--overwrite', action='store_true', help='replace an existing output folder')
+    add_output_args(p, 'the folder to write', folder=True)
     return p
 
 

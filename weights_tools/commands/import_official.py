@@ -5,7 +5,7 @@ import textwrap
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from ._args import check_output_free
+from ._args import add_output_args, check_output_free
 
 EXAMPLE = textwrap.dedent('''\
     example (the official config is the VisionTransformerMoe kwargs of its mmpretrain config, as JSON):
@@ -27,8 +27,7 @@ def add_parser(subparsers, parent: argparse.ArgumentParser, formatter) -> argpar
     p.add_argument('--config', metavar='JSON', default=None,
                    help='the official constructor kwargs: a JSON file or a JSON string (default: the "config" '
                         'metadata entry of a safetensors checkpoint)')
-    p.add_argument('--output', '-o', required=True, metavar='FOLDER', help='the folder to write')
-    p.add_argument('--overwrite', action='store_true', help='replace an existing output folder')
+    add_output_args(p, 'the folder to write', folder=True)
     return p
 
 

@@ -2,7 +2,7 @@
 import argparse
 import textwrap
 
-from ._args import SEED_ARG, add_model_kwargs, check_output_free, model_kwargs_from
+from ._args import SEED_ARG, add_model_kwargs, add_output_args, check_output_free, model_kwargs_from
 
 EXAMPLE = textwrap.dedent('''\
     example:
@@ -47,8 +47,7 @@ def add_parser(subparsers, parent: argparse.ArgumentParser, formatter) -> argpar
                    help='seed of the sampling and of the initial values of what is not recycled (head, slot '
                         'queries): the same command gives a bit-identical checkpoint')
     add_model_kwargs(p, 'of the MoE model')
-    p.add_argument('--output', '-o', required=True, metavar='FOLDER', help='the folder to write')
-    p.add_argument('--overwrite', action='store_true', help='replace an existing output folder')
+    add_output_args(p, 'the folder to write', folder=True)
     return p
 
 

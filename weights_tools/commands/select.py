@@ -2,7 +2,7 @@
 import argparse
 import textwrap
 
-from ._args import SEED_ARG, add_model_kwargs, check_output_free, model_kwargs_from
+from ._args import SEED_ARG, add_model_kwargs, add_output_args, check_file_output, model_kwargs_from
 
 EXAMPLE = textwrap.dedent('''\
     example:
@@ -31,19 +31,15 @@ def add_parser(subparsers, parent: argparse.ArgumentParser, formatter) -> argpar
     p.add_argument('--seed', type=SEED_ARG, default=0,
                    help='seed of what the donor cannot give (a head for another number of classes)')
     add_model_kwargs(p, 'of the smaller model')
-    p.add_argument('--output', '-o', required=True, metavar='FILE.safetensors', help='the weights file to write')
-    p.add_argument('--overwrite', action='store_true', help='replace an existing output file')
+    add_output_args(p, 'the weights file to write')
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     from timm_moejet.checkpoint_io import save_safetensors_atomic
-    from timm_moejet.errors import InvalidArgument
     from timm_moejet.recycling import build_selected_model
 
-    if not args.output.endswith('.safetensors'):
-        raise InvalidArgument(f'--output must be a .safetensors file, got {args.output}.')
-    check_output_free(args.output, args.overwrite, 'output file', {'donor': args.donor})
+    check_file_output(args, {'donor': args.donor})
     model = build_selected_model(args.model, args.donor, args.block_map, init_seed=args.seed,
                                  **model_kwargs_from(args))
     save_safetensors_atomic(model.state_dict(), args.output, overwrite=args.overwrite)
