@@ -4,6 +4,9 @@ Donors are random weights in the real key layout of real timm model names, in a 
 are recomputed here independently: halving a dimension keeps every second element, a dimension that does not
 shrink is kept whole.
 """
+import json
+import math
+
 import pytest
 import timm
 import torch
@@ -78,6 +81,10 @@ def test_recycled_on_load_from_convnext_t(cache, donor, monkeypatch):
             assert torch.equal(sd[f'{p}{group}.fc1.weight'], out[f'{p}{group}.fc1.weight'])
             assert torch.equal(sd[f'{p}{group}.fc1.weight'], w1[h[:, :, None], c[:, None, :]])
             assert torch.equal(sd[f'{p}{group}.fc2.weight'], w2[c[:, :, None], h[:, None, :]])
+            assert torch.equal(sd[f'{p}{group}.fc1.bias'], donor[p + 'fc1.bias'][h])
+            assert torch.equal(sd[f'{p}{group}.fc2.bias'], donor[p + 'fc2.bias'][c])
+            for rows in (h, c):  # distinct donor units per expert: sorted, no repeats
+                assert bool((rows[:, 1:] > rows[:, :-1]).all())
             assert c.shape[1] == sd[f'{p}{group}.fc1.weight'].shape[2]
     record = model.pretrained_cfg['recycling']
     assert record['trunk'] == TINY_IN22K and record['trunk_fit'] == 'select' and record['strategy'] == 'importance'
@@ -122,6 +129,8 @@ def test_timm_features_and_training_hooks():
     moe = model.moe_layers()[3]
     assert scale[id(moe.core.fc1.weight)] == 1.0 and scale[id(model.stages[2].blocks[1].norm.weight)] == 1.0
     assert scale[id(model.stages[0].blocks[0].conv_dw.weight)] < 1.0
+    # inside a MoE block only the MoE layer and its norm move up: the block's depthwise conv keeps its decayed lr
+    assert scale[id(model.stages[2].blocks[1].conv_dw.weight)] < 1.0
     decay = {id(p): g['weight_decay'] for g in optimizer.param_groups for p in g['params']}
     assert decay[id(moe.core.fc1.bias)] == 0 and decay[id(moe.core.fc1.weight)] == 0.05
 
@@ -131,11 +140,24 @@ def test_statistics_of_a_convnext_donor_drive_recycling(donor):
 
     dense = timm.create_model('convnext_tiny', num_classes=10)
     dense.load_state_dict(donor)
-    stats = collect_statistics(dense, [torch.randn(2, 3, 64, 64)], progress=False, coactivation=False)
+    images = torch.randn(2, 3, 64, 64)
+    stats = collect_statistics(dense, [images], progress=False, coactivation=False)
     assert stats.get(9, 'hidden', 'l2').shape == (1536,) and stats.get(15, 'channel', 'l2').shape == (768,)
+    # block 9 (stage 3, block 3): the RMS over every position of its MLP activation, computed here with a hook
+    seen = []
+    hook = dense.stages[2].blocks[3].mlp.act.register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+    with torch.no_grad():
+        dense.eval()(images)
+    hook.remove()
+    direct = seen[0].reshape(-1, 1536).square().mean(0).sqrt()
+    torch.testing.assert_close(stats.get(9, 'hidden', 'l2'), direct, rtol=1e-5, atol=1e-6)
     model = timm.create_model('moejet_convnext_femto', **SMALL)
-    out = recycle_state_dict(model, donor, None, RecyclingRecipe(trunk_fit='select'), stats=stats)
+    recipe = RecyclingRecipe(trunk_fit='select')
+    out, measured = recycle_state_dict(model, donor, None, recipe, stats=stats, return_indices=True)
     assert out['stages.3.blocks.2.mlp.core.fc1.weight'].shape == (3, 1536, 384)
+    _, proxy = recycle_state_dict(model, donor, None, recipe, return_indices=True)  # the data-free proxy instead
+    assert any(not torch.equal(measured[i]['core'][0], proxy[i]['core'][0]) for i in measured), \
+        'the measured statistics must change which hidden units the experts take'
 
 
 @pytest.mark.parametrize('small, large, kwargs', [
@@ -184,6 +206,11 @@ def test_command_line_recycles_inspects_and_exports_a_convnext(tmp_path, capsys)
     assert main(['export', str(tmp_path / 'moe'), '--output', str(tmp_path / 'again')]) == 0
     out = capsys.readouterr().out
     assert 'recycled moejet_convnext_test' in out and 'router diagnostics' in out, out
+    report = json.loads((tmp_path / 'r.json').read_text())
+    assert [layer['block'] for layer in report['layers']] == [3, 4, 5]  # one per MoE layer
+    for layer in report['layers']:
+        assert math.isfinite(layer['dispatch_entropy']) and 0 <= layer['dispatch_entropy'] <= 1
+        assert abs(layer['core_share'] + layer['univ_share'] - 1) < 1e-6  # the shares of one layer's output mass
     a = timm.create_model(f'local-dir:{tmp_path / "moe"}', pretrained=True)
     b = timm.create_model(f'local-dir:{tmp_path / "again"}', pretrained=True)
     assert a.pretrained_cfg['recycling']['trunk_fit'] == 'select'

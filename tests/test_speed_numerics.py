@@ -158,7 +158,6 @@ class TestLayerFastPaths:
         y = drop(x)
         kept = y.ne(0)
         keep_rate = 1 - round(p * 65536) / 65536  # the lanes' resolution: within 2**-17 of 1 - p
-        assert abs(keep_rate - (1 - p)) <= 2 ** -17
         # binomial std over n draws is sqrt(k (1 - k) / n); 6 sigma bounds every check below
         for n, rate in [(kept.numel(), kept.float().mean())] + [
                 (kept.numel() // 4, kept[lane:-3:4].float().mean()) for lane in range(4)]:  # each lane of a word
@@ -377,5 +376,11 @@ class TestGradRecycler:
         self._step(layer, torch.randn(4, 5, 16), torch.randn(4, 5, 8))
         layer.double()
         assert not layer.grad_recycler._storages
+        # the next gradient is right in the new dtype (no float32 memory reused)
+        layer.zero_grad(set_to_none=True)
+        x, g = torch.randn(4, 5, 16, dtype=torch.float64), torch.randn(4, 5, 8, dtype=torch.float64)
+        grad = self._step(layer, x, g)
+        assert grad.dtype == torch.float64
+        torch.testing.assert_close(grad, self._reference_grad(layer, x, g), rtol=0, atol=1e-12)
         import copy
         assert not copy.deepcopy(layer).grad_recycler._storages
