@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from ..errors import DonorMismatch
 from .families import Family, family_of_state_dict
-from .selection import map_blocks
+from .selection import map_blocks, uniform_indices
 
 __all__ = ['evenly_spaced', 'select_tensor', 'select_state_dict']
 
@@ -23,7 +23,7 @@ def evenly_spaced(n: int, k: int) -> torch.Tensor:
     ``round(linspace(0, n - 1, k))``."""
     if n % k == 0:
         return torch.arange(k) * (n // k)
-    return torch.linspace(0, n - 1, k, dtype=torch.float64).round().long()
+    return uniform_indices(n, k)
 
 
 def select_tensor(src: torch.Tensor, shape: torch.Size, name: str = 'tensor') -> torch.Tensor:
