@@ -8,7 +8,14 @@ from timm.models import build_model_with_cfg
 from ..layers import experts_to_be_loaded
 from ..recycling import RecyclingArgs, RecyclingRecipe
 
-__all__ = ['build_moe_model']
+__all__ = ['PAPER_CFG', 'build_moe_model']
+
+# what every MoE family's pretrained cfg says of its origin
+PAPER_CFG = {
+    'license': 'apache-2.0',
+    'paper_ids': 'arXiv:2406.04801',
+    'paper_name': 'MoE Jetpack: From Dense Checkpoints to Adaptive Mixture of Experts for Vision Tasks',
+}
 
 
 def build_moe_model(

@@ -20,7 +20,7 @@ from ..errors import InvalidArgument
 from ..layers import SpheroMoE
 from ..recycling import RecyclingRecipe
 from ..settings import integer, real
-from .builder import build_moe_model
+from .builder import PAPER_CFG, build_moe_model
 from .placement import pop_moe_kwargs
 
 __all__ = ['MoEVisionTransformer']
@@ -112,9 +112,7 @@ def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
         'std': (0.5, 0.5, 0.5),
         'first_conv': 'patch_embed.proj',
         'classifier': 'head',
-        'license': 'apache-2.0',
-        'paper_ids': 'arXiv:2406.04801',
-        'paper_name': 'MoE Jetpack: From Dense Checkpoints to Adaptive Mixture of Experts for Vision Tasks',
+        **PAPER_CFG,
         **kwargs,
     }
 

@@ -26,7 +26,7 @@ from ..errors import InvalidArgument, InvalidArgumentType
 from ..layers import SpheroMoE
 from ..recycling import RecyclingRecipe
 from ..settings import integer
-from .builder import build_moe_model
+from .builder import PAPER_CFG, build_moe_model
 from .placement import pop_moe_kwargs
 
 __all__ = ['MoEConvNeXt']
@@ -166,9 +166,7 @@ def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
         'std': (0.229, 0.224, 0.225),
         'first_conv': 'stem.0',
         'classifier': 'head.fc',
-        'license': 'apache-2.0',
-        'paper_ids': 'arXiv:2406.04801',
-        'paper_name': 'MoE Jetpack: From Dense Checkpoints to Adaptive Mixture of Experts for Vision Tasks',
+        **PAPER_CFG,
         **kwargs,
     }
 
