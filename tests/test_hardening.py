@@ -112,6 +112,8 @@ def test_ctrl_c_during_the_swap_is_held_until_the_new_output_is_in_place(tmp_pat
 
     from timm_moejet import checkpoint_io
 
+    # Python's own Ctrl-C handler, whatever this process inherited (a background shell starts it with SIGINT ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     target = tmp_path / 'out'
     _write_output(target, 'old')
     if not exchange:
@@ -134,6 +136,7 @@ def test_ctrl_c_during_the_swap_is_held_until_the_new_output_is_in_place(tmp_pat
     with pytest.raises(KeyboardInterrupt):
         _write_output(target, 'new')
     monkeypatch.setattr(os, 'rename', real_rename)
+    signal.signal(signal.SIGINT, previous)
     assert (target / 'f.txt').read_text() == 'new'
     assert _leftovers(tmp_path, 'out') == []
 
