@@ -1,9 +1,6 @@
-"""Where the tests find the project's shared, read-only material.
-
-``shared/`` sits next to the checkout (``../shared``), in development and in CI; ``MOEJET_SHARED`` overrides it.
-"""
-import os
+"""Where the tests find the project's reference material: inside the repository, so a fresh clone is enough."""
 from pathlib import Path
 
-SHARED = Path(os.environ.get('MOEJET_SHARED', Path(__file__).resolve().parents[2] / 'shared'))
-OFFICIAL_FIXTURE = SHARED / 'fixtures' / 'official_moejet_reference.safetensors'
+FIXTURES = Path(__file__).resolve().parent / 'fixtures'
+# reference outputs of the official implementation, with its provenance in official/README.md
+OFFICIAL_FIXTURE = FIXTURES / 'official' / 'official_moejet_reference.safetensors'
