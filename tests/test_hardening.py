@@ -331,7 +331,7 @@ def _train_py_checkpoint(path: Path, model, ema_model) -> None:
 
 
 def test_timm_train_py_checkpoints_load_with_their_ema(tmp_path, capsys):
-    from timm_moejet.hub import load_model
+    from timm_moejet.build import load_model
     from weights_tools.cli import main
 
     torch.manual_seed(0)
