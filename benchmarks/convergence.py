@@ -25,7 +25,6 @@ Examples::
 """
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -36,6 +35,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from benchmarks.digits.experiment import (
+    ARM_GROUPS,
     ARMS,
     CONVNEXT_MOE,
     DONORS,
@@ -46,6 +46,7 @@ from benchmarks.digits.experiment import (
     PRETRAIN,
     PRETRAINED_LAYER_DECAY,
     UPSTREAM_CLASSES,
+    dense_model,
     epochs_to_reach,
     load_data,
     pretrain_donor,
@@ -53,7 +54,9 @@ from benchmarks.digits.experiment import (
 )
 from benchmarks.digits.train_loop import FinetuneConfig
 from timm_moejet.checkpoint_io import atomic_write_bytes
-from timm_moejet.recycling import STRATEGIES
+
+RUNS_FORMAT = 1
+DEFAULT_STRATEGY = 'importance'
 
 
 def _mean_std(values: Sequence[float]) -> Dict[str, float]:
@@ -133,99 +136,144 @@ def plot_curves(curves: Dict[str, List[List[float]]], path: str, title: str) -> 
     atomic_write_bytes(buf.getvalue(), path)
 
 
+def _recipe(epochs: int) -> Dict[str, object]:
+    """Everything a run depends on besides its arm and seed: runs of one file must share it to be paired."""
+    return {
+        'data': {'upstream_classes': list(UPSTREAM_CLASSES), 'downstream_classes': list(DOWNSTREAM_CLASSES),
+                 'image_size': {f: FAMILIES[f].image_size for f in FAMILIES}},
+        'models': {**{name: {'model': d.model_name, **d.kwargs} for name, d in DONORS.items()},
+                   'vit_moe': MOE, 'convnext_moe': CONVNEXT_MOE},
+        'pretrain': vars(PRETRAIN), 'downstream': dict(vars(DOWNSTREAM), epochs=epochs),
+        'pretrained_arms_layer_decay': PRETRAINED_LAYER_DECAY, 'default_strategy': DEFAULT_STRATEGY,
+    }
+
+
+def _jsonable(obj: object) -> object:
+    return json.loads(json.dumps(obj, default=list))
+
+
+def load_runs(path: str, recipe: Dict[str, object]) -> Dict[str, object]:
+    """The raw runs file (created empty if absent); its recipe must be ``recipe``, else runs would not pair."""
+    if not os.path.exists(path):
+        return {'format': RUNS_FORMAT, 'recipe': _jsonable(recipe), 'runs': {}, 'donors': {}, 'sessions': []}
+    with open(path) as f:
+        runs = json.load(f)
+    if runs.get('format') != RUNS_FORMAT or runs.get('recipe') != _jsonable(recipe):
+        raise SystemExit(f'{path} holds runs of another recipe (or --epochs); pass another --out-dir, or --fresh '
+                         f'to replace it.')
+    return runs
+
+
+def _save_runs(runs: Dict[str, object], path: str) -> None:
+    atomic_write_bytes(json.dumps(runs, indent=1).encode(), path)
+
+
+def _donor(name: str, datasets: Dict[str, object], seed: int, runs: Dict[str, object],
+           cache: Optional[str]) -> torch.nn.Module:
+    """The donor of ``seed``: from the cache folder if there, else pre-trained (the same weights: one thread)."""
+    family = DONORS[name].family
+    cached = os.path.join(cache, f'{name}_seed{seed}.safetensors') if cache else None
+    if cached and os.path.exists(cached):
+        from safetensors.torch import load_file
+        model = dense_model(name, num_classes=len(UPSTREAM_CLASSES))
+        model.load_state_dict(load_file(cached))
+        return model.eval()
+    start = time.perf_counter()
+    model, acc = pretrain_donor(name, datasets[family], seed)
+    seconds = time.perf_counter() - start
+    record = runs['donors'].setdefault(name, {}).get(str(seed))
+    if record is not None and abs(record['upstream_acc'] - acc) > 1e-9:
+        print(f'warning: donor {name} seed {seed} pre-trained to {acc:.2f}%, the recorded runs had '
+              f'{record["upstream_acc"]:.2f}% (another machine or thread count?)', flush=True)
+    runs['donors'][name][str(seed)] = {'upstream_acc': acc, 'seconds': seconds}
+    if cached:
+        from timm_moejet.checkpoint_io import save_safetensors_atomic
+        os.makedirs(cache, exist_ok=True)
+        save_safetensors_atomic({k: v.contiguous() for k, v in model.state_dict().items()}, cached)
+    print(f'[seed {seed}] donor {name} pre-trained upstream: test acc {acc:.1f}%  ({seconds:.0f}s)', flush=True)
+    return model
+
+
+def expand_arms(names: Sequence[str]) -> List[str]:
+    """Arm names and group names (``main``, ``recycling``, ``spheromoe``, ``all``) as arm names, in table order."""
+    wanted = set()
+    for name in names:
+        if name == 'all':
+            wanted.update(ARMS)
+        elif name in ARM_GROUPS:
+            wanted.update(ARM_GROUPS[name])
+        else:
+            wanted.add(name)
+    # an ablation is a difference to its default-recipe arm: that arm runs too
+    wanted.update(ARMS[a].reference for a in list(wanted) if ARMS[a].reference)
+    return [a for a in ARMS if a in wanted]
+
+
+def report(runs: Dict[str, object], out_dir: str) -> Dict[str, object]:
+    print(f'{sum(len(v) for v in runs["runs"].values())} runs in {out_dir}')
+    return runs
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
+    parser.add_argument('--seeds', type=int, nargs='+', default=list(range(5)))
     parser.add_argument('--epochs', type=int, default=DOWNSTREAM.epochs, help='downstream epochs of every arm')
-    parser.add_argument('--arms', nargs='+', default=list(ARMS), choices=list(ARMS))
-    parser.add_argument('--strategy', default='importance', choices=list(STRATEGIES), help='recycling strategy')
+    parser.add_argument('--arms', nargs='+', default=['main'], choices=list(ARMS) + list(ARM_GROUPS) + ['all'],
+                        metavar='ARM', help='arms or groups: main (default), recycling, spheromoe, all, or arm '
+                        'names (an ablation brings its default-recipe arm)')
     # one thread: these models are tiny, and extra threads only spin when the CPU is shared (10x slower measured)
     parser.add_argument('--threads', type=int, default=1, help='torch CPU threads (default 1)')
     parser.add_argument('--out-dir', default=os.path.join('benchmarks', 'results'),
-                        help='where convergence.json and convergence.png go')
+                        help='where convergence_runs.json (raw runs, resumed), convergence.json and '
+                             'convergence.png go')
+    parser.add_argument('--donor-cache', default=None,
+                        help='folder keeping the pre-trained donors, so that a later call skips their pre-training')
+    parser.add_argument('--fresh', action='store_true', help='discard the runs already in --out-dir')
+    parser.add_argument('--report-only', action='store_true', help='run nothing: report the runs already there')
     args = parser.parse_args(argv)
-    if args.epochs < 2:
-        parser.error(f'--epochs must be >= 2, got {args.epochs}.')
+    if args.epochs < 4:
+        parser.error(f'--epochs must be >= 4 (a quarter of them is reported), got {args.epochs}.')
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f'--seeds has repeats: {args.seeds}.')
     torch.set_num_threads(args.threads)
+    arms = expand_arms(args.arms)
+    os.makedirs(args.out_dir, exist_ok=True)
+    runs_path = os.path.join(args.out_dir, 'convergence_runs.json')
+    recipe = _recipe(args.epochs)
+    if args.fresh and os.path.exists(runs_path):
+        os.remove(runs_path)
+    runs = load_runs(runs_path, recipe)
     cfg = FinetuneConfig(**dict(vars(DOWNSTREAM), epochs=args.epochs))
-    donor_names = [d for d in DONORS if any(d in ARMS[a].donors for a in args.arms)]
 
-    families = [f for f in FAMILIES if any(ARMS[a].family == f for a in args.arms)]
-    datasets = {f: load_data(image_size=FAMILIES[f].image_size) for f in families}
-    sizes = datasets[families[0]].sizes()  # the same images at every size
-    print(f'digits: upstream classes {UPSTREAM_CLASSES}, downstream classes {DOWNSTREAM_CLASSES}; sizes {sizes}; '
-          + ', '.join(f'{FAMILIES[f].label} at {FAMILIES[f].image_size} px' for f in families))
-    start = time.perf_counter()
-    curves: Dict[str, List[List[float]]] = {arm: [] for arm in args.arms}
-    donor_acc: Dict[str, List[float]] = {d: [] for d in donor_names}
-    width = max(len(a) for a in args.arms)
-    for seed in args.seeds:
-        donors = {}
-        for name in donor_names:
-            donors[name], acc = pretrain_donor(name, datasets[DONORS[name].family], seed)
-            donor_acc[name].append(acc)
-            print(f'[seed {seed}] donor {name} pre-trained upstream: test acc {acc:.1f}%  '
-                  f'({time.perf_counter() - start:.0f}s)', flush=True)
-        for arm in args.arms:
-            curve = run_arm(arm, datasets[ARMS[arm].family], seed, donors=donors, strategy=args.strategy, cfg=cfg)
-            curves[arm].append(curve)
+    todo = [(seed, arm) for seed in args.seeds for arm in arms if str(seed) not in runs['runs'].get(arm, {})]
+    session_start = time.perf_counter()
+    if todo and not args.report_only:
+        families = [f for f in FAMILIES if any(ARMS[a].family == f for _, a in todo)]
+        datasets = {f: load_data(image_size=FAMILIES[f].image_size) for f in families}
+        print(f'digits: upstream classes {UPSTREAM_CLASSES}, downstream classes {DOWNSTREAM_CLASSES}; sizes '
+              f'{datasets[families[0]].sizes()}; {len(todo)} runs to do ({sum(len(v) for v in runs["runs"].values())} '
+              f'already in {runs_path})', flush=True)
+        width = max(len(a) for a in arms)
+        donors: Dict[str, torch.nn.Module] = {}
+        donors_seed = None
+        for seed, arm in todo:
+            if donors_seed != seed:
+                donors, donors_seed = {}, seed
+            for name in ARMS[arm].donors:
+                if name not in donors:
+                    donors[name] = _donor(name, datasets, seed, runs, args.donor_cache)
+            start = time.perf_counter()
+            curve = run_arm(arm, datasets[ARMS[arm].family], seed, donors=donors, strategy=DEFAULT_STRATEGY, cfg=cfg)
+            runs['runs'].setdefault(arm, {})[str(seed)] = {'curve': curve, 'seconds': time.perf_counter() - start}
+            _save_runs(runs, runs_path)  # after every run: an interrupted sweep resumes where it stopped
             shown = ' '.join(f'{a:.0f}' for a in curve)
             print(f'[seed {seed}] {arm:<{width}} final {curve[-1]:5.1f}%  per epoch: {shown}  '
                   f'({time.perf_counter() - start:.0f}s)', flush=True)
-
-    summary = summarize(curves)
-    print('\nmean test accuracy (%) per epoch over seeds ' + str(args.seeds))
-    column = max(15, width + 2)
-    print('epoch ' + ''.join(f'{a:>{column}}' for a in args.arms))
-    for e in range(args.epochs):
-        print(f'{e + 1:>5} ' + ''.join(f'{summary["mean_curves"][a][e]:>{column}.1f}' for a in args.arms))
-    print(f'\n{"arm":<30} {"final acc (%)":>18} {"best epoch mean":>16}')
-    for arm in args.arms:
-        f = summary['final'][arm]
-        best = max(summary['mean_curves'][arm])
-        print(f'{ARMS[arm].label:<30} {f["mean"]:>10.2f} +- {f["std"]:<5.2f} {best:>16.2f}')
-    for family, checks in summary['families'].items():
-        arms = checks['arms']
-        if 'speed' in checks:
-            s = checks['speed']
-            print(f'\n{FAMILIES[family].label}: {ARMS[arms["moe_jetpack"]].label} reaches the final accuracy of '
-                  f'{ARMS[arms["moe_scratch"]].label} ({s["moe_scratch_final_mean"]:.2f}%) at epoch '
-                  f'{s["moe_jetpack_epochs_to_reach_it"]} of {s["moe_scratch_epochs"]} (per seed: '
-                  f'{s["per_seed_epochs_to_reach"]}); at most half the epochs: {s["claim_at_most_half_the_epochs"]}')
-        if 'accuracy' in checks:
-            a = checks['accuracy']
-            print(f'{FAMILIES[family].label}: {ARMS[arms["moe_jetpack"]].label} final '
-                  f'{a["moe_jetpack_final_mean"]:.2f}% vs {ARMS[arms["dense_pretrained"]].label} '
-                  f'{a["dense_pretrained_final_mean"]:.2f}%; at or above: {a["claim_at_or_above_dense_pretrained"]}')
-
-    result = {
-        'seeds': args.seeds,
-        'strategy': args.strategy,
-        'data': {'upstream_classes': UPSTREAM_CLASSES, 'downstream_classes': DOWNSTREAM_CLASSES, **sizes,
-                 'image_size': {f: FAMILIES[f].image_size for f in families}},
-        'models': {**{name: {'model': d.model_name, **d.kwargs} for name, d in DONORS.items()},
-                   'vit_moe': MOE, 'convnext_moe': CONVNEXT_MOE},
-        'recipe': {'pretrain': vars(PRETRAIN), 'downstream': vars(cfg),
-                   'pretrained_arms_layer_decay': PRETRAINED_LAYER_DECAY},
-        'donor_upstream_acc': {k: _mean_std(v) for k, v in donor_acc.items() if v},
-        'curves': curves,
-        'summary': summary,
-        'seconds': time.perf_counter() - start,
-        'environment': {'torch': torch.__version__, 'threads': args.threads, 'python': sys.version.split()[0],
-                        'machine': platform.machine()},
-    }
-    os.makedirs(args.out_dir, exist_ok=True)
-    json_path = os.path.join(args.out_dir, 'convergence.json')
-    atomic_write_bytes(json.dumps(result, indent=1, default=list).encode(), json_path)
-    png_path = os.path.join(args.out_dir, 'convergence.png')
-    plot_curves(curves, png_path, f'Digits 5-9 ({sizes["downstream_train"]} labelled images), '
-                                  f'mean +- std over {len(args.seeds)} seeds')
-    print(f'\nwrote {json_path} and {png_path} ({result["seconds"]:.0f}s)')
-    if any(math.isnan(c[-1]) for runs in curves.values() for c in runs):
-        raise SystemExit('a run produced NaN accuracy')
-    return result
+        runs['sessions'].append({'runs': len(todo), 'seconds': time.perf_counter() - session_start,
+                                 'threads': args.threads, 'torch': torch.__version__,
+                                 'python': sys.version.split()[0], 'machine': platform.machine()})
+        _save_runs(runs, runs_path)
+    return report(runs, args.out_dir)
 
 
 if __name__ == '__main__':
