@@ -165,7 +165,19 @@ def load_runs(path: str, recipe: Dict[str, object]) -> Dict[str, object]:
 
 
 def _save_runs(runs: Dict[str, object], path: str) -> None:
-    atomic_write_bytes(json.dumps(runs, indent=1).encode(), path)
+    """Merge ``runs`` into the file under a lock (sweeps over other arms may write it meanwhile) and reload it."""
+    import fcntl
+    with open(path + '.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.exists(path):
+            with open(path) as f:
+                on_disk = json.load(f)
+            for key in ('runs', 'donors'):
+                for name, by_seed in on_disk[key].items():
+                    for seed, record in by_seed.items():
+                        runs[key].setdefault(name, {}).setdefault(seed, record)
+            runs['sessions'] = on_disk['sessions'] + [s for s in runs['sessions'] if s not in on_disk['sessions']]
+        atomic_write_bytes(json.dumps(runs, indent=1).encode(), path)
 
 
 def _donor(name: str, datasets: Dict[str, object], seed: int, runs: Dict[str, object],
@@ -269,7 +281,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
             shown = ' '.join(f'{a:.0f}' for a in curve)
             print(f'[seed {seed}] {arm:<{width}} final {curve[-1]:5.1f}%  per epoch: {shown}  '
                   f'({time.perf_counter() - start:.0f}s)', flush=True)
-        runs['sessions'].append({'runs': len(todo), 'seconds': time.perf_counter() - session_start,
+        runs['sessions'].append({'runs': len(todo), 'arms': arms, 'seeds': args.seeds,
+                                 'seconds': time.perf_counter() - session_start,
                                  'threads': args.threads, 'torch': torch.__version__,
                                  'python': sys.version.split()[0], 'machine': platform.machine()})
         _save_runs(runs, runs_path)
