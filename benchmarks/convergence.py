@@ -47,12 +47,12 @@ from benchmarks.digits.experiment import (
     PRETRAINED_LAYER_DECAY,
     UPSTREAM_CLASSES,
     dense_model,
-    epochs_to_reach,
     load_data,
     pretrain_donor,
     run_arm,
 )
 from benchmarks.digits.train_loop import FinetuneConfig
+from benchmarks.paired import paired_difference, seeds_needed, verdict
 from timm_moejet.checkpoint_io import atomic_write_bytes
 
 RUNS_FORMAT = 1
@@ -63,43 +63,148 @@ def _mean_std(values: Sequence[float]) -> Dict[str, float]:
     return {'mean': statistics.fmean(values), 'std': statistics.stdev(values) if len(values) > 1 else 0.}
 
 
-def _family_checks(curves: Dict[str, List[List[float]]], mean_curves: Dict[str, List[float]],
-                   final: Dict[str, Dict[str, float]], family: str) -> Dict[str, object]:
-    """The paper's two checks for one family, from the arms of that family that ran."""
-    by_role = {ARMS[a].role: a for a in curves if ARMS[a].family == family}
-    checks: Dict[str, object] = {'arms': by_role}
-    jetpack = by_role.get('moe_jetpack')
-    scratch = by_role.get('moe_scratch')
-    dense = by_role.get('dense_pretrained')
-    if jetpack and scratch:
-        epochs = len(mean_curves[scratch])
-        target = final[scratch]['mean']
-        reach = epochs_to_reach(mean_curves[jetpack], target)
-        checks['speed'] = {
-            'moe_scratch_final_mean': target,
-            'moe_jetpack_epochs_to_reach_it': reach,
-            'moe_scratch_epochs': epochs,
-            'speedup': epochs / reach if reach else None,
-            'per_seed_epochs_to_reach': [epochs_to_reach(j, s[-1]) for j, s in zip(curves[jetpack], curves[scratch])],
-            'claim_at_most_half_the_epochs': reach is not None and reach <= epochs / 2,
-        }
-    if jetpack and dense:
-        checks['accuracy'] = {
-            'moe_jetpack_final_mean': final[jetpack]['mean'],
-            'dense_pretrained_final_mean': final[dense]['mean'],
-            'claim_at_or_above_dense_pretrained': final[jetpack]['mean'] >= final[dense]['mean'],
-        }
-    return checks
+# The paper's claims, as "the difference is above zero" (+1) or "below zero" (-1), and where the paper makes them.
+# Main comparison: MoE Jetpack minus each baseline of its family.
+MAIN_CLAIMS = {
+    'dense_scratch': (1, 'above the dense model trained from scratch (Table 1: "Dense")'),
+    'dense_pretrained': (1, 'above the dense model from the pre-trained donor (Table 1: "Dense (21k)")'),
+    'moe_scratch': (1, 'above the same MoE trained from scratch (Table 1: "Soft MoE"; Table 2)'),
+}
+# Ablations: the ablation arm minus the default recipe; None where the paper compares nothing.
+ABLATION_CLAIMS = {
+    'strategy=graph': (-1, 'importance above graph partitioning (Table 3: 79.9 vs 79.8)'),
+    'strategy=uniform': (-1, 'importance above uniform selection (Table 3: 79.9 vs 79.6)'),
+    'strategy=random': (-1, 'importance above random sampling (Table 3: 79.9 vs 79.5)'),
+    'strategy=upcycle': (-1, 'importance above sparse upcycling (Table 3: 79.9 vs 79.1)'),
+    'num_univ_experts=0': (-1, 'core + universal above core only (Fig. 4: a core share of 1/3 is best)'),
+    'num_core_experts=0': (-1, 'core + universal above universal only (Fig. 4)'),
+    'moe_combine=softmax': (None, 'no comparison in the paper (its text has softmax, its code entmax-1.5)'),
+    'moe_blocks=last third': (-1, 'MoE in the last half above the last third (Table 4: 7:12 88.4 vs 9:12 87.8)'),
+}
 
 
-def summarize(curves: Dict[str, List[List[float]]]) -> Dict[str, object]:
-    """Mean curves, final accuracy stats and, per family, the paper's two checks, from ``curves[arm][seed][epoch]``."""
-    mean_curves = {arm: [statistics.fmean(c[e] for c in runs) for e in range(len(runs[0]))]
-                   for arm, runs in curves.items()}
-    final = {arm: _mean_std([c[-1] for c in runs]) for arm, runs in curves.items()}
-    families = sorted({ARMS[a].family for a in curves}, key=list(FAMILIES).index)
-    return {'mean_curves': mean_curves, 'final': final,
-            'families': {f: _family_checks(curves, mean_curves, final, f) for f in families}}
+def _curves(runs: Dict[str, object], arm: str) -> Dict[int, List[float]]:
+    return {int(seed): r['curve'] for seed, r in runs['runs'].get(arm, {}).items()}
+
+
+def _paired(a: Dict[int, List[float]], b: Dict[int, List[float]], epoch_a: int, epoch_b: int,
+            direction: Optional[int]) -> Optional[Dict[str, object]]:
+    """``a`` at ``epoch_a`` minus ``b`` at ``epoch_b`` (1-based) over the seeds both ran, with its verdict."""
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 2:
+        return None
+    diff = paired_difference([a[s][epoch_a - 1] for s in seeds], [b[s][epoch_b - 1] for s in seeds])
+    out = dict(diff.as_dict(), seeds=seeds, seeds_needed=seeds_needed(diff.sd, diff.mean))
+    out['verdict'] = verdict(diff, direction) if direction else ('above' if diff.low > 0 else 'below'
+                                                                if diff.high < 0 else 'unresolved')
+    return out
+
+
+def compare(runs: Dict[str, object]) -> Dict[str, object]:
+    """Paired differences of the runs: MoE Jetpack against each baseline, and each ablation against its default."""
+    epochs = runs['recipe']['downstream']['epochs']
+    quarter = epochs // 4
+    main, ablations = [], []
+    for family in FAMILIES:
+        by_role = {spec.role: arm for arm, spec in ARMS.items() if spec.family == family}
+        jetpack = _curves(runs, by_role['moe_jetpack'])
+        for role, (direction, claim) in MAIN_CLAIMS.items():
+            other = _curves(runs, by_role[role])
+            row = {'family': family, 'arm': by_role['moe_jetpack'], 'baseline': by_role[role], 'claim': claim,
+                   'final': _paired(jetpack, other, epochs, epochs, direction),
+                   'quarter': _paired(jetpack, other, quarter, quarter, direction)}
+            if row['final']:
+                main.append(row)
+        speed = _paired(jetpack, _curves(runs, by_role['moe_scratch']), quarter, epochs, 1)
+        if speed:
+            main.append({'family': family, 'arm': by_role['moe_jetpack'], 'baseline': by_role['moe_scratch'],
+                         'claim': f'at epoch {quarter} of {epochs}, at or above the scratch MoE\'s final accuracy '
+                                  f'(Fig. 5: 2x faster on ImageNet, 8x on CIFAR-100)', 'final': None, 'speed': speed})
+    for arm, spec in ARMS.items():
+        if spec.role != 'ablation':
+            continue
+        direction, claim = ABLATION_CLAIMS.get(spec.knob, (None, ''))
+        mine, ref = _curves(runs, arm), _curves(runs, spec.reference)
+        final = _paired(mine, ref, epochs, epochs, direction)
+        if final:
+            ablations.append({'family': spec.family, 'arm': arm, 'reference': spec.reference, 'knob': spec.knob,
+                              'group': spec.group, 'claim': claim, 'final': final,
+                              'quarter': _paired(mine, ref, quarter, quarter, direction)})
+    return {'epochs': epochs, 'quarter_epoch': quarter, 'main': main, 'ablations': ablations}
+
+
+def _interval(d: Optional[Dict[str, object]]) -> str:
+    if not d:
+        return '-'
+    return f'{d["mean"]:+.2f} [{d["low"]:+.2f}, {d["high"]:+.2f}]'
+
+
+def _needed(d: Optional[Dict[str, object]]) -> str:
+    return '-' if not d else str(d['seeds_needed']) if d['seeds_needed'] else '> 100000'
+
+
+def markdown_tables(comparison: Dict[str, object], runs: Dict[str, object]) -> str:
+    """The paired tables as Markdown (the docs show them as printed)."""
+    q, e = comparison['quarter_epoch'], comparison['epochs']
+    lines = ['Paired differences in test accuracy (points), mean [95% t-interval] over the seeds both arms ran; '
+             '"seeds" is how many paired seeds would resolve a difference of the observed size at the observed '
+             'spread.', '',
+             f'| family | MoE Jetpack minus | n | final (epoch {e}) | epoch {q} | the paper\'s claim | verdict '
+             f'(final) | verdict (epoch {q}) | seeds |', '|---|---|---|---|---|---|---|---|---|']
+    for row in comparison['main']:
+        fam = FAMILIES[row['family']].label
+        if 'speed' in row:
+            s = row['speed']
+            lines.append(f'| {fam} | {ARMS[row["baseline"]].label} at epoch {e}, MoE Jetpack at epoch {q} | {s["n"]} | '
+                         f'- | {_interval(s)} | {row["claim"]} | - | {s["verdict"]} | {_needed(s)} |')
+            continue
+        f, qq = row['final'], row['quarter']
+        lines.append(f'| {fam} | {ARMS[row["baseline"]].label} | {f["n"]} | {_interval(f)} | {_interval(qq)} | '
+                     f'{row["claim"]} | {f["verdict"]} | {qq["verdict"] if qq else "-"} | {_needed(f)} |')
+    lines += ['', f'| family | ablation (one knob changed) minus the default recipe | n | final (epoch {e}) | '
+                  f'epoch {q} | the paper\'s claim | verdict (final) | seeds |', '|---|---|---|---|---|---|---|---|']
+    for row in comparison['ablations']:
+        f = row['final']
+        lines.append(f'| {FAMILIES[row["family"]].label} | {row["knob"]} | {f["n"]} | {_interval(f)} | '
+                     f'{_interval(row["quarter"])} | {row["claim"]} | {f["verdict"]} | {_needed(f)} |')
+    lines += ['', f'| arm | seeds | final accuracy (%), mean +- std | epoch {q} |', '|---|---|---|---|']
+    for arm in ARMS:
+        curves = _curves(runs, arm)
+        if curves:
+            final = _mean_std([c[-1] for c in curves.values()])
+            at_q = _mean_std([c[q - 1] for c in curves.values()])
+            lines.append(f'| {ARMS[arm].label} | {len(curves)} | {final["mean"]:.2f} +- {final["std"]:.2f} | '
+                         f'{at_q["mean"]:.2f} +- {at_q["std"]:.2f} |')
+    return '\n'.join(lines)
+
+
+def plot_differences(comparison: Dict[str, object], path: str) -> None:
+    """The paired differences of final accuracy with their 95% intervals, one row per comparison."""
+    import io
+
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    rows = [(f'{FAMILIES[r["family"]].label.split()[0]}: Jetpack - {ARMS[r["baseline"]].label}', r['final'], 'C0')
+            for r in comparison['main'] if r.get('final')]
+    rows += [(f'{FAMILIES[r["family"]].label.split()[0]}: {r["knob"]} - default', r['final'],
+              'C1' if r['group'] == 'recycling' else 'C2') for r in comparison['ablations']]
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(rows) + 1.2), dpi=120)
+    for i, (label, d, color) in enumerate(rows):
+        y = len(rows) - 1 - i
+        ax.plot([d['low'], d['high']], [y, y], color=color, lw=2)
+        ax.plot([d['mean']], [y], 'o', color=color)
+    ax.axvline(0., color='k', lw=0.8)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([r[0] for r in reversed(rows)], fontsize=8)
+    ax.set_xlabel('paired difference of final test accuracy (points), mean and 95% t-interval')
+    ax.grid(axis='x', alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format='png')
+    plt.close(fig)
+    atomic_write_bytes(buf.getvalue(), path)
 
 
 def plot_curves(curves: Dict[str, List[List[float]]], path: str, title: str) -> None:
@@ -222,8 +327,27 @@ def expand_arms(names: Sequence[str]) -> List[str]:
 
 
 def report(runs: Dict[str, object], out_dir: str) -> Dict[str, object]:
-    print(f'{sum(len(v) for v in runs["runs"].values())} runs in {out_dir}')
-    return runs
+    """Print and write the paired comparison of ``runs``: convergence.json, convergence.png (mean curves of the
+    main arms) and convergence_differences.png (the intervals)."""
+    comparison = compare(runs)
+    tables = markdown_tables(comparison, runs)
+    print(tables)
+    curves = {arm: [c for _, c in sorted(_curves(runs, arm).items())] for arm in ARMS
+              if ARMS[arm].group == 'main' and _curves(runs, arm)}
+    mean_curves = {arm: [statistics.fmean(c[e] for c in cs) for e in range(len(cs[0]))] for arm, cs in curves.items()}
+    result = {'comparison': comparison, 'mean_curves': mean_curves,
+              'seeds': {arm: sorted(_curves(runs, arm)) for arm in ARMS if _curves(runs, arm)},
+              'sweep_seconds': sum(s['seconds'] for s in runs['sessions']),
+              'runs_file': 'convergence_runs.json'}
+    atomic_write_bytes(json.dumps(result, indent=1).encode(), os.path.join(out_dir, 'convergence.json'))
+    if curves:
+        n = min(len(c) for c in curves.values())
+        plot_curves(curves, os.path.join(out_dir, 'convergence.png'),
+                    f'Digits 5-9 (179 labelled images), mean +- std over {n}+ seeds')
+    if comparison['main'] or comparison['ablations']:
+        plot_differences(comparison, os.path.join(out_dir, 'convergence_differences.png'))
+    print(f'\nwrote {out_dir}/convergence.json, convergence.png and convergence_differences.png')
+    return result
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
