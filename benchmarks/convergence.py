@@ -14,14 +14,21 @@ seed, the donors are first pre-trained on the upstream classes (digits 0-4); the
 downstream classes (digits 5-9, 20% of the images labelled, the rest held out for testing). Sizes and the split
 are in ``benchmarks/digits/experiment.py`` and ``docs/benchmarks.md``.
 
-Prints per-arm progress, the per-epoch mean test accuracy, a final table (mean and std over seeds) and, per
-family, the two checks of the paper's claim; writes JSON and a PNG of the curves (a panel per family).
+Ablation arms (``--arms recycling``, ``--arms spheromoe``) change one knob of a family's recycled arm: the
+recycling strategy (graph, uniform, random, upcycle), core or universal experts only, softmax combine, MoE in the
+last third of the blocks. All arms of one seed share its donors, recycling seed and data order, so the report
+compares them seed by seed: the paired difference with its 95% t-interval (``benchmarks/paired.py``), and each of
+the paper's claims as held, not held or undecided.
+
+Every finished run goes into ``convergence_runs.json`` at once; a later call adds the runs it lacks (another arm or
+seed) and reports over all of them. ``--donor-cache DIR`` keeps the pre-trained donors for later calls.
 
 Examples::
 
-    python -m benchmarks.convergence                                  # 3 seeds, 8 arms
-    python -m benchmarks.convergence --arms convnext_scratch convnext_select convnext_moe_scratch convnext_jetpack
-    python -m benchmarks.convergence --seeds 0 --epochs 10 --strategy upcycle
+    python -m benchmarks.convergence                                   # main arms, seeds 0-4
+    python -m benchmarks.convergence --arms all --seeds 0 1 2 3 4      # main arms and every ablation
+    python -m benchmarks.convergence --arms moe_jetpack_upcycle --seeds 5 6 7   # one ablation (and its default)
+    python -m benchmarks.convergence --report-only                     # tables and plots of the runs there
 """
 import argparse
 import json

@@ -113,3 +113,22 @@ def test_compare_uses_only_the_seeds_both_arms_ran():
     del runs['runs']['moe_jetpack']['0']
     vit = [r for r in compare(runs)['main'] if r['family'] == 'vit' and r['baseline'] == 'dense_donor'][0]
     assert vit['final']['seeds'] == [1, 2, 3]
+
+
+def test_convergence_cli_saves_resumes_and_refuses_another_recipe(tmp_path):
+    import json
+
+    from benchmarks.convergence import main
+    out = str(tmp_path)
+    main(['--arms', 'dense_scratch', '--seeds', '0', '1', '--epochs', '4', '--out-dir', out])
+    runs = json.loads((tmp_path / 'convergence_runs.json').read_text())
+    first = runs['runs']['dense_scratch']
+    assert sorted(first) == ['0', '1'] and all(len(r['curve']) == 4 for r in first.values())
+    # a second call runs only what is missing, and keeps the runs already there unchanged
+    main(['--arms', 'dense_scratch', '--seeds', '0', '1', '2', '--epochs', '4', '--out-dir', out])
+    runs = json.loads((tmp_path / 'convergence_runs.json').read_text())
+    assert [s['runs'] for s in runs['sessions']] == [2, 1]
+    assert {k: runs['runs']['dense_scratch'][k] for k in ('0', '1')} == first
+    with pytest.raises(SystemExit, match='another recipe'):
+        main(['--arms', 'dense_scratch', '--seeds', '0', '--epochs', '5', '--out-dir', out])
+    assert (tmp_path / 'convergence.json').is_file() and (tmp_path / 'convergence.png').is_file()
