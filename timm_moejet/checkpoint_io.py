@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from timm.models import clean_state_dict
 
 from .errors import InvalidCheckpoint, NotFound, OutputExists
-from .naming import LOCAL_DIR
+from .naming import LOCAL_DIR, WEIGHT_SUFFIXES
 
 __all__ = ['load_state_dict_file', 'select_weights', 'unwrap_state_dict', 'check_state_dict_fits',
            'save_safetensors_atomic', 'atomic_write_bytes', 'atomic_output_dir', 'clean_stale_temporaries',
@@ -35,7 +35,7 @@ __all__ = ['load_state_dict_file', 'select_weights', 'unwrap_state_dict', 'check
 _logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
-TORCH_SUFFIXES = ('.pth', '.pt', '.bin', '.tar')
+TORCH_SUFFIXES = tuple(s for s in WEIGHT_SUFFIXES if s != '.safetensors')
 
 
 # training checkpoints keep the weights under one of these keys (timm's train.py, mmengine, DDP wrappers)

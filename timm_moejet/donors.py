@@ -21,7 +21,7 @@ from timm.models import PretrainedCfg, load_state_dict_from_hf, resolve_pretrain
 from .checkpoint_io import load_state_dict_file, unwrap_state_dict
 from .errors import InvalidArgument, InvalidCheckpoint, NotFound
 from .hub import check_model_name, hub_errors_named, read_folder_config
-from .naming import FOLDER_WEIGHT_NAMES, WeightSource, parse_source, split_revision
+from .naming import FOLDER_WEIGHT_NAMES, WEIGHT_SUFFIXES, WeightSource, parse_source, split_revision
 
 __all__ = ['Donor', 'load_donor', 'locate_donor', 'folder_weights']
 
@@ -187,7 +187,7 @@ def folder_weights(folder: Path) -> Path:
     for fname in FOLDER_WEIGHT_NAMES:
         if (folder / fname).is_file():
             return folder / fname
-    for ext in ('.safetensors', '.pth', '.pth.tar', '.bin'):
+    for ext in WEIGHT_SUFFIXES:
         found = sorted(folder.glob(f'*{ext}'))
         if found:
             return found[0]

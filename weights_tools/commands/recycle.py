@@ -9,6 +9,7 @@ import textwrap
 from typing import Any, Callable, Dict
 
 from timm_moejet.build import build_recycled_model
+from timm_moejet.cost import count_params
 from timm_moejet.errors import InvalidArgument
 from timm_moejet.hub import save_hub_folder
 from timm_moejet.recycling import RECYCLE_KWARGS, STRATEGIES, RecyclingRecipe
@@ -101,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     model = build_recycled_model(args.model, args.trunk, recipe, init_seed=recipe.seed, **model_kwargs)
     model.pretrained_cfg = dict(model.pretrained_cfg, tag='recycled')
     out = save_hub_folder(model.eval(), args.output, args.overwrite)
-    n = sum(p.numel() for p in model.parameters())
+    n = count_params(model)['total']
     print(f'recycled {model.pretrained_cfg["architecture"]} ({n / 1e6:.2f}M parameters, MoE blocks '
           f'{list(model.moe_layers())}) from trunk {args.trunk} and experts {recipe.experts or args.trunk} with '
           f'strategy {recipe.strategy!r}, seed {recipe.seed}{", statistics " + recipe.stats if recipe.stats else ""} '
