@@ -43,7 +43,7 @@ def _arg_type(field: dataclasses.Field) -> Callable[[str], Any]:
         try:
             return check(_flag(field), int(text) if isinstance(field.default, int) else text)
         except (ValueError, InvalidArgument):
-            raise argparse.ArgumentTypeError(f'must be {check.allowed}, got {text}') from None
+            raise argparse.ArgumentTypeError(f'must be {check.allowed}, got {text!r}') from None
     return convert
 
 
