@@ -123,7 +123,7 @@ def _refuse_config_naming_files(variant: str, resolved: Any, kwargs: Mapping[str
 class RecyclingArgs:
     """What a model entrypoint needs for recycling on load; consumes the ``recycle_*`` kwargs.
 
-    Usage in a family's ``_create_*``::
+    Usage in a model builder (``timm_moejet/models/builder.py``)::
 
         recycling = RecyclingArgs.pop_from(variant, kwargs, recipes)
         with recycling.naming_missing_donors():
