@@ -22,8 +22,10 @@ import torch
 import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from timm.models import clean_state_dict
 
 from .errors import InvalidCheckpoint, NotFound, OutputExists
+from .naming import LOCAL_DIR
 
 __all__ = ['load_state_dict_file', 'select_weights', 'unwrap_state_dict', 'check_state_dict_fits',
            'save_safetensors_atomic', 'atomic_write_bytes', 'atomic_output_dir', 'clean_stale_temporaries',
@@ -121,14 +123,14 @@ def load_state_dict_file(path: PathLike, ema: bool = False) -> Dict[str, torch.T
 
 
 def unwrap_state_dict(state_dict: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
-    """Strip training wrappers: a ``state_dict``/``model`` entry and ``module.``/``model.``/``backbone.`` key prefixes
-    (DDP, mmpretrain)."""
+    """Strip training wrappers: a ``state_dict``/``model`` entry, the ``module.``/``_orig_mod.`` key prefixes of DDP
+    and ``torch.compile`` (timm's ``clean_state_dict``), then mmpretrain's ``model.``/``backbone.``."""
     for wrapper in ('state_dict', 'model'):
         if wrapper in state_dict and isinstance(state_dict[wrapper], Mapping):
             state_dict = state_dict[wrapper]
     out = {}
-    for k, v in state_dict.items():
-        for prefix in ('module.', 'model.', 'backbone.'):
+    for k, v in clean_state_dict(dict(state_dict)).items():
+        for prefix in ('model.', 'backbone.'):
             if k.startswith(prefix):
                 k = k[len(prefix):]
         out[k] = v
@@ -177,7 +179,7 @@ def check_output_apart(output: PathLike, inputs: Mapping[str, Any], what: str = 
         if value is None:
             continue
         name = os.fspath(value)
-        name = name[len('local-dir:'):] if name.startswith('local-dir:') else name
+        name = name[len(LOCAL_DIR):] if name.startswith(LOCAL_DIR) else name
         if not os.path.exists(name):
             continue
         src = os.path.realpath(name)

@@ -3,12 +3,15 @@
 The official state dict uses its own key names; this module maps them and the official constructor kwargs onto
 ``MoEVisionTransformer``, checking every shape before any weight is written.
 """
+import json
 import logging
 import os
 import re
 from typing import Any, Dict, Mapping, Optional, Union
 
+import timm
 import torch
+from safetensors import SafetensorError, safe_open
 
 from .checkpoint_io import check_state_dict_fits, load_state_dict_file, unwrap_state_dict
 from .errors import InvalidArgument, InvalidArgumentType, InvalidCheckpoint
@@ -166,16 +169,26 @@ def convert_official_state_dict(state_dict: Mapping[str, Any]) -> Dict[str, torc
     return out
 
 
+# the ViT geometry (img_size, patch_size, embed_dim, depth, num_heads) of the paper's sizes -> their registered name
+_SIZES = {
+    (224, 16, 192, 12, 3): 'moejet_vit_tiny_patch16_224',
+    (224, 16, 384, 12, 6): 'moejet_vit_small_patch16_224',
+    (224, 16, 768, 12, 12): 'moejet_vit_base_patch16_224',
+}
+
+
 def _architecture_for(kwargs: Mapping[str, Any]) -> str:
-    dims = (kwargs.get('embed_dim'), kwargs.get('num_heads'))
-    return 'moejet_vit_small_patch16_224' if dims == (384, 6) else 'moejet_vit_tiny_patch16_224'
+    """The registered name of the imported model: a paper size (V-JetMoE-T/S/B) when the ViT geometry is one, else
+    ``moejet_vit``, whose kwargs (written to config.json as model_args) give all of its architecture."""
+    size = kwargs.get('img_size')
+    size = size if isinstance(size, int) else tuple(size) if size is not None else None
+    geometry = (224 if size in (224, (224, 224)) else size, *(kwargs.get(k) for k in
+                                                              ('patch_size', 'embed_dim', 'depth', 'num_heads')))
+    return _SIZES.get(geometry, 'moejet_vit')
 
 
 def _config_from_metadata(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     """The official kwargs stored as JSON under the ``config`` metadata entry of a safetensors checkpoint."""
-    import json
-
-    from safetensors import SafetensorError, safe_open
     try:
         with safe_open(os.fspath(path), 'pt') as f:
             meta = f.metadata() or {}
@@ -222,8 +235,6 @@ def load_official(
         InvalidCheckpoint: If the checkpoint is not an official one or does not fit the config (naming keys and
             shapes).
     """
-    import timm
-
     source = 'the given state dict'
     if isinstance(checkpoint, (str, os.PathLike)):
         source = os.fspath(checkpoint)

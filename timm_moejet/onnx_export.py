@@ -17,7 +17,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .errors import InvalidArgument, NotFound, OutputExists
+from .errors import ExportMismatch, InvalidArgument, NotFound, OutputExists
 from .extras import require
 from .settings import boolean, integer, optional, real
 
@@ -81,7 +81,7 @@ def onnx_max_abs_error(onnx_file: PathLike, model: nn.Module, inputs: Sequence[t
                 expected = model(x.to(device=device, dtype=torch.float32)).float().cpu()
             got = torch.from_numpy(session.run(None, {name: x.float().cpu().numpy()})[0])
             if got.shape != expected.shape:
-                raise RuntimeError(f'{onnx_file}: onnxruntime output shape {tuple(got.shape)} for input '
+                raise ExportMismatch(f'{onnx_file}: onnxruntime output shape {tuple(got.shape)} for input '
                                    f'{tuple(x.shape)}, eager {tuple(expected.shape)}.')
             worst = max(worst, float((got - expected).abs().max()))
     finally:
@@ -184,7 +184,7 @@ def export_onnx(
                 inputs = [torch.randn(b, *size, generator=gen) for b in batch_sizes]
                 error = onnx_max_abs_error(path, model, inputs)
                 if not error <= atol:
-                    raise RuntimeError(f'{output.name}: onnxruntime differs from eager PyTorch by {error:.3g} '
+                    raise ExportMismatch(f'{output.name}: onnxruntime differs from eager PyTorch by {error:.3g} '
                                        f'(more than atol={atol:g}); the file was not written.')
             # weights file (if any) first, the graph that names it last
             for f in sorted(Path(tmp).iterdir(), key=lambda p: p.name == output.name):

@@ -21,6 +21,7 @@ import os
 import re
 from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 from safetensors import safe_open
@@ -195,15 +196,11 @@ class ActivationStats:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:  # safetensors raises several types on a bad header
             raise InvalidCheckpoint(f'{path} is not a readable safetensors statistics file ({e}).') from e
-        if FORMAT in meta:
-            document = meta[FORMAT]
-        elif meta.get('format') == FORMAT:  # files written before the single-entry layout
-            document = json.dumps(dict(identity=json.loads(meta.get('identity', '{}'))))
-        else:
+        if FORMAT not in meta:
             raise InvalidCheckpoint(f'{path} is not an activation statistics file (no {FORMAT!r} metadata; '
                                     f'found {sorted(meta)[:4]}).')
         try:
-            ident = json.loads(document)['identity']
+            ident = json.loads(meta[FORMAT])['identity']
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise InvalidCheckpoint(f'{path}: unreadable donor identity in the metadata ({e}).') from e
         stats = cls(tensors, **{k: ident[k] for k in ('architecture', 'hub_id', 'weights_hash', 'num_tokens',
@@ -346,7 +343,7 @@ def collect_statistics(
 
 
 # Gauss-Hermite nodes for E[f(mu + sigma * z)], z ~ N(0, 1)
-_GH_NODES, _GH_WEIGHTS = (torch.from_numpy(a) for a in __import__('numpy').polynomial.hermite_e.hermegauss(48))
+_GH_NODES, _GH_WEIGHTS = (torch.from_numpy(a) for a in np.polynomial.hermite_e.hermegauss(48))
 _GH_WEIGHTS = _GH_WEIGHTS / math.sqrt(2 * math.pi)
 
 

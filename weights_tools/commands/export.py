@@ -24,7 +24,8 @@ def add_parser(subparsers, parent: argparse.ArgumentParser, formatter) -> argpar
 
 
 def run(args: argparse.Namespace) -> int:
-    from timm_moejet.hub import load_model, save_hub_folder
+    from timm_moejet.build import load_model
+    from timm_moejet.hub import save_hub_folder
 
     check_output_free(args.output, args.overwrite, 'output folder',
                       {'model': args.model, 'checkpoint': args.checkpoint})

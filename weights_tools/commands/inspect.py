@@ -43,6 +43,7 @@ def _jsonable(value):
 
 
 def run(args: argparse.Namespace) -> int:
+    from timm_moejet.build import load_model
     from timm_moejet.checkpoint_io import atomic_write_bytes
     from timm_moejet.cost import count_macs, count_params
     from timm_moejet.diagnostics import (
@@ -53,7 +54,6 @@ def run(args: argparse.Namespace) -> int:
         router_diagnostics,
     )
     from timm_moejet.errors import InvalidArgument
-    from timm_moejet.hub import load_model
 
     if args.plot is not None and Path(args.plot).suffix.lower() != '.png':
         raise InvalidArgument(f'--plot must name a .png file, got {args.plot}.')

@@ -36,8 +36,8 @@ def add_parser(subparsers, parent: argparse.ArgumentParser, formatter) -> argpar
 
 
 def run(args: argparse.Namespace) -> int:
+    from timm_moejet.build import build_selected_model
     from timm_moejet.checkpoint_io import save_safetensors_atomic
-    from timm_moejet.recycling import build_selected_model
 
     check_file_output(args, {'donor': args.donor})
     model = build_selected_model(args.model, args.donor, args.block_map, init_seed=args.seed,
