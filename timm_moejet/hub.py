@@ -91,7 +91,7 @@ def load_weights_into(model: nn.Module, checkpoint: PathLike, ema: bool = False)
     state_dict = unwrap_state_dict(load_state_dict_file(checkpoint, ema=ema))
     if is_official_state_dict(state_dict):
         raise InvalidCheckpoint(f'{checkpoint} holds official MoE Jetpack key names; convert it with '
-                                f'weights_tools import-official (timm_moejet.load_official).')
+                                f'weights-tools import-official (timm_moejet.load_official).')
     check_state_dict_fits(state_dict, model, os.fspath(checkpoint))
     model.load_state_dict(state_dict, strict=True)
 

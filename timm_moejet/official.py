@@ -88,7 +88,7 @@ def official_config_to_kwargs(config: Mapping[str, Any]) -> Dict[str, Any]:
         Keyword arguments for ``timm.create_model('moejet_vit_*', **kwargs)``.
 
     Raises:
-        ValueError: On unknown keys, unsupported options or a config without ``moe_layers``/``core_experts``.
+        InvalidArgument: On unknown keys, unsupported options or a config without ``moe_layers``/``core_experts``.
     """
     if not isinstance(config, Mapping):
         raise InvalidArgumentType(f'config must be a dict of official VisionTransformerMoe kwargs, got '
@@ -97,13 +97,13 @@ def official_config_to_kwargs(config: Mapping[str, Any]) -> Dict[str, Any]:
     unknown = sorted(set(config) - known)
     if unknown:
         raise InvalidArgument(f'config has keys the official VisionTransformerMoe does not take: {unknown}; '
-                         f'known keys: {sorted(known)}.')
+                              f'known keys: {sorted(known)}.')
     switched_on = sorted(k for k in _UNSUPPORTED if config.get(k))
     if switched_on:
         raise InvalidArgument(f'config enables official options this project does not implement: {switched_on}.')
     if config.get('if_dualpath', True) is False:
         raise InvalidArgument('config has if_dualpath=False: only the dual-path SpheroMoE layer '
-                         '(DualPathSoftMoELayerWrapper) can be imported.')
+                              '(DualPathSoftMoELayerWrapper) can be imported.')
     for key in ('moe_layers', 'core_experts'):
         if key not in config:
             raise InvalidArgument(f'config must give {key!r} (the official default builds a model without experts).')
@@ -138,7 +138,7 @@ def convert_official_state_dict(state_dict: Mapping[str, Any]) -> Dict[str, torc
     """Rename official keys to ours; non-MoE keys pass unchanged.
 
     Raises:
-        ValueError: If a temperature is not positive (it cannot be represented by a positive temperature).
+        InvalidCheckpoint: If a temperature is not positive (it cannot be represented by a positive temperature).
     """
     state_dict = unwrap_state_dict(state_dict)
     out: Dict[str, torch.Tensor] = {}
@@ -164,7 +164,7 @@ def convert_official_state_dict(state_dict: Mapping[str, Any]) -> Dict[str, torc
         temps = torch.stack([pair[0].reshape(()), pair[1].reshape(())]).float()
         if not bool((temps > 0).all()):
             raise InvalidCheckpoint(f'{prefix}.scales holds a non-positive temperature {temps.tolist()}; '
-                             f'this project keeps temperatures positive and cannot represent it.')
+                                    f'this project keeps temperatures positive and cannot represent it.')
         out[f'{prefix}.log_temperature'] = torch.log(temps).to(pair[0].dtype)
     return out
 

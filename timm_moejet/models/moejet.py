@@ -38,7 +38,7 @@ class MoEVisionTransformer(VisionTransformer):
 
     Takes every ``VisionTransformer`` argument, plus the MoE placement (``moe_blocks``, ``moe_drop_path_rate``,
     see ``MoEPlacement``) and the layer settings under their ``create_model`` names (``num_core_experts``,
-    ``num_univ_experts``, ``moe_combine``, ..., see ``SpheroMoESettings``; docs/settings.md lists them all).
+    ``num_univ_experts``, ``moe_combine``, ..., see ``SpheroMoESettings``; docs/models.md lists them all).
     """
     recycling_family = 'vit'
 

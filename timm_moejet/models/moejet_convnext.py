@@ -4,7 +4,7 @@
     - https://arxiv.org/abs/2406.04801
 
 The paper reports C-JetMoE-F (ConvNeXt, "MoE layers 10:18", core experts [98, 24], universal [196, 48], about 1.1
-GMACs) without its code or exact architecture. Its best reading (docs/convnext.md): ConvNeXt-T's depths (3, 3, 9, 3)
+GMACs) without its code or exact architecture. Its best reading (docs/models.md): ConvNeXt-T's depths (3, 3, 9, 3)
 at femto widths (48, 96, 192, 384), the SpheroMoE layer in place of the MLP of blocks 10-18 counted over all 18 (the
 last six of stage 3 at 14x14 = 196 tokens, the three of stage 4 at 7x7 = 49 tokens), a token being one position of
 the stage's channels-last feature map, the layer before the block's layer scale; experts per stage: tokens // 2

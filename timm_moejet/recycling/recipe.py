@@ -45,7 +45,7 @@ class RecyclingRecipe:
     strategy: str = setting('importance', choice(strategy_names),
                             'How experts pick donor hidden units and channels (see STRATEGIES).', 'recycle_strategy')
     stats: Optional[str] = setting(
-        None, optional(path()), 'Activation statistics file of the expert donor (weights_tools calibrate); None: '
+        None, optional(path()), 'Activation statistics file of the expert donor (weights-tools calibrate); None: '
         'the data-free proxy for strategies that need statistics.', 'recycle_stats')
     seed: int = setting(DEFAULT_SEED, SEED, 'Seed of the selection; the same seed gives '
                         'bit-identical weights.', 'recycle_seed')

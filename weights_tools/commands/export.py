@@ -8,7 +8,7 @@ from ._args import add_model_args, add_output_args, check_output_free, model_kwa
 
 EXAMPLE = textwrap.dedent('''\
     example:
-      python -m weights_tools export moejet_vit_test --num-classes 10 --checkpoint finetuned.safetensors \\
+      weights-tools export moejet_vit_test --num-classes 10 --checkpoint finetuned.safetensors \\
           --output ./moejet_test_digits
       python -c "import timm, timm_moejet; timm.create_model('local-dir:./moejet_test_digits', pretrained=True)"''')
 

@@ -7,7 +7,7 @@ from ._args import add_model_args, model_kwargs_from
 EXAMPLE = textwrap.dedent('''\
     example:
       huggingface-cli login       # or set HF_TOKEN
-      python -m weights_tools push ./moejet_tiny my-org/moejet_vit_tiny.recycled_importance --private''')
+      weights-tools push ./moejet_tiny my-org/moejet_vit_tiny.recycled_importance --private''')
 
 
 def add_parser(subparsers, parent: argparse.ArgumentParser, formatter) -> argparse.ArgumentParser:

@@ -19,7 +19,7 @@ from ._args import add_model_kwargs, add_output_args, check_output_free, model_k
 
 EXAMPLE = textwrap.dedent('''\
     example:
-      python -m weights_tools recycle --model moejet_vit_tiny --num-classes 10 \\
+      weights-tools recycle --model moejet_vit_tiny --num-classes 10 \\
           --trunk vit_tiny_patch16_224.augreg_in21k --experts vit_small_patch16_224.augreg_in21k \\
           --strategy importance --stats vit_small_digits_stats.safetensors --seed 3407 --output ./moejet_tiny
       python -c "import timm, timm_moejet; timm.create_model('local-dir:./moejet_tiny', pretrained=True)"''')

@@ -8,7 +8,7 @@ from ._args import SEED_ARG, add_model_kwargs, add_output_args, check_file_outpu
 
 EXAMPLE = textwrap.dedent('''\
     example:
-      python -m weights_tools select --model convnext_femto --donor convnext_tiny.fb_in22k \\
+      weights-tools select --model convnext_femto --donor convnext_tiny.fb_in22k \\
           --output convnext_femto_ws.safetensors
       python -c "import timm; timm.create_model('convnext_femto', pretrained=True, \\
           pretrained_cfg_overlay=dict(file='convnext_femto_ws.safetensors'))"''')
