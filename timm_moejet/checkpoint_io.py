@@ -3,6 +3,7 @@
 Weights are read from ``.safetensors`` or from ``.pth``/``.pt``/``.bin`` with ``weights_only=True`` (never
 unpickled), and written as safetensors through a temporary file and a rename, so a failed write leaves nothing.
 """
+import argparse
 import contextlib
 import ctypes
 import errno
@@ -29,7 +30,7 @@ from .naming import LOCAL_DIR
 
 __all__ = ['load_state_dict_file', 'select_weights', 'unwrap_state_dict', 'check_state_dict_fits',
            'save_safetensors_atomic', 'atomic_write_bytes', 'atomic_output_dir', 'clean_stale_temporaries',
-           'signals_deferred', 'check_output_apart']
+           'signals_deferred', 'check_output_apart', 'refuse_existing']
 
 _logger = logging.getLogger(__name__)
 
@@ -45,8 +46,6 @@ _EMA_KEYS = ('state_dict_ema', 'model_ema')
 def _torch_load(path: Path) -> Any:
     """``torch.load(weights_only=True)``, allowing the ``argparse.Namespace`` that timm's train.py stores beside
     the weights (as timm's own loader does); anything else that is not plain data is refused with a message."""
-    import argparse
-
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(str(path), map_location='cpu', weights_only=True)
@@ -307,12 +306,30 @@ def _swap_into_place(new: Path, path: Path) -> None:
         _remove(old)
 
 
+def refuse_existing(path: PathLike, overwrite: bool, what: str = '', how: str = 'overwrite') -> None:
+    """The overwrite policy of every writer: an existing output (a link too) is replaced only with ``overwrite``.
+
+    Writers check it when they start and again when they swap the output into place; a caller with slow work ahead
+    (the command line) may check it first, so that it fails before that work.
+
+    Args:
+        path: The output.
+        overwrite: Whether an existing output may be replaced.
+        what: How to name the output in the message ('output folder', ...).
+        how: How the caller asks for overwriting ('overwrite', '--overwrite', ...), for the message.
+
+    Raises:
+        OutputExists: If ``path`` exists and not ``overwrite``.
+    """
+    if os.path.lexists(path) and not overwrite:
+        raise OutputExists(f'{what + " " if what else ""}{path} already exists; pass {how} to replace it.')
+
+
 def _atomic_write(path: PathLike, write: Callable[[str], None], overwrite: bool) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place; on failure remove it."""
     path = Path(path)
     clean_stale_temporaries(path)
-    if os.path.lexists(path) and not overwrite:
-        raise OutputExists(f'{path} exists; pass overwrite to replace it.')
+    refuse_existing(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(str(_hidden_name(path, 'tmp')) + '.tmp')
     try:
@@ -339,8 +356,7 @@ def atomic_output_dir(path: PathLike, overwrite: bool = False) -> Iterator[Path]
     """
     path = Path(path)
     clean_stale_temporaries(path)
-    if os.path.lexists(path) and not overwrite:
-        raise OutputExists(f'{path} exists; pass overwrite to replace it.')
+    refuse_existing(path, overwrite)
     if os.path.lexists(path) and not path.is_dir():
         raise OutputExists(f'{path} exists and is not a folder.')
     path.parent.mkdir(parents=True, exist_ok=True)

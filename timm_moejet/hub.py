@@ -26,7 +26,7 @@ from huggingface_hub.errors import (
     OfflineModeIsEnabled,
     RepositoryNotFoundError,
 )
-from timm.models import PretrainedCfg, push_to_hf_hub, save_for_hf, split_model_name_tag
+from timm.models import PretrainedCfg, split_model_name_tag
 
 from .checkpoint_io import atomic_output_dir, check_state_dict_fits, load_state_dict_file, unwrap_state_dict
 from .errors import InvalidArgument, InvalidCheckpoint, NotFound
@@ -157,7 +157,7 @@ def save_hub_folder(
         OutputExists: If ``output`` exists and not ``overwrite``.
     """
     with atomic_output_dir(output, overwrite) as tmp, hub_export_config(model, extra_config) as model_config:
-        save_for_hf(model, str(tmp), model_config=model_config, safe_serialization=True)
+        timm.models.save_for_hf(model, str(tmp), model_config=model_config, safe_serialization=True)
     return Path(output)
 
 
@@ -197,5 +197,5 @@ def push_to_hub(
         details={'Model Type': 'Image classification / feature backbone', 'Library': 'timm + timm-moejet'},
     )
     with hub_export_config(model, extra_config) as model_config:
-        return push_to_hf_hub(model, repo_id, model_config=model_config, model_card=model_card,
+        return timm.models.push_to_hf_hub(model, repo_id, model_config=model_config, model_card=model_card,
                               safe_serialization=True, **push_kwargs)

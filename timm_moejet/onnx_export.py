@@ -17,7 +17,8 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .errors import ExportMismatch, InvalidArgument, NotFound, OutputExists
+from .checkpoint_io import refuse_existing
+from .errors import ExportMismatch, InvalidArgument, NotFound
 from .extras import require
 from .settings import boolean, integer, optional, real
 
@@ -163,8 +164,7 @@ def export_onnx(
     output = Path(output)
     if output.suffix != '.onnx':
         raise InvalidArgument(f'output must name a .onnx file, got {output}.')
-    if os.path.lexists(output) and not overwrite:
-        raise OutputExists(f'{output} exists; pass overwrite=True to replace it.')
+    refuse_existing(output, overwrite, how='overwrite=True')
     if not output.parent.is_dir():
         raise NotFound(f'the folder of {output} does not exist.')
 

@@ -129,7 +129,7 @@ def load_checkpoint(path: os.PathLike, model: nn.Module, optimizer: Optional[tor
 
 def build_model_from_record(record: Dict[str, Any], device: Any = 'cpu') -> nn.Module:
     """The (unsharded) model a checkpoint record describes, without pretrained weights (the checkpoint has them)."""
-    from .hub import create_model
+    from .build import create_model
     from .layers import experts_to_be_loaded
 
     with experts_to_be_loaded():  # every expert is about to be loaded from the checkpoint
