@@ -423,4 +423,5 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
 
 
 if __name__ == '__main__':
-    main()
+    from benchmarks.entry import run_main
+    run_main(main, 'python -m benchmarks.convergence', needs=[('matplotlib.pyplot', 'plot', 'the convergence plot')])

@@ -6,7 +6,7 @@ from ._args import add_model_args, add_output_args, check_output_free, model_kwa
 
 EXAMPLE = textwrap.dedent('''\
     example:
-      python -m weights_tools export moejet_vit_test --num-classes 10 --checkpoint finetuned.safetensors \\
+      weights-tools export moejet_vit_test --num-classes 10 --checkpoint finetuned.safetensors \\
           --output ./moejet_test_digits
       python -c "import timm, timm_moejet; timm.create_model('local-dir:./moejet_test_digits', pretrained=True)"''')
 
@@ -24,7 +24,8 @@ def add_parser(subparsers, parent: argparse.ArgumentParser, formatter) -> argpar
 
 
 def run(args: argparse.Namespace) -> int:
-    from timm_moejet.hub import load_model, save_hub_folder
+    from timm_moejet.build import load_model
+    from timm_moejet.hub import save_hub_folder
 
     check_output_free(args.output, args.overwrite, 'output folder',
                       {'model': args.model, 'checkpoint': args.checkpoint})

@@ -12,7 +12,7 @@ EXAMPLE = textwrap.dedent('''\
       echo '{"img_size": 224, "patch_size": 16, "embed_dim": 192, "depth": 12, "num_heads": 3,
              "num_classes": 1000, "global_pool": "avg", "moe_layers": [6, 7, 8, 9, 10, 11],
              "core_experts": 98, "univ_experts": 196, "univ_factor": 0.25, "slot_layernorm": true}' > official.json
-      python -m weights_tools import-official epoch_300.pth --config official.json --output ./moejet_official''')
+      weights-tools import-official epoch_300.pth --config official.json --output ./moejet_official''')
 
 
 def add_parser(subparsers, parent: argparse.ArgumentParser, formatter) -> argparse.ArgumentParser:

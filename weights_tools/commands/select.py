@@ -6,7 +6,7 @@ from ._args import SEED_ARG, add_model_kwargs, add_output_args, check_file_outpu
 
 EXAMPLE = textwrap.dedent('''\
     example:
-      python -m weights_tools select --model convnext_femto --donor convnext_tiny.fb_in22k \\
+      weights-tools select --model convnext_femto --donor convnext_tiny.fb_in22k \\
           --output convnext_femto_ws.safetensors
       python -c "import timm; timm.create_model('convnext_femto', pretrained=True, \\
           pretrained_cfg_overlay=dict(file='convnext_femto_ws.safetensors'))"''')
@@ -36,8 +36,8 @@ def add_parser(subparsers, parent: argparse.ArgumentParser, formatter) -> argpar
 
 
 def run(args: argparse.Namespace) -> int:
+    from timm_moejet.build import build_selected_model
     from timm_moejet.checkpoint_io import save_safetensors_atomic
-    from timm_moejet.recycling import build_selected_model
 
     check_file_output(args, {'donor': args.donor})
     model = build_selected_model(args.model, args.donor, args.block_map, init_seed=args.seed,
