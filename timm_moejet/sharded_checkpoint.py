@@ -7,7 +7,7 @@ when every rank has finished, so an interrupted save leaves the previous checkpo
 load: a checkpoint written by N processes resumes on M, or loads into one unsharded model for export.
 
 ``python -m timm_moejet.sharded_checkpoint CHECKPOINT OUTPUT`` writes ``model.safetensors`` + ``config.json``
-(timm's Hub layout, as ``weights_tools export`` writes it) from a checkpoint, in one process.
+(timm's Hub layout, as ``weights-tools export`` writes it) from a checkpoint, in one process.
 """
 import argparse
 import json
@@ -129,7 +129,7 @@ def load_checkpoint(path: os.PathLike, model: nn.Module, optimizer: Optional[tor
 
 def build_model_from_record(record: Dict[str, Any], device: Any = 'cpu') -> nn.Module:
     """The (unsharded) model a checkpoint record describes, without pretrained weights (the checkpoint has them)."""
-    from .hub import create_model
+    from .build import create_model
     from .layers import experts_to_be_loaded
 
     with experts_to_be_loaded():  # every expert is about to be loaded from the checkpoint

@@ -221,7 +221,7 @@ def train(args: argparse.Namespace) -> int:
     from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
     from . import sharded_checkpoint as ckpt
-    from .hub import create_model
+    from .build import create_model
     from .parallel import init_device_mesh, plan_shards, shard_model
 
     # FSDP2 warns of every unit returning a view; the MoE layers' outputs are only ever used out of place
