@@ -171,17 +171,17 @@ def test_resume_with_randomness_on_is_exact(tmp_path):
 
 
 def test_peak_memory_per_process_falls_with_two_processes(tmp_path):
-    """Reduced depth, all blocks MoE (25.7M parameters, 98% experts): the peak memory a process grows by in training
+    """Reduced depth, all blocks MoE (51M parameters, 99% experts): the peak memory a process grows by in training
     falls from one process to two by the sharded state, as docs/training.md states (16 bytes per local element).
 
     Large blocks are mmapped (MALLOC_MMAP_THRESHOLD_), so that freed tensors leave the resident set: otherwise glibc
     keeps them in per-thread arenas and the peak resident set measures the allocator (measured: 461 MiB on one
-    process, 467 on two). The rest of the growth, about 130-150 MiB on one process or two, is torch's and gloo's
-    (kernels, buffers, threads) and the activations.
+    process, 467 on two, at half this size). The rest of the growth, 60-150 MiB from run to run, is torch's and
+    gloo's (kernels, buffers, threads) and the activations: hence the tolerance on the fall.
     """
     from timm_moejet.parallel import plan_shards
 
-    kwargs = dict(embed_dim=128, moe_blocks=(0, 1, 2, 3), num_core_experts=32, num_univ_experts=64)
+    kwargs = dict(embed_dim=128, moe_blocks=(0, 1, 2, 3), num_core_experts=64, num_univ_experts=128)
     with torch.device('meta'):
         model = timm.create_model('moejet_vit_test', num_classes=10, img_size=32, patch_size=8, **kwargs)
     total = sum(p.numel() for p in model.parameters())
@@ -200,7 +200,7 @@ def test_peak_memory_per_process_falls_with_two_processes(tmp_path):
         assert 0.9 * states[n] <= peaks[n] <= states[n] + transient + 200 * 2 ** 20  # 200 MiB: torch, gloo, activations
     fall, stated_fall = peaks[1] - peaks[2], states[1] - states[2]
     print(f'fall from 1 to 2 processes: {fall / 2 ** 20:.0f} MiB, stated {stated_fall / 2 ** 20:.0f} MiB')
-    assert abs(fall - stated_fall) <= 0.3 * stated_fall
+    assert 0.6 * stated_fall <= fall <= 1.3 * stated_fall
 
 
 # --- in-process: sharding on a one-process gloo group ---------------------------------------------------------------
