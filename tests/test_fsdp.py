@@ -197,7 +197,7 @@ def test_peak_memory_per_process_falls_with_two_processes(tmp_path):
         transient = 12 * plan.largest_unit_numel(model)
         print(f'{total / 1e6:.1f}M parameters, {n} process(es): peak growth per process {peaks[n] / 2 ** 20:.0f} MiB; '
               f'stated: state {states[n] / 2 ** 20:.0f} MiB + gathered units {transient / 2 ** 20:.0f} MiB')
-        assert 0.9 * states[n] <= peaks[n] <= states[n] + transient + 200 * 2 ** 20  # 200 MiB: torch, gloo, activations
+        assert 0.9 * states[n] <= peaks[n] <= states[n] + transient + 256 * 2 ** 20  # 256 MiB: torch, gloo, activations
     fall, stated_fall = peaks[1] - peaks[2], states[1] - states[2]
     print(f'fall from 1 to 2 processes: {fall / 2 ** 20:.0f} MiB, stated {stated_fall / 2 ** 20:.0f} MiB')
     assert 0.6 * stated_fall <= fall <= 1.3 * stated_fall
