@@ -400,6 +400,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         donors: Dict[str, torch.nn.Module] = {}
         donors_seed = None
         for seed, arm in todo:
+            if str(seed) in load_runs(runs_path, recipe)['runs'].get(arm, {}):
+                continue  # another call over the same file ran it meanwhile
             if donors_seed != seed:
                 donors, donors_seed = {}, seed
             for name in ARMS[arm].donors:

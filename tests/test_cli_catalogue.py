@@ -28,7 +28,7 @@ def _catalogue():
     rows = []
     for line in table.splitlines():
         cells = [c.strip() for c in re.split(r'(?<!\\)\|', line)[1:-1]]
-        if len(cells) != 4 or not cells[1].startswith('`python'):
+        if len(cells) != 4 or not cells[1].startswith('`weights-tools'):
             continue
         rows.append(pytest.param(cells[1].strip('`'), int(cells[2]), cells[3].strip('`'), id=cells[0]))
     return rows

@@ -6,7 +6,7 @@ transforms and timm's pretrained filter), and is the one place that puts them to
 * :func:`create_moejet_from`: a MoE Jetpack ViT with the architecture of any dense timm ``VisionTransformer``
   donor, recycled from it on load (through the pretrained filter, as every pretrained tag).
 * :func:`build_recycled_model`: a MoE model filled from donors named as :func:`timm_moejet.donors.load_donor`
-  takes them (the ``weights_tools recycle`` command).
+  takes them (the ``weights-tools recycle`` command).
 * :func:`build_selected_model`: a dense model initialised from a larger donor by Weight Selection.
 * :func:`load_model` / :func:`create_model`: a model to export, inspect or push, and ``timm.create_model`` with
   an unknown kwarg worded as an ``InvalidArgument``.

@@ -7,7 +7,7 @@ when every rank has finished, so an interrupted save leaves the previous checkpo
 load: a checkpoint written by N processes resumes on M, or loads into one unsharded model for export.
 
 ``python -m timm_moejet.sharded_checkpoint CHECKPOINT OUTPUT`` writes ``model.safetensors`` + ``config.json``
-(timm's Hub layout, as ``weights_tools export`` writes it) from a checkpoint, in one process.
+(timm's Hub layout, as ``weights-tools export`` writes it) from a checkpoint, in one process.
 """
 import argparse
 import json
