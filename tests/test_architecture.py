@@ -85,6 +85,7 @@ def test_a_recipe_is_a_value_and_its_inputs_are_checked_when_resolved(tmp_path):
     recipe = RecyclingRecipe(stats=tmp_path / 'missing.safetensors', experts='org/not-cached')
     assert recipe.stats == str(tmp_path / 'missing.safetensors')  # no file-system check in the constructor
     assert dataclasses.replace(recipe, experts=None).experts is None  # None: the trunk donor, no sentinel
+    assert RecyclingRecipe(experts=False).experts is None  # what create_model passes on (timm drops None)
     with pytest.raises(NotFound, match='missing.safetensors'):
         resolve_inputs(recipe)
     with pytest.raises(InvalidArgument, match='must be one of'):

@@ -24,10 +24,10 @@ from timm.models import PretrainedCfg
 
 from .donors import folder_weights, load_donor, locate_donor
 from .errors import InvalidArgument
-from .hub import STANDARD_CONFIG_KEYS, check_model_name, hub_errors_named, load_weights_into, read_folder_config
+from .hub import STANDARD_CONFIG_KEYS, hub_errors_named, load_weights_into, read_folder_config
 from .layers import experts_to_be_loaded
 from .models.from_donor import check_vit_donor, vit_architecture
-from .naming import HF_HUB, LOCAL_DIR, WEIGHT_SUFFIXES, parse_source
+from .naming import HF_HUB, LOCAL_DIR, WEIGHT_SUFFIXES, check_model_name, parse_source
 from .recycling import RECYCLE_KWARGS, RecyclingRecipe, recycle_into, resolve_inputs, select_state_dict
 from .recycling.families import family_of_model
 

@@ -20,8 +20,15 @@ from timm.models import PretrainedCfg, load_state_dict_from_hf, resolve_pretrain
 
 from .checkpoint_io import load_state_dict_file, unwrap_state_dict
 from .errors import InvalidArgument, InvalidCheckpoint, NotFound
-from .hub import check_model_name, hub_errors_named, read_folder_config
-from .naming import FOLDER_WEIGHT_NAMES, WEIGHT_SUFFIXES, WeightSource, parse_source, split_revision
+from .hub import hub_errors_named, read_folder_config
+from .naming import (
+    FOLDER_WEIGHT_NAMES,
+    WEIGHT_SUFFIXES,
+    WeightSource,
+    check_model_name,
+    parse_source,
+    split_revision,
+)
 
 __all__ = ['Donor', 'load_donor', 'locate_donor', 'folder_weights']
 

@@ -10,7 +10,6 @@ fit.
 """
 import contextlib
 import dataclasses
-import difflib
 import json
 import logging
 import os
@@ -26,13 +25,13 @@ from huggingface_hub.errors import (
     OfflineModeIsEnabled,
     RepositoryNotFoundError,
 )
-from timm.models import PretrainedCfg, split_model_name_tag
+from timm.models import PretrainedCfg
 
 from .checkpoint_io import atomic_output_dir, check_state_dict_fits, load_state_dict_file, unwrap_state_dict
 from .errors import InvalidArgument, InvalidCheckpoint, NotFound
 from .official import is_official_state_dict
 
-__all__ = ['check_model_name', 'load_weights_into', 'read_folder_config',
+__all__ = ['load_weights_into', 'read_folder_config',
            'hub_export_config', 'save_hub_folder', 'push_to_hub', 'check_repo_id', 'hub_errors_named']
 
 _logger = logging.getLogger(__name__)
@@ -58,16 +57,6 @@ def hub_errors_named(what: str) -> Iterator[None]:
         raise NotFound(f'{what} does not exist on the Hub ({type(e).__name__}).') from e
     except EntryNotFoundError as e:
         raise NotFound(f'{what} has no weights file on the Hub ({type(e).__name__}).') from e
-
-
-def check_model_name(name: str) -> str:
-    """Refuse a model name timm does not know, suggesting close ones; returns the architecture (no tag)."""
-    arch = split_model_name_tag(name)[0]
-    if not timm.is_model(arch):
-        close = difflib.get_close_matches(arch, timm.list_models(), n=3)
-        hint = f'; did you mean {", ".join(close)}?' if close else '; see timm.list_models().'
-        raise InvalidArgument(f'unknown model name {name!r}{hint}')
-    return arch
 
 
 def read_folder_config(folder: PathLike) -> Dict[str, Any]:

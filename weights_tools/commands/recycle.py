@@ -39,11 +39,13 @@ def _arg_type(field: dataclasses.Field) -> Callable[[str], Any]:
     """Text to the field's type, checked by the field's own check (argparse reports 'argument --x: ...')."""
     check: Check = field.metadata['check']
 
+    number = isinstance(field.default, int)
+
     def convert(text: str) -> Any:
         try:
-            return check(_flag(field), int(text) if isinstance(field.default, int) else text)
-        except (ValueError, InvalidArgument):
-            raise argparse.ArgumentTypeError(f'must be {check.allowed}, got {text!r}') from None
+            return check(_flag(field), int(text) if number else text)
+        except (ValueError, InvalidArgument):  # numbers as written, names quoted (as the library words them)
+            raise argparse.ArgumentTypeError(f'must be {check.allowed}, got {text if number else repr(text)}') from None
     return convert
 
 
