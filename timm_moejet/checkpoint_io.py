@@ -205,7 +205,8 @@ def _give_umask_modes(folder: Path) -> None:
 
 # Temporaries and moved-aside outputs are named '.<output name>.moejet-<kind>-<pid>-<random>', so a later run can
 # recognise the ones of a dead process (SIGKILL leaves them behind) and nothing else.
-_MARK = re.compile(r'^\.(?P<name>.+)\.moejet-(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-f]+(?:\.tmp)?$')
+_MARK = re.compile(r'^\.(?P<name>.+)\.moejet-(?P<kind>tmp|old)-(?P<pid>[1-9][0-9]{0,6})-[0-9a-f]{8}(?:\.tmp)?$')
+_MAX_PID = 1 << 22  # Linux's largest pid_max; a larger number is not a pid this module wrote
 
 
 def _hidden_name(path: Path, kind: str) -> Path:
@@ -217,7 +218,7 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's live process
+    except (PermissionError, OverflowError, ValueError):  # another user's live process; not a pid: not ours
         return True
     return True
 
@@ -238,7 +239,8 @@ def clean_stale_temporaries(path: PathLike) -> None:
         return
     for entry in path.parent.iterdir():
         m = _MARK.match(entry.name)
-        if m is None or m.group('name') != path.name or _alive(int(m.group('pid'))):
+        if m is None or m.group('name') != path.name or int(m.group('pid')) > _MAX_PID or \
+                _alive(int(m.group('pid'))):
             continue
         if m.group('kind') == 'old' and not os.path.lexists(path):
             _logger.warning('putting back %s, which an interrupted run had moved aside', path)
