@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from .checkpoint_io import load_state_dict_file, unwrap_state_dict
 from .errors import InvalidArgument, InvalidCheckpoint, NotFound
-from .hub import WEIGHT_SUFFIXES, check_model_name, hub_errors_named, read_folder_config
+from .hub import WEIGHT_SUFFIXES, check_model_name, check_timm_config, hub_errors_named, read_folder_config
 
 __all__ = ['Donor', 'load_donor', 'locate_donor', 'folder_weights']
 
@@ -38,9 +38,10 @@ def _hub_config(repo: str, cache_dir: Optional[PathLike]) -> Optional[Dict[str, 
     except NotFound:
         return None  # the weights download below names the repo if it is really missing
     try:
-        return json.loads(Path(path).read_text())
+        config = json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InvalidCheckpoint(f'config.json of Hub repository {repo!r} is not valid JSON ({e}).') from e
+    return check_timm_config(config, f'config.json of Hub repository {repo!r}', require_architecture=False)
 
 
 @dataclasses.dataclass

@@ -25,7 +25,7 @@ from .checkpoint_io import atomic_output_dir, check_state_dict_fits, load_state_
 from .errors import InvalidArgument, InvalidCheckpoint, NotFound
 
 __all__ = ['load_model', 'create_model', 'check_model_name', 'load_weights_into', 'read_folder_config',
-           'hub_export_config', 'save_hub_folder', 'push_to_hub', 'check_repo_id', 'hub_errors_named']
+           'check_timm_config', 'hub_export_config', 'save_hub_folder', 'push_to_hub', 'check_repo_id', 'hub_errors_named']
 
 _logger = logging.getLogger(__name__)
 
@@ -83,8 +83,25 @@ def read_folder_config(folder: PathLike) -> Dict[str, Any]:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InvalidCheckpoint(f'{path} is not valid JSON ({e}).') from e
-    if not isinstance(config, dict) or 'architecture' not in config:
+    return check_timm_config(config, path)
+
+
+def check_timm_config(config: Any, path: PathLike, require_architecture: bool = True) -> Dict[str, Any]:
+    """Refuse a ``config.json`` whose entries are not of the types timm reads (a JSON list as ``model_args``
+    would fail deep inside timm), naming the file and the entry.
+
+    Raises:
+        InvalidCheckpoint: On a config that is not an object, lacks ``architecture``, or has an entry of another type.
+    """
+    if not isinstance(config, dict) or (require_architecture and 'architecture' not in config):
         raise InvalidCheckpoint(f'{path} has no "architecture" entry; it is not a timm model config.')
+    if 'architecture' in config and (not isinstance(config['architecture'], str) or not config['architecture']):
+        raise InvalidCheckpoint(f'{path}: "architecture" must be a timm model name, got '
+                                f'{json.dumps(config["architecture"])[:80]}.')
+    for key in ('model_args', 'pretrained_cfg'):
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            raise InvalidCheckpoint(f'{path}: "{key}" must be a JSON object, got {type(config[key]).__name__} '
+                                    f'{json.dumps(config[key])[:80]}.')
     return config
 
 
