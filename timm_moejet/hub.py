@@ -25,7 +25,8 @@ from .checkpoint_io import atomic_output_dir, check_state_dict_fits, load_state_
 from .errors import InvalidArgument, InvalidCheckpoint, NotFound
 
 __all__ = ['load_model', 'create_model', 'check_model_name', 'load_weights_into', 'read_folder_config',
-           'check_timm_config', 'hub_export_config', 'save_hub_folder', 'push_to_hub', 'check_repo_id', 'hub_errors_named']
+           'check_timm_config', 'hub_export_config', 'save_hub_folder', 'push_to_hub', 'check_repo_id',
+           'hub_errors_named']
 
 _logger = logging.getLogger(__name__)
 

@@ -37,6 +37,9 @@ def _donor_model(spec: str) -> nn.Module:
                               f'architecture (--model).')
     if os.path.isdir(spec):
         spec = f'local-dir:{spec}'
+    if spec.startswith('local-dir:'):
+        from ..hub import read_folder_config
+        read_folder_config(spec[len('local-dir:'):])  # a folder's config.json is checked before timm reads it
     if not spec.startswith(('hf-hub:', 'local-dir:')):
         check_model_name(spec)
     with hub_errors_named(f'config of donor {spec!r}'):
@@ -223,8 +226,13 @@ def create_moejet_from(
         DonorMismatch: If a donor is not a ViT with timm's ``Mlp`` blocks (decided before any weight is fetched).
         NotFound: If a donor is neither cached nor downloadable.
     """
+    import os
+
     import timm
 
+    if isinstance(trunk, (str, os.PathLike)) and not str(trunk).startswith(('hf-hub:', 'local-dir:')) \
+            and os.path.isdir(trunk):
+        trunk = f'local-dir:{os.fspath(trunk)}'  # a plain folder, as the command line takes it
     args, donor = moejet_vit_kwargs(trunk, kwargs.get('img_size'))
     if experts is not None:
         if not isinstance(experts, str) or not experts:
