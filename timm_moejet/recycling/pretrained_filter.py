@@ -138,6 +138,7 @@ class RecyclingArgs:
         self.record = record
         self.cache_dir = cache_dir
         self.trunk_repo = trunk_repo
+        self.loaded: Optional[str] = None  # what the filter did in this load: 'recycled' or 'moe' (passed through)
 
     @classmethod
     def pop_from(cls, variant: str, kwargs: Dict[str, Any], recipes: Mapping[str, RecyclingRecipe]
@@ -196,7 +197,11 @@ class RecyclingArgs:
         recipe, cache_dir = self.recipe, self.cache_dir
 
         def _filter(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
-            return checkpoint_filter_fn(state_dict, model, recipe=recipe, cache_dir=cache_dir)
+            before = (getattr(model, 'pretrained_cfg', None) or {}).get('recycling')
+            out = checkpoint_filter_fn(state_dict, model, recipe=recipe, cache_dir=cache_dir)
+            recycled = (getattr(model, 'pretrained_cfg', None) or {}).get('recycling') is not before
+            self.loaded = 'recycled' if recycled else 'moe'
+            return out
         return _filter
 
     @contextlib.contextmanager
@@ -207,7 +212,16 @@ class RecyclingArgs:
             yield
 
     def finish(self, model: nn.Module) -> nn.Module:
-        """Re-attach a recorded recipe that came with an exported model's config."""
-        if self.record is not None:
+        """Re-attach the recorded recipe of an exported model's config when its MoE weights were loaded as they are.
+
+        A record describes the weights the model holds: when this load recycled dense weights, the filter's record
+        of that recycling stays; without pretrained weights there is none (a config's record speaks of other
+        weights).
+        """
+        if self.loaded == 'moe' and self.record is not None:
             record_on(model, self.record)
+        elif self.loaded is None:
+            cfg = dict(getattr(model, 'pretrained_cfg', None) or {})
+            if cfg.pop('recycling', None) is not None:
+                model.pretrained_cfg = model.default_cfg = cfg
         return model
