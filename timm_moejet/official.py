@@ -243,6 +243,10 @@ def load_official(
         raise InvalidArgument('load_official needs the official VisionTransformerMoe kwargs (config).')
     kwargs = official_config_to_kwargs(config)
     state_dict = convert_official_state_dict(checkpoint)
+    # the config's architecture against the tensors' shapes on the meta device first: a 3 KB file declaring a
+    # 24-block, 8192-wide model is refused without allocating it
+    check_state_dict_fits(state_dict, timm.create_model(_architecture_for(kwargs), pretrained=False, device='meta',
+                                                        **kwargs), source)
     with experts_to_be_loaded():  # the checkpoint fills every expert (checked below, then loaded strictly)
         model = timm.create_model(_architecture_for(kwargs), pretrained=False, **kwargs)
     check_state_dict_fits(state_dict, model, source)
