@@ -8,7 +8,7 @@ line with exit status 2; anything else is a bug or an environment failure (statu
 
 __all__ = [
     'MoEJetError', 'InvalidArgument', 'InvalidArgumentType', 'InvalidCheckpoint', 'DonorMismatch', 'NotFound',
-    'OutputExists', 'MissingExtra',
+    'OutputExists', 'MissingExtra', 'OutputNotWritable', 'Unreachable',
 ]
 
 
@@ -42,3 +42,12 @@ class OutputExists(MoEJetError, FileExistsError):
 
 class MissingExtra(MoEJetError, ImportError):
     """An optional dependency is not installed; the message names the ``pip install`` extra that brings it."""
+
+
+class OutputNotWritable(MoEJetError, OSError):
+    """An output cannot be written where the user asked: a read-only file system, a folder without write
+    permission, a full disk, a parent path that is a file. The message names the user's path."""
+
+
+class Unreachable(MoEJetError, ConnectionError):
+    """A remote service (the Hugging Face Hub) could not be reached: offline mode, no network or no DNS."""

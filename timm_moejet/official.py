@@ -112,6 +112,10 @@ def official_config_to_kwargs(config: Mapping[str, Any]) -> Dict[str, Any]:
     core_hidden = int(cfg['embed_dim'] * cfg['mlp_ratio'] * cfg.get('compress_ratio', 1.0))
     kwargs[_MOE['core_hidden']] = core_hidden
     kwargs[_MOE['univ_hidden']] = int(round(core_hidden * cfg.get('univ_factor', 0.25)))
+    if kwargs[_MOE['univ_hidden']] < 1:
+        raise InvalidArgument(f'univ_factor {cfg.get("univ_factor", 0.25):g} gives universal experts of '
+                              f'{core_hidden} x {cfg.get("univ_factor", 0.25):g} < 1 hidden unit; the official '
+                              f'univ_factor must give at least one.')
     kwargs.setdefault(_MOE['num_univ'], int(round(cfg['core_experts'] / cfg.get('univ_factor', 0.25))))
     if cfg.get('add_noise', True):
         if 'noise_mult' in cfg:

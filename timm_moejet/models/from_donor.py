@@ -42,6 +42,12 @@ def _donor_model(spec: str) -> nn.Module:
         read_folder_config(spec[len('local-dir:'):])  # a folder's config.json is checked before timm reads it
     if not spec.startswith(('hf-hub:', 'local-dir:')):
         check_model_name(spec)
+        from timm.models import resolve_pretrained_cfg, split_model_name_tag
+        arch, tag = split_model_name_tag(spec)
+        try:
+            resolve_pretrained_cfg(arch, pretrained_cfg=tag or None)
+        except RuntimeError as e:  # timm: 'Invalid pretrained tag (...) for ...'
+            raise InvalidArgument(f'{spec}: {e}') from e
     with hub_errors_named(f'config of donor {spec!r}'):
         return create_model(spec, pretrained=False, device='meta') if spec.startswith(('hf-hub:', 'local-dir:')) \
             else timm.create_model(spec, pretrained=False, device='meta')

@@ -108,6 +108,15 @@ def select_state_dict(
     if donor.family is not family:
         raise DonorMismatch(f'{donor.label()} is of family {donor.family.name}, the model {type(model).__name__} of '
                             f'family {family.name}.')
+    if family.name == 'vit':  # another class-token layout cannot be resampled into the model's
+        from .accounting import vit_layout_problem
+        layout = vit_layout_problem(donor.sd, model)
+        if layout:
+            lacks = [k for k in ('reg_token', 'cls_token') if k in target and k not in donor.sd]
+            refuse_components(donor.label(), type(model).__name__, [layout] + components_of(
+                [k for k in donor.sd if k not in target and k in ('reg_token', 'cls_token')]),
+                select_hint(type(model).__name__) + (f' (the model has {", ".join(lacks)}, the donor does not)'
+                                                     if lacks else ''))
     prepared = family.prepare(dict(donor.sd), model)  # the family's own conversions (position-embedding resampling)
     mapping = block_key_map(family, list(target), list(prepared), block_map)
     plan = {}  # model key -> donor key
