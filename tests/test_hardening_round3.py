@@ -122,7 +122,7 @@ def test_recycling_without_model_carries_every_component_exactly(donors, tmp_pat
 
 
 def test_the_record_lists_every_dropped_donor_tensor(donors):
-    from timm_moejet.recycling import build_recycled_model
+    from timm_moejet.build import build_recycled_model
 
     model = build_recycled_model('moejet_vit_test', str(donors / 'vit'))
     dropped = model.pretrained_cfg['recycling']['dropped']

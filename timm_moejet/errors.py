@@ -8,7 +8,7 @@ line with exit status 2; anything else is a bug or an environment failure (statu
 
 __all__ = [
     'MoEJetError', 'InvalidArgument', 'InvalidArgumentType', 'InvalidCheckpoint', 'DonorMismatch', 'NotFound',
-    'OutputExists', 'MissingExtra', 'OutputNotWritable', 'Unreachable',
+    'OutputExists', 'MissingExtra', 'ExportMismatch', 'OutputNotWritable', 'Unreachable',
 ]
 
 
@@ -44,6 +44,8 @@ class MissingExtra(MoEJetError, ImportError):
     """An optional dependency is not installed; the message names the ``pip install`` extra that brings it."""
 
 
+class ExportMismatch(MoEJetError, RuntimeError):
+    """An exported model does not compute what the eager model computes (checked right after the export)."""
 class OutputNotWritable(MoEJetError, OSError):
     """An output cannot be written where the user asked: a read-only file system, a folder without write
     permission, a full disk, a parent path that is a file. The message names the user's path."""

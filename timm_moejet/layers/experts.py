@@ -128,6 +128,21 @@ def fx_tracing(x: torch.Tensor) -> bool:
     return isinstance(x, torch.fx.Proxy) or is_fx_symbolic_tracing()
 
 
+# device types with autocast, found once at import: the query behind it (torch._C._is_autocast_available) is not
+# traceable by torch.compile, while is_autocast_enabled / get_autocast_dtype of a known device type are
+_AUTOCAST_DEVICE_TYPES = frozenset(
+    d for d in ('cpu', 'cuda', 'xpu', 'mps', 'hpu', 'mtia', 'xla', 'ipu') if torch.amp.is_autocast_available(d))
+
+
+@torch.jit.unused
+def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast computes ``x``'s matmuls in, or None where autocast is off for its device (traceable)."""
+    device_type = x.device.type
+    if device_type in _AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 @torch.jit.unused
 def _batched_linear_eager(
         x: torch.Tensor,
@@ -140,10 +155,10 @@ def _batched_linear_eager(
     if not torch.is_grad_enabled():
         return _batched_linear_in_weight_dtype(x, weight, bias)  # no autograd: the custom backward has nothing to do
     device_type = x.device.type
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    dtype = autocast_dtype(x)
+    if dtype is not None:
         # cast as autocast would for bmm/baddbmm, then run the fast backward on the low-precision operands; the
         # casts are ordinary ops, so the weight gradient reaches the float32 parameter as autocast's would
-        dtype = torch.get_autocast_dtype(device_type)
         with torch.autocast(device_type=device_type, enabled=False):
             return _BatchedLinearFunction.apply(
                 x.to(dtype), weight.to(dtype), bias.to(dtype) if bias is not None else None, None)

@@ -22,7 +22,7 @@ from torch.jit import Final
 from ..errors import InvalidArgument, InvalidArgumentType
 from ..settings import boolean, check_fields, choice, integer, optional, real, setting
 from .entmax import entmax15_halved
-from .experts import BatchedExperts, fx_tracing
+from .experts import BatchedExperts, autocast_dtype, fx_tracing
 
 __all__ = ['SpheroMoE', 'SpheroMoESettings', 'COMBINE_MODES']
 
@@ -87,8 +87,7 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 @torch.jit.unused
 def _autocast_on(x: torch.Tensor) -> bool:
-    device_type = x.device.type
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    return autocast_dtype(x) is not None
 
 
 @torch.jit.unused

@@ -14,6 +14,7 @@ import torch.nn as nn
 from ..errors import DonorMismatch
 from .accounting import components_of, refuse_components, select_hint
 from .families import Family, family_of_state_dict
+from .geometry import DenseDonor
 from .selection import map_blocks, uniform_indices
 
 __all__ = ['evenly_spaced', 'select_tensor', 'select_state_dict']
@@ -99,8 +100,6 @@ def select_state_dict(
         DonorMismatch: If the donor is of another family, has fewer stages or blocks, is narrower anywhere
             (naming both sides), or has components the model cannot hold (LayerScale, q/k norms, ...).
     """
-    from .geometry import DenseDonor
-
     target = model.state_dict()
     family = family_of_state_dict(target, 'model', type(model).__name__)
     donor = DenseDonor(donor_state_dict, 'donor', donor_name)
