@@ -92,19 +92,28 @@ class _ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int):
+    def check_headers(self, indices: List[int]) -> None:
+        """Open every image of ``indices`` without decoding it, so an unreadable one or a decompression bomb is
+        named before any work."""
+        for i in indices:
+            self._read(self.samples[i][0], decode=False)
+
+    @staticmethod
+    def _read(path: str, decode: bool = True):
         from PIL import Image
 
-        path, target = self.samples[index]
         try:
             with Image.open(path) as img:
-                img = img.convert('RGB')
+                return img.convert('RGB') if decode else None
         except Image.DecompressionBombError as e:
             raise InvalidCheckpoint(f'image {path} is too large to decode safely ({e}).') from e
         except (OSError, ValueError, SyntaxError) as e:  # PIL: truncated, corrupt or not an image
             raise InvalidCheckpoint(f'image {path} cannot be read ({type(e).__name__}: {e}); remove or replace '
                                     f'it.') from e
-        return self.transform(img), target
+
+    def __getitem__(self, index: int):
+        path, target = self.samples[index]
+        return self.transform(self._read(path)), target
 
 
 def image_loader(
@@ -152,6 +161,7 @@ def image_loader(
     dataset = _ImageFiles(samples, create_transform(**data_config, is_training=False))
     targets = [t for _, t in samples]
     indices = balanced_indices(targets, limit, seed)
+    dataset.check_headers(indices)
     subset = Subset(dataset, indices)
     loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=workers,
                         generator=torch.Generator().manual_seed(seed))
