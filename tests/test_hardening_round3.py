@@ -267,3 +267,100 @@ def test_config_with_model_args_not_a_mapping_is_a_typed_error_from_the_api(bad_
 
     with pytest.raises(InvalidCheckpoint, match='model_args'):
         timm_moejet.create_moejet_from(str(bad_config_folder))
+
+
+# minor classes the command-line catalogue cannot show (environment faults, API routes)
+
+
+@pytest.mark.parametrize('code, words', [(30, 'read-only'), (28, 'no space left'), (13, 'permission denied')])
+def test_unwritable_outputs_name_the_users_path(tmp_path, monkeypatch, code, words):
+    """EROFS / ENOSPC / EACCES while the temporary is written: exit 2 naming the output, not the temporary."""
+    from timm_moejet import checkpoint_io
+
+    def failing_save(tensors, path, metadata=None):
+        raise OSError(code, os.strerror(code), path)
+
+    monkeypatch.setattr(checkpoint_io, 'save_file', failing_save)
+    out = tmp_path / 'ws.safetensors'
+    from timm_moejet.errors import OutputNotWritable
+    with pytest.raises(OutputNotWritable, match=words) as info:
+        checkpoint_io.save_safetensors_atomic({'a': torch.ones(2)}, out)
+    assert str(out) in str(info.value) and 'moejet-tmp' not in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_non_utf8_checkpoint_path_is_read(tmp_path):
+    from timm_moejet.checkpoint_io import load_state_dict_file
+
+    path = os.path.join(os.fsencode(tmp_path), b'w\xff.safetensors')
+    save_file({'a': torch.ones(2)}, str(tmp_path / 'plain.safetensors'))
+    os.rename(tmp_path / 'plain.safetensors', path)
+    assert torch.equal(load_state_dict_file(os.fsdecode(path))['a'], torch.ones(2))
+
+
+def test_an_unreadable_checkpoint_says_permission_denied(tmp_path, monkeypatch):
+    from timm_moejet.checkpoint_io import load_state_dict_file
+    from timm_moejet.errors import InvalidCheckpoint
+
+    save_file({'a': torch.ones(2)}, str(tmp_path / 'w.safetensors'))
+    os.chmod(tmp_path / 'w.safetensors', 0)
+    monkeypatch.setattr(os, 'access', lambda path, mode: False)  # root reads mode-000 files: ask as a user would
+    with pytest.raises(InvalidCheckpoint, match='permission denied'):
+        load_state_dict_file(tmp_path / 'w.safetensors')
+
+
+def test_official_univ_factor_is_named_as_the_official_config_names_it():
+    from timm_moejet.errors import InvalidArgument
+    from timm_moejet.official import official_config_to_kwargs
+
+    with pytest.raises(InvalidArgument, match='univ_factor'):
+        official_config_to_kwargs(dict(moe_layers=[2, 3], core_experts=4, univ_factor=1e-9, embed_dim=64,
+                                       num_heads=2, depth=4))
+
+
+def test_inspect_json_writes_null_for_an_undefined_figure(tmp_path):
+    out = tmp_path / 'f.json'
+    assert main(['inspect', 'moejet_vit_test', '--model-kwargs', 'num_univ_experts=0', '--random-images', '1',
+                 '--json', str(out)]) == 0
+
+    def refuse(constant):
+        raise ValueError(f'{constant} is not JSON')
+
+    layers = json.loads(out.read_text(), parse_constant=refuse)['layers']
+    assert layers[0]['univ_contribution'] is None
+
+
+def test_onnx_export_of_cast_experts_says_it_needs_float32(tmp_path):
+    pytest.importorskip('onnx')
+    from timm_moejet.errors import InvalidArgument
+    from timm_moejet.layers import cast_experts
+    from timm_moejet.onnx_export import export_onnx
+
+    model = timm.create_model('moejet_vit_test').eval()
+    cast_experts(model, torch.bfloat16)
+    with pytest.raises(InvalidArgument, match='float32'):
+        export_onnx(model, tmp_path / 'm.onnx', check=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_launcher_refuses_an_unreadable_script(tmp_path, capsys, monkeypatch):
+    from timm_moejet.run import main as run_main
+
+    script = tmp_path / 'train.py'
+    script.write_text('print("ran")\n')
+    monkeypatch.setattr(os, 'access', lambda path, mode: False)
+    assert run_main([str(script)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert 'cannot be read' in err and str(script) in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize('call, error', [
+    (lambda: timm_moejet.create_moejet_from('vit_tiny_patch16_224.nonexistent_tag'), 'InvalidArgument'),
+    (lambda: timm.create_model('moejet_vit_test', img_size=8), 'InvalidArgument'),
+    (lambda: timm.create_model('moejet_vit_test', mlp_ratio=1e300), 'InvalidArgument'),
+])
+def test_the_python_api_raises_the_typed_errors_the_cli_words(call, error):
+    from timm_moejet import errors
+
+    with pytest.raises(getattr(errors, error)):
+        call()
