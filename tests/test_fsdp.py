@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import timm
@@ -38,9 +39,9 @@ RECIPE = ['--dataset', 'synthetic', '--train-num-samples', '32', '--num-classes'
 GLOBAL_BATCH = 8
 
 
-def _env() -> dict:
+def _env(**extra: str) -> dict:
     return dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get('PYTHONPATH', '')]),
-                OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
+                OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore', **extra)
 
 
 def _free_port() -> int:
@@ -49,19 +50,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train(nproc: int, output: Path, experiment: str, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
-    """``python -m timm_moejet.train`` on ``nproc`` processes (torchrun for two), global batch 8."""
-    args = ['-m', 'timm_moejet.train', '-b', str(GLOBAL_BATCH // nproc), '--output', str(output),
-            '--experiment', experiment, *RECIPE, *extra]
+def _argv(nproc: int, output: Path, experiment: str, *extra: str) -> list:
+    return ['-b', str(GLOBAL_BATCH // nproc), '--output', str(output), '--experiment', experiment, *RECIPE, *extra]
+
+
+def _train(nproc: int, output: Path, experiment: str, *extra: str, fresh_process: bool = False,
+           env: Optional[dict] = None) -> None:
+    """``python -m timm_moejet.train`` with global batch 8: two processes under torchrun; one process in this one
+    (its imports are done: a few seconds instead of tens), or in a fresh one with ``fresh_process``."""
+    from timm_moejet.train import main
+
+    argv = _argv(nproc, output, experiment, *extra)
+    if nproc == 1 and not fresh_process:
+        assert main(argv) == 0
+        return
+    cmd = [sys.executable, '-m', 'timm_moejet.train', *argv]
     if nproc > 1:
-        cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc), '--nnodes', '1',
-               '--rdzv-backend', 'c10d', '--rdzv-endpoint', f'localhost:{_free_port()}', *args]
-    else:
-        cmd = [sys.executable, *args]
-    proc = subprocess.run(cmd, cwd=output, env=_env(), capture_output=True, text=True, timeout=600)
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+        cmd[1:3] = ['-m', 'torch.distributed.run', '--nproc_per_node', str(nproc), '--nnodes', '1',
+                    '--rdzv-backend', 'c10d', '--rdzv-endpoint', f'localhost:{_free_port()}', '-m',
+                    'timm_moejet.train']
+    proc = subprocess.run(cmd, cwd=output, env=_env(**(env or {})), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 def _losses(output: Path, experiment: str) -> dict:
@@ -129,20 +138,24 @@ def test_export_equals_single_process_and_loads_in_timm(runs):
     assert all(torch.equal(v, two[k]) for k, v in folder.state_dict().items())
 
 
-def test_resume_refuses_another_model_or_recipe(runs):
+def test_resume_refuses_another_model_or_recipe(runs, capsys):
+    from timm_moejet.train import main
+
     family, out = runs
     sharded = out / 'two' / 'checkpoints' / 'epoch_1'
     before = sorted((p.name, p.stat().st_mtime_ns) for p in sharded.iterdir())
     other = FAMILIES['convnext' if family == 'vit' else 'vit']
-    proc = _train(1, out, 'refused', *other, '--resume', str(sharded), check=False)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert 'written by another model or recipe' in proc.stderr and 'model:' in proc.stderr
-    proc = _train(1, out, 'refused', *FAMILIES[family], '--opt', 'sgd', '--resume', str(sharded), check=False)
-    assert proc.returncode == 2 and 'opt:' in proc.stderr, proc.stderr[-2000:]
+    assert main(_argv(1, out, 'refused', *other, '--resume', str(sharded))) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'written by another model or recipe' in err and 'model: checkpoint' in err, err
+    assert main(_argv(1, out, 'refused', *FAMILIES[family], '--opt', 'sgd', '--resume', str(sharded))) == 2
+    assert "opt: checkpoint 'adamw', now 'sgd'" in capsys.readouterr().err
+    assert main(_argv(1, out, 'refused', *FAMILIES[family], '-b', '2', '--resume', str(sharded))) == 2
+    assert 'global_batch: checkpoint 8, now 2' in capsys.readouterr().err
     assert not (out / 'refused').exists()  # refused before anything was written
     assert sorted((p.name, p.stat().st_mtime_ns) for p in sharded.iterdir()) == before
-    proc = _train(1, out, 'one', *FAMILIES[family], check=False)  # a finished run's folder without --resume
-    assert proc.returncode == 2 and 'holds checkpoints of an earlier run' in proc.stderr, proc.stderr[-2000:]
+    assert main(_argv(1, out, 'one', *FAMILIES[family])) == 2  # a finished run's folder, without --resume
+    assert 'holds checkpoints of an earlier run' in capsys.readouterr().err
 
 
 def test_resume_with_randomness_on_is_exact(tmp_path):
@@ -158,28 +171,36 @@ def test_resume_with_randomness_on_is_exact(tmp_path):
 
 
 def test_peak_memory_per_process_falls_with_two_processes(tmp_path):
-    """Reduced depth, all blocks MoE (25M parameters, 98% experts): the peak memory a process grows by in training
-    (weights, gradients, AdamW state, activations) at 1 and 2 processes, against what docs/training.md states:
-    16 bytes per local element plus at most 12 bytes per element of the largest unit."""
+    """Reduced depth, all blocks MoE (51M parameters, 99% experts): the peak memory a process grows by in training
+    falls from one process to two by the sharded state, as docs/training.md states (16 bytes per local element).
+
+    Large blocks are mmapped (MALLOC_MMAP_THRESHOLD_), so that freed tensors leave the resident set: otherwise glibc
+    keeps them in per-thread arenas and the peak resident set measures the allocator (measured: 461 MiB on one
+    process, 467 on two, at half this size). The rest of the growth, 60-150 MiB from run to run, is torch's and
+    gloo's (kernels, buffers, threads) and the activations: hence the tolerance on the fall.
+    """
     from timm_moejet.parallel import plan_shards
 
-    kwargs = dict(embed_dim=128, moe_blocks=(0, 1, 2, 3), num_core_experts=32, num_univ_experts=64)
+    kwargs = dict(embed_dim=128, moe_blocks=(0, 1, 2, 3), num_core_experts=64, num_univ_experts=128)
     with torch.device('meta'):
         model = timm.create_model('moejet_vit_test', num_classes=10, img_size=32, patch_size=8, **kwargs)
     total = sum(p.numel() for p in model.parameters())
     model_args = ['--model', 'moejet_vit_test', '--img-size', '32', '--model-kwargs', 'img_size=32', 'patch_size=8',
                   *(f'{k}={v}' for k, v in kwargs.items()), *DETERMINISTIC]
-    peaks = {}
+    peaks, states = {}, {}
     for n in (1, 2):
-        _train(n, tmp_path, f'mem{n}', *model_args, '--epochs', '1', '--train-num-samples', '8', '--no-export')
+        _train(n, tmp_path, f'mem{n}', *model_args, '--epochs', '1', '--train-num-samples', '8', '--no-export',
+               fresh_process=True, env=dict(MALLOC_MMAP_THRESHOLD_='65536'))
         peaks[n] = json.loads((tmp_path / f'mem{n}' / 'steps.jsonl').read_text().splitlines()[-1])['peak_rss_growth']
         plan = plan_shards(model, n)
-        state = 16 * plan.local_numel(model)
-        stated = state + 12 * plan.largest_unit_numel(model)
-        print(f'{total / 1e6:.1f}M parameters, {n} process(es): peak growth per process {peaks[n] / 2 ** 20:.0f} MiB, '
-              f'stated state {state / 2 ** 20:.0f} MiB, with transients {stated / 2 ** 20:.0f} MiB')
-        assert 0.9 * state <= peaks[n] <= stated + 64 * 2 ** 20  # 64 MiB: activations, buffers
-    assert peaks[2] <= 0.7 * peaks[1]
+        states[n] = 16 * plan.local_numel(model)
+        transient = 12 * plan.largest_unit_numel(model)
+        print(f'{total / 1e6:.1f}M parameters, {n} process(es): peak growth per process {peaks[n] / 2 ** 20:.0f} MiB; '
+              f'stated: state {states[n] / 2 ** 20:.0f} MiB + gathered units {transient / 2 ** 20:.0f} MiB')
+        assert 0.9 * states[n] <= peaks[n] <= states[n] + transient + 256 * 2 ** 20  # 256 MiB: torch, gloo, activations
+    fall, stated_fall = peaks[1] - peaks[2], states[1] - states[2]
+    print(f'fall from 1 to 2 processes: {fall / 2 ** 20:.0f} MiB, stated {stated_fall / 2 ** 20:.0f} MiB')
+    assert 0.6 * stated_fall <= fall <= 1.3 * stated_fall
 
 
 # --- in-process: sharding on a one-process gloo group ---------------------------------------------------------------

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -154,7 +155,9 @@ def export_checkpoint(checkpoint: os.PathLike, output: os.PathLike, overwrite: b
     record = read_record(path)
     model = build_model_from_record(record)
     state = {'model': model.state_dict()}
-    dcp.load(state, checkpoint_id=path, no_dist=True)
+    with warnings.catch_warnings():  # DCP warns that it loads in one process, which is the point here
+        warnings.filterwarnings('ignore', message='torch.distributed is disabled')
+        dcp.load(state, checkpoint_id=path, no_dist=True)
     model.load_state_dict(state['model'], strict=True)
     return save_hub_folder(model, output, overwrite=overwrite), model
 

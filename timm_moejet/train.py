@@ -226,16 +226,19 @@ def train(args: argparse.Namespace) -> int:
 
     # FSDP2 warns of every unit returning a view; the MoE layers' outputs are only ever used out of place
     warnings.filterwarnings('ignore', message='FSDP2-wrapped module .* returned a view tensor')
-    device = _setup_distributed()
-    rss_start = _peak_rss()  # the memory a process needs beyond torch, timm and the process group
-    rank, world = dist.get_rank(), dist.get_world_size()
+    # bad input is refused before the process group, the model or any output exists
+    world = int(os.environ.get('WORLD_SIZE', 1))
     output_dir = Path(args.output or 'output/train') / (args.experiment or args.model.replace('/', '_'))
     _check_args(args, world, output_dir)
     fingerprint = _fingerprint(args, world)
     record = None
-    if args.resume:  # refuse another model's or recipe's checkpoint before building anything
+    if args.resume:
         record = ckpt.read_record(args.resume)
         ckpt.check_fingerprint(record, fingerprint, args.resume)
+
+    device = _setup_distributed()
+    rss_start = _peak_rss()  # the memory a process needs beyond torch, timm and the process group
+    rank = dist.get_rank()
 
     from timm.utils import random_seed
     random_seed(args.seed, 0)  # the same initial weights on every rank (each keeps its shard of them)
