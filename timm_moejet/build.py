@@ -20,11 +20,11 @@ import timm
 import torch
 import torch.nn as nn
 from timm.layers import to_2tuple
-from timm.models import PretrainedCfg
+from timm.models import PretrainedCfg, resolve_pretrained_cfg, split_model_name_tag
 
 from .donors import folder_weights, load_donor, locate_donor
 from .errors import InvalidArgument
-from .hub import STANDARD_CONFIG_KEYS, hub_errors_named, load_weights_into, read_folder_config
+from .hub import STANDARD_CONFIG_KEYS, check_weights_readable, hub_errors_named, load_weights_into, read_folder_config
 from .layers import experts_to_be_loaded
 from .models.from_donor import check_vit_donor, vit_architecture
 from .naming import HF_HUB, LOCAL_DIR, WEIGHT_SUFFIXES, check_model_name, parse_source
@@ -75,6 +75,7 @@ def load_model(
             config = read_folder_config(source.path)
             extra = {k: v for k, v in config.items() if k not in STANDARD_CONFIG_KEYS}
             check_model_name(config['architecture'])
+            check_weights_readable(source.path)
             spec = f'local-dir:{source.path.resolve()}'
         with hub_errors_named(f'model {spec!r}'):
             return create_model(spec, pretrained=True, **kwargs), extra
@@ -99,6 +100,13 @@ def _donor_model(spec: str) -> nn.Module:
                               f'architecture (--model).')
     if source.kind == 'timm':
         check_model_name(spec)
+        arch, tag = split_model_name_tag(spec)
+        try:
+            resolve_pretrained_cfg(arch, pretrained_cfg=tag or None)
+        except RuntimeError as e:  # timm: 'Invalid pretrained tag (...) for ...'
+            raise InvalidArgument(f'{spec}: {e}') from e
+    if source.kind == 'folder':
+        read_folder_config(source.path)  # a folder's config.json is checked before timm reads it
     with hub_errors_named(f'config of donor {spec!r}'):
         return create_model(source.timm_name(), pretrained=False, device='meta')
 
@@ -263,8 +271,10 @@ def build_selected_model(
         if init_seed is not None:
             torch.manual_seed(init_seed)
         model = create_model(model_name, **model_kwargs)
-    state_dict = select_state_dict(model, weights, block_map=block_map, donor_name=str(donor))
+    dropped: Dict[str, str] = {}
+    state_dict = select_state_dict(model, weights, block_map=block_map, donor_name=str(donor), dropped=dropped)
     model.load_state_dict(state_dict, strict=True)
     model.pretrained_cfg = dict(model.pretrained_cfg or {}, weight_selection=dict(donor=str(donor),
-                                                                                  block_map=block_map))
+                                                                                  block_map=block_map,
+                                                                                  dropped=dropped))
     return model

@@ -20,7 +20,7 @@ from timm.models import PretrainedCfg, load_state_dict_from_hf, resolve_pretrain
 
 from .checkpoint_io import load_state_dict_file, unwrap_state_dict
 from .errors import InvalidArgument, InvalidCheckpoint, NotFound
-from .hub import hub_errors_named, read_folder_config
+from .hub import check_timm_config, hub_errors_named, read_folder_config
 from .naming import (
     FOLDER_WEIGHT_NAMES,
     WEIGHT_SUFFIXES,
@@ -47,9 +47,10 @@ def _hub_config(repo: str, cache_dir: Optional[PathLike]) -> Optional[Dict[str, 
     except NotFound:
         return None  # the weights download below names the repo if it is really missing
     try:
-        return json.loads(Path(path).read_text())
+        config = json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InvalidCheckpoint(f'config.json of Hub repository {repo!r} is not valid JSON ({e}).') from e
+    return check_timm_config(config, f'config.json of Hub repository {repo!r}', require_architecture=False)
 
 
 @dataclasses.dataclass
