@@ -41,7 +41,7 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
 
 def test_no_overwrite_without_permission(tmp_path):
     target = atomic_write_bytes(b'old', tmp_path / 'f.bin')
-    with pytest.raises(FileExistsError, match='f.bin exists'):
+    with pytest.raises(FileExistsError, match='f.bin already exists'):
         atomic_write_bytes(b'new', target, overwrite=False)
     assert target.read_bytes() == b'old'
 

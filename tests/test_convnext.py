@@ -71,7 +71,7 @@ def test_recycled_on_load_from_convnext_t(cache, donor, monkeypatch):
     assert checked == 144  # stem, downsamples, the dense MLPs and every norm, dwconv and layer scale, head.norm
     # experts: sub-blocks of the donor MLP of the same block, indices as the recipe draws them
     recipe = RecyclingRecipe(trunk_fit='select')
-    out, indices = recycle_state_dict(model, donor, None, recipe, return_indices=True)
+    out, indices, _ = recycle_state_dict(model, donor, None, recipe)
     blocks = [(s, j) for s, d in enumerate((3, 3, 9, 3)) for j in range(d)]
     for i, groups in indices.items():
         s, j = blocks[i]
@@ -153,9 +153,9 @@ def test_statistics_of_a_convnext_donor_drive_recycling(donor):
     torch.testing.assert_close(stats.get(9, 'hidden', 'l2'), direct, rtol=1e-5, atol=1e-6)
     model = timm.create_model('moejet_convnext_femto', **SMALL)
     recipe = RecyclingRecipe(trunk_fit='select')
-    out, measured = recycle_state_dict(model, donor, None, recipe, stats=stats, return_indices=True)
+    out, measured, _ = recycle_state_dict(model, donor, None, recipe, stats=stats)
     assert out['stages.3.blocks.2.mlp.core.fc1.weight'].shape == (3, 1536, 384)
-    _, proxy = recycle_state_dict(model, donor, None, recipe, return_indices=True)  # the data-free proxy instead
+    _, proxy, _ = recycle_state_dict(model, donor, None, recipe)  # the data-free proxy instead
     assert any(not torch.equal(measured[i]['core'][0], proxy[i]['core'][0]) for i in measured), \
         'the measured statistics must change which hidden units the experts take'
 

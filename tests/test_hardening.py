@@ -33,14 +33,18 @@ def test_statistics_files_are_byte_identical_across_processes(tmp_path):
     assert len(digests) == 1
 
 
-def test_statistics_files_of_the_earlier_layout_still_load(tmp_path):
+def test_statistics_files_without_the_one_metadata_entry_are_refused(tmp_path):
     import json
 
     from safetensors.torch import save_file
 
+    from timm_moejet.errors import InvalidCheckpoint
+
+    # a layout no release wrote (two metadata entries): refused, naming what is missing
     save_file({'blocks.0.hidden.l2': torch.ones(3)}, str(tmp_path / 'old.safetensors'),
               metadata={'format': 'timm_moejet.activation_stats.v1', 'identity': json.dumps({'hub_id': 'org/x'})})
-    assert ActivationStats.load(tmp_path / 'old.safetensors').hub_id == 'org/x'
+    with pytest.raises(InvalidCheckpoint, match='not an activation statistics file'):
+        ActivationStats.load(tmp_path / 'old.safetensors')
 
 
 def _umask() -> int:
@@ -331,7 +335,7 @@ def _train_py_checkpoint(path: Path, model, ema_model) -> None:
 
 
 def test_timm_train_py_checkpoints_load_with_their_ema(tmp_path, capsys):
-    from timm_moejet.hub import load_model
+    from timm_moejet.build import load_model
     from weights_tools.cli import main
 
     torch.manual_seed(0)

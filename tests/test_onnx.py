@@ -209,7 +209,7 @@ def test_a_mismatch_is_reported_and_nothing_written(tmp_path):
 def test_bad_arguments_are_one_line_errors(tmp_path, monkeypatch):
     model = timm.create_model('moejet_vit_test', num_classes=3)
     (tmp_path / 'there.onnx').write_bytes(b'old')
-    with pytest.raises(OutputExists, match='there.onnx exists; pass overwrite=True'):
+    with pytest.raises(OutputExists, match='there.onnx already exists; pass overwrite=True'):
         export_onnx(model, tmp_path / 'there.onnx')
     assert (tmp_path / 'there.onnx').read_bytes() == b'old'
     with pytest.raises(InvalidArgument, match='output must name a .onnx file'):

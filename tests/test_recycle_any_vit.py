@@ -52,8 +52,7 @@ def _check_recycled(model, trunk, experts, expert_blocks, recipe):
     for key, value in sd.items():
         if not key.startswith(('head.', 'fc_norm.') + moe):
             assert torch.equal(value, trunk[key]), f'{key} differs from the trunk donor'
-    out, indices = recycle_state_dict(model, trunk, None if experts is trunk else experts, recipe,
-                                      return_indices=True)
+    out, indices, _ = recycle_state_dict(model, trunk, None if experts is trunk else experts, recipe)
     for key in sd:
         if key.startswith(moe) and ('.core.' in key or '.univ.' in key):
             assert torch.equal(sd[key], out[key]), f'{key} is not what the recipe gives'
@@ -134,7 +133,7 @@ def test_vit_base_size_and_cost():
 
 
 def test_defaults_scale_with_the_donor_tokens():
-    from timm_moejet.models.from_donor import moejet_vit_kwargs
+    from timm_moejet.build import moejet_vit_kwargs
 
     args, _ = moejet_vit_kwargs('vit_small_patch14_reg4_dinov2.lvd142m')
     assert (args['num_core_experts'], args['num_univ_experts']) == (37 * 37 // 2, 37 * 37)

@@ -59,8 +59,8 @@ def test_trunk_copied_experts_are_donor_submatrices(strategy, donors, model):
     trunk, wide = donors
     experts = trunk if strategy == 'upcycle' else wide
     before = model.state_dict()
-    sd, idx = recycle_state_dict(model, trunk, None if strategy == 'upcycle' else wide,
-                                 RecyclingRecipe(strategy=strategy), return_indices=True)
+    sd, idx, _ = recycle_state_dict(model, trunk, None if strategy == 'upcycle' else wide,
+                                 RecyclingRecipe(strategy=strategy))
     assert set(sd) == set(before)
     for key, value in sd.items():
         assert value.shape == before[key].shape, key
@@ -95,9 +95,9 @@ def test_trunk_copied_experts_are_donor_submatrices(strategy, donors, model):
 @pytest.mark.parametrize('strategy', ['random', 'importance', 'graph'])
 def test_seed_reproducible_bit_for_bit_and_seed_matters(strategy, donors, model):
     trunk, wide = donors
-    a = recycle_state_dict(model, trunk, wide, RecyclingRecipe(strategy=strategy, seed=11))
-    b = recycle_state_dict(model, trunk, wide, RecyclingRecipe(strategy=strategy, seed=11))
-    c = recycle_state_dict(model, trunk, wide, RecyclingRecipe(strategy=strategy, seed=12))
+    a = recycle_state_dict(model, trunk, wide, RecyclingRecipe(strategy=strategy, seed=11)).state_dict
+    b = recycle_state_dict(model, trunk, wide, RecyclingRecipe(strategy=strategy, seed=11)).state_dict
+    c = recycle_state_dict(model, trunk, wide, RecyclingRecipe(strategy=strategy, seed=12)).state_dict
     assert all(torch.equal(a[k], b[k]) for k in a)
     key = 'blocks.2.mlp.core.fc1.weight'
     assert not torch.equal(a[key], c[key]), 'another seed must give other experts'
@@ -105,7 +105,7 @@ def test_seed_reproducible_bit_for_bit_and_seed_matters(strategy, donors, model)
 
 def test_upcycle_experts_equal_donor_mlp(donors, model):
     trunk, _ = donors
-    sd = recycle_state_dict(model, trunk, recipe=RecyclingRecipe(strategy='upcycle'))
+    sd = recycle_state_dict(model, trunk, recipe=RecyclingRecipe(strategy='upcycle')).state_dict
     for i in MOE_BLOCKS:
         for name in ('fc1.weight', 'fc1.bias', 'fc2.weight', 'fc2.bias'):
             core = sd[f'blocks.{i}.mlp.core.{name}']
@@ -120,7 +120,7 @@ def test_upcycle_experts_equal_donor_mlp(donors, model):
 
 def test_uniform_same_for_every_expert(donors, model):
     trunk, wide = donors
-    sd, idx = recycle_state_dict(model, trunk, wide, RecyclingRecipe(strategy='uniform', seed=1), return_indices=True)
+    sd, idx, _ = recycle_state_dict(model, trunk, wide, RecyclingRecipe(strategy='uniform', seed=1))
     h, c = idx[2]['core']
     assert torch.equal(h[0], torch.linspace(0, 511, 256, dtype=torch.float64).round().long())
     assert torch.equal(c[0], torch.linspace(0, 127, 64, dtype=torch.float64).round().long())
@@ -144,7 +144,7 @@ def test_importance_samples_important_units_more(donors, model):
     high = torch.arange(0, 512, 4)  # 128 units, 8x as important
     imp[high] = 8.
     stats = _stats_for(wide, imp)
-    _, idx = recycle_state_dict(model, trunk, wide, RecyclingRecipe(seed=5), stats=stats, return_indices=True)
+    _, idx, _ = recycle_state_dict(model, trunk, wide, RecyclingRecipe(seed=5), stats=stats)
     picks = torch.cat([idx[i]['core'][0].flatten() for i in MOE_BLOCKS])  # 2 layers x 4 experts x 256 units
     is_high = torch.isin(picks, high)
     trials = len(MOE_BLOCKS) * 4 * 128  # each high unit can be picked once per expert
@@ -152,7 +152,7 @@ def test_importance_samples_important_units_more(donors, model):
     result = binomtest(int(is_high.sum()), trials, p=0.5, alternative='greater')
     assert result.pvalue < 1e-9, f'high-importance units not favoured: {int(is_high.sum())} of {trials}'
     # and the same test on a random selection does not reject (guards the test itself)
-    _, rnd = recycle_state_dict(model, trunk, wide, RecyclingRecipe(strategy='random', seed=5), return_indices=True)
+    _, rnd, _ = recycle_state_dict(model, trunk, wide, RecyclingRecipe(strategy='random', seed=5))
     rpicks = torch.cat([rnd[i]['core'][0].flatten() for i in MOE_BLOCKS])
     assert binomtest(int(torch.isin(rpicks, high).sum()), trials, p=0.5).pvalue > 1e-3
 
@@ -166,7 +166,7 @@ def test_data_free_proxy_favours_large_weights_and_is_logged(donors, model, capl
         w1[strong] *= 6  # larger pre-activation spread -> larger post-GELU RMS under the proxy
         wide[f'blocks.{i}.mlp.fc1.weight'] = w1
     with caplog.at_level(logging.WARNING):
-        _, idx = recycle_state_dict(model, trunk, wide, RecyclingRecipe(seed=3), return_indices=True)
+        _, idx, _ = recycle_state_dict(model, trunk, wide, RecyclingRecipe(seed=3))
     assert 'data-free' in caplog.text
     picks = torch.cat([idx[i]['core'][0].flatten() for i in MOE_BLOCKS])
     hits = int(torch.isin(picks, strong).sum())
@@ -195,7 +195,7 @@ def test_graph_experts_are_unions_of_parts(method, donors, model):
     assert sorted(tuple(sorted(label[p].unique().tolist())) for p in parts) == [(j,) for j in range(16)]
     stats = _stats_for(wide, torch.rand(512, generator=torch.Generator().manual_seed(1)) + 0.5, coact=coact)
     recipe = RecyclingRecipe(strategy='graph', graph_parts=16, graph_method=method)
-    _, idx = recycle_state_dict(model, trunk, wide, recipe, stats=stats, return_indices=True)
+    _, idx, _ = recycle_state_dict(model, trunk, wide, recipe, stats=stats)
     for i in MOE_BLOCKS:
         for h in idx[i]['core'][0]:
             covered = [int(torch.isin(p, h).sum()) for p in parts]
@@ -347,7 +347,7 @@ def test_a_registered_strategy_is_one_entry(donors):
         w1 = trunk['blocks.2.mlp.fc1.weight']
         assert torch.equal(sd['blocks.2.mlp.core.fc1.weight'][1], w1[-256:])
         assert model.pretrained_cfg['recycling']['strategy'] == 'last'
-        _, idx = recycle_state_dict(model, trunk, wide, RecyclingRecipe(strategy='last'), return_indices=True)
+        _, idx, _ = recycle_state_dict(model, trunk, wide, RecyclingRecipe(strategy='last'))
         assert torch.equal(idx[3]['core'][0][0], torch.arange(256, 512))  # of the wide donor's 512 units
     finally:
         STRATEGIES.pop('last')

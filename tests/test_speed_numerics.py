@@ -1,4 +1,4 @@
-"""Numerics of the fast paths: sort-free entmax-1.5, custom expert backward, SDPA combine, bf16 autocast, compile.
+"""Numerics of the fast paths: sort-free entmax-1.5, custom expert backward, bf16 autocast, compile.
 
 Every fast path must compute what the plain formulation computes; each check below compares the two (or the
 official fixture) with a stated tolerance.

@@ -213,4 +213,4 @@ def test_help_as_subprocess():
 def test_each_command_help_has_an_example(command, capsys):
     assert main([command, '--help']) == 0
     out = capsys.readouterr().out
-    assert 'example' in out and f'weights_tools {command}' in out, out
+    assert 'example' in out and f'weights-tools {command}' in out, out

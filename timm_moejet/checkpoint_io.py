@@ -3,6 +3,7 @@
 Weights are read from ``.safetensors`` or from ``.pth``/``.pt``/``.bin`` with ``weights_only=True`` (never
 unpickled), and written as safetensors through a temporary file and a rename, so a failed write leaves nothing.
 """
+import argparse
 import contextlib
 import ctypes
 import errno
@@ -22,17 +23,19 @@ import torch
 import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from timm.models import clean_state_dict
 
 from .errors import InvalidCheckpoint, NotFound, OutputExists
+from .naming import LOCAL_DIR, WEIGHT_SUFFIXES
 
 __all__ = ['load_state_dict_file', 'select_weights', 'unwrap_state_dict', 'check_state_dict_fits',
            'save_safetensors_atomic', 'atomic_write_bytes', 'atomic_output_dir', 'clean_stale_temporaries',
-           'signals_deferred', 'check_output_apart']
+           'signals_deferred', 'check_output_apart', 'refuse_existing']
 
 _logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
-TORCH_SUFFIXES = ('.pth', '.pt', '.bin', '.tar')
+TORCH_SUFFIXES = tuple(s for s in WEIGHT_SUFFIXES if s != '.safetensors')
 
 
 # training checkpoints keep the weights under one of these keys (timm's train.py, mmengine, DDP wrappers)
@@ -43,8 +46,6 @@ _EMA_KEYS = ('state_dict_ema', 'model_ema')
 def _torch_load(path: Path) -> Any:
     """``torch.load(weights_only=True)``, allowing the ``argparse.Namespace`` that timm's train.py stores beside
     the weights (as timm's own loader does); anything else that is not plain data is refused with a message."""
-    import argparse
-
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(str(path), map_location='cpu', weights_only=True)
@@ -121,14 +122,14 @@ def load_state_dict_file(path: PathLike, ema: bool = False) -> Dict[str, torch.T
 
 
 def unwrap_state_dict(state_dict: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
-    """Strip training wrappers: a ``state_dict``/``model`` entry and ``module.``/``model.``/``backbone.`` key prefixes
-    (DDP, mmpretrain)."""
+    """Strip training wrappers: a ``state_dict``/``model`` entry, the ``module.``/``_orig_mod.`` key prefixes of DDP
+    and ``torch.compile`` (timm's ``clean_state_dict``), then mmpretrain's ``model.``/``backbone.``."""
     for wrapper in ('state_dict', 'model'):
         if wrapper in state_dict and isinstance(state_dict[wrapper], Mapping):
             state_dict = state_dict[wrapper]
     out = {}
-    for k, v in state_dict.items():
-        for prefix in ('module.', 'model.', 'backbone.'):
+    for k, v in clean_state_dict(dict(state_dict)).items():
+        for prefix in ('model.', 'backbone.'):
             if k.startswith(prefix):
                 k = k[len(prefix):]
         out[k] = v
@@ -177,7 +178,7 @@ def check_output_apart(output: PathLike, inputs: Mapping[str, Any], what: str = 
         if value is None:
             continue
         name = os.fspath(value)
-        name = name[len('local-dir:'):] if name.startswith('local-dir:') else name
+        name = name[len(LOCAL_DIR):] if name.startswith(LOCAL_DIR) else name
         if not os.path.exists(name):
             continue
         src = os.path.realpath(name)
@@ -305,12 +306,30 @@ def _swap_into_place(new: Path, path: Path) -> None:
         _remove(old)
 
 
+def refuse_existing(path: PathLike, overwrite: bool, what: str = '', how: str = 'overwrite') -> None:
+    """The overwrite policy of every writer: an existing output (a link too) is replaced only with ``overwrite``.
+
+    Writers check it when they start and again when they swap the output into place; a caller with slow work ahead
+    (the command line) may check it first, so that it fails before that work.
+
+    Args:
+        path: The output.
+        overwrite: Whether an existing output may be replaced.
+        what: How to name the output in the message ('output folder', ...).
+        how: How the caller asks for overwriting ('overwrite', '--overwrite', ...), for the message.
+
+    Raises:
+        OutputExists: If ``path`` exists and not ``overwrite``.
+    """
+    if os.path.lexists(path) and not overwrite:
+        raise OutputExists(f'{what + " " if what else ""}{path} already exists; pass {how} to replace it.')
+
+
 def _atomic_write(path: PathLike, write: Callable[[str], None], overwrite: bool) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place; on failure remove it."""
     path = Path(path)
     clean_stale_temporaries(path)
-    if os.path.lexists(path) and not overwrite:
-        raise OutputExists(f'{path} exists; pass overwrite to replace it.')
+    refuse_existing(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(str(_hidden_name(path, 'tmp')) + '.tmp')
     try:
@@ -337,8 +356,7 @@ def atomic_output_dir(path: PathLike, overwrite: bool = False) -> Iterator[Path]
     """
     path = Path(path)
     clean_stale_temporaries(path)
-    if os.path.lexists(path) and not overwrite:
-        raise OutputExists(f'{path} exists; pass overwrite to replace it.')
+    refuse_existing(path, overwrite)
     if os.path.lexists(path) and not path.is_dir():
         raise OutputExists(f'{path} exists and is not a folder.')
     path.parent.mkdir(parents=True, exist_ok=True)

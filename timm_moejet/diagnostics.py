@@ -32,6 +32,7 @@ from typing import Dict, Iterable, List, Optional, Union
 import torch
 import torch.nn as nn
 
+from .errors import InvalidArgument
 from .layers import RoutingRecord, SpheroMoE, record_routing
 
 __all__ = ['LayerDiagnostics', 'router_diagnostics', 'format_diagnostics', 'plot_diagnostics', 'moe_layers',
@@ -176,7 +177,7 @@ def router_diagnostics(
     """
     layers = moe_layers(model)
     if not layers:
-        raise ValueError(f'{type(model).__name__} has no SpheroMoE layer: router diagnostics need a MoE model.')
+        raise InvalidArgument(f'{type(model).__name__} has no SpheroMoE layer: router diagnostics need a MoE model.')
     if device is None:
         device = next(model.parameters()).device
     accs = {i: _Accumulator(layer) for i, layer in layers.items()}
@@ -197,7 +198,7 @@ def router_diagnostics(
         model.train(was_training)
         records.close()
     if seen == 0:
-        raise ValueError('router_diagnostics got no images (empty batch or loader).')
+        raise InvalidArgument('router_diagnostics got no images (empty batch or loader).')
     return [accs[i].result(i) for i in sorted(accs)]
 
 
@@ -262,7 +263,7 @@ def plot_diagnostics(
     Figure = require('matplotlib.figure', 'plot', 'plot_diagnostics').Figure
 
     if not diagnostics:
-        raise ValueError('plot_diagnostics needs at least one layer of diagnostics.')
+        raise InvalidArgument('plot_diagnostics needs at least one layer of diagnostics.')
     num_experts = max(d.num_experts for d in diagnostics)
     grid = torch.full((len(diagnostics), num_experts), float('nan'))
     for row, d in enumerate(diagnostics):

@@ -11,12 +11,17 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
+import timm
 import torch
 import torch.nn as nn
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError
+from timm.models import PretrainedCfg, load_state_dict_from_hf, resolve_pretrained_cfg, split_model_name_tag
 
 from .checkpoint_io import load_state_dict_file, unwrap_state_dict
 from .errors import InvalidArgument, InvalidCheckpoint, NotFound
-from .hub import WEIGHT_SUFFIXES, check_model_name, hub_errors_named, read_folder_config
+from .hub import check_model_name, hub_errors_named, read_folder_config
+from .naming import FOLDER_WEIGHT_NAMES, WEIGHT_SUFFIXES, WeightSource, parse_source, split_revision
 
 __all__ = ['Donor', 'load_donor', 'locate_donor', 'folder_weights']
 
@@ -25,10 +30,7 @@ PathLike = Union[str, os.PathLike]
 
 def _hub_config(repo: str, cache_dir: Optional[PathLike]) -> Optional[Dict[str, Any]]:
     """The config.json of a Hub repo, or None when it has none."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-    from timm.models._hub import hf_split
-    repo_id, revision = hf_split(repo)
+    repo_id, revision = split_revision(repo)
     try:
         with hub_errors_named(f'Hub repository {repo!r}'):
             try:
@@ -74,9 +76,6 @@ class Donor:
             InvalidArgument: If no architecture is known.
             InvalidCheckpoint: If the weights do not fit the architecture.
         """
-        import timm
-        from timm.models import PretrainedCfg
-
         arch = architecture or self.architecture
         if not arch:
             raise InvalidArgument(f'donor {self.name} is a weights file: name its timm architecture (--donor-arch, '
@@ -96,38 +95,22 @@ class Donor:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Source:
-    """Where a donor name points: kind 'folder' or 'file' (a path), 'hub' (a repo, maybe with a file name)."""
-    kind: str
-    location: str
+class _Located:
+    """A donor's weight source, a timm name resolved to its Hub repository (and file, architecture)."""
+    source: WeightSource
     filename: Optional[str] = None
     architecture: Optional[str] = None
     what: str = ''
 
 
-def _resolve(spec: PathLike, role: str) -> _Source:
+def _resolve(spec: PathLike, role: str) -> _Located:
     """Read a donor name without loading anything (a timm name becomes its pretrained cfg's Hub repo)."""
-    from timm.models import resolve_pretrained_cfg, split_model_name_tag
-
-    name = os.fspath(spec) if isinstance(spec, (str, os.PathLike)) else spec
-    if not isinstance(name, str) or not name:
-        raise InvalidArgument(f'{role} must be a name or a path, got {spec!r}.')
-    path = Path(name[len('local-dir:'):] if name.startswith('local-dir:') else name)
-    if name.startswith('local-dir:') or path.is_dir():
-        if not path.is_dir():
-            raise NotFound(f'{role} folder {path} does not exist.')
-        return _Source('folder', str(path), what=f'{role} {name!r}')
-    if path.is_file():
-        return _Source('file', str(path), what=f'{role} {name!r}')
-    is_repo = name.startswith('hf-hub:') or (name.count('/') == 1 and not name.startswith(('/', '.', '~'))
-                                             and path.suffix not in WEIGHT_SUFFIXES)
-    if is_repo:
-        repo = name[len('hf-hub:'):] if name.startswith('hf-hub:') else name
-        if repo.count('/') != 1 or not all(repo.split('@')[0].split('/')):
-            raise InvalidArgument(f'{role} {name!r} is not a Hub repository id (ORG/REPO).')
-        return _Source('hub', repo, what=f'{role} {repo!r}')
-    if path.suffix in WEIGHT_SUFFIXES or '/' in name or os.sep in name:
-        raise NotFound(f'{role} file {path} does not exist.')
+    source = parse_source(spec, role)
+    if source.kind == 'hub':
+        return _Located(source, what=f'{role} {source.location!r}')
+    if source.kind != 'timm':
+        return _Located(source, what=f'{role} {source.name!r}')
+    name = source.name
     arch = check_model_name(name)
     tag = split_model_name_tag(name)[1]
     try:
@@ -137,7 +120,8 @@ def _resolve(spec: PathLike, role: str) -> _Source:
     if cfg is None or not cfg.hf_hub_id:
         raise NotFound(f'{name} has no pretrained weights on the Hub (timm knows no hf_hub_id for it); name a '
                        f'tagged checkpoint such as vit_tiny_patch16_224.augreg_in21k, a Hub repo or a file.')
-    return _Source('hub', cfg.hf_hub_id, cfg.hf_hub_filename, arch, f'{name} (Hub repository {cfg.hf_hub_id!r})')
+    return _Located(WeightSource('hub', cfg.hf_hub_id, name), cfg.hf_hub_filename, arch,
+                    f'{name} (Hub repository {cfg.hf_hub_id!r})')
 
 
 def locate_donor(spec: PathLike, *, cache_dir: Optional[PathLike] = None, role: str = 'donor') -> str:
@@ -150,16 +134,12 @@ def locate_donor(spec: PathLike, *, cache_dir: Optional[PathLike] = None, role: 
     Raises:
         NotFound: Naming the donor, and whether the Hub was reachable.
     """
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-    from timm.models._hub import hf_split
-
-    source = _resolve(spec, role)
-    if source.kind != 'hub':
-        return source.location
-    repo_id, revision = hf_split(source.location)
-    names = [source.filename] if source.filename else ['model.safetensors', 'pytorch_model.bin']  # timm's order
-    with hub_errors_named(source.what):
+    located = _resolve(spec, role)
+    if located.source.kind != 'hub':
+        return located.source.location
+    repo_id, revision = split_revision(located.source.location)
+    names = [located.filename] if located.filename else list(FOLDER_WEIGHT_NAMES[:2])  # timm's order
+    with hub_errors_named(located.what):
         for filename in names[:-1]:
             try:
                 return hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir)
@@ -183,32 +163,31 @@ def load_donor(spec: PathLike, *, cache_dir: Optional[PathLike] = None, role: st
         InvalidCheckpoint: If the weights cannot be read.
         InvalidArgument: If the name is none of the forms above.
     """
-    from timm.models._hub import load_state_dict_from_hf
-
     name = os.fspath(spec) if isinstance(spec, os.PathLike) else spec
-    source = _resolve(spec, role)
+    located = _resolve(spec, role)
+    source = located.source
     if source.kind == 'folder':
-        folder = Path(source.location)
-        return Donor.from_config(name, load_state_dict_file(folder_weights(folder)), read_folder_config(folder))
+        return Donor.from_config(name, load_state_dict_file(folder_weights(source.path)),
+                                 read_folder_config(source.path))
     if source.kind == 'file':
         return Donor(name, unwrap_state_dict(load_state_dict_file(source.location)))
-    config = (_hub_config(source.location, cache_dir) or {}) if source.architecture is None else {}
-    with hub_errors_named(source.what):
-        if source.filename:
-            state_dict = load_state_dict_from_hf(source.location, source.filename, cache_dir=cache_dir)
+    config = (_hub_config(source.location, cache_dir) or {}) if located.architecture is None else {}
+    with hub_errors_named(located.what):
+        if located.filename:
+            state_dict = load_state_dict_from_hf(source.location, located.filename, cache_dir=cache_dir)
         else:
             state_dict = load_state_dict_from_hf(source.location, cache_dir=cache_dir)
-    if source.architecture is not None:
-        return Donor(name, unwrap_state_dict(state_dict), source.architecture)
+    if located.architecture is not None:
+        return Donor(name, unwrap_state_dict(state_dict), located.architecture)
     return Donor.from_config(name, state_dict, config)
 
 
 def folder_weights(folder: Path) -> Path:
     """The weights file of a Hub folder, in timm's order of preference."""
-    for fname in ('model.safetensors', 'pytorch_model.bin', 'pytorch_model.pth', 'model.pth'):
+    for fname in FOLDER_WEIGHT_NAMES:
         if (folder / fname).is_file():
             return folder / fname
-    for ext in ('.safetensors', '.pth', '.pth.tar', '.bin'):
+    for ext in WEIGHT_SUFFIXES:
         found = sorted(folder.glob(f'*{ext}'))
         if found:
             return found[0]

@@ -8,7 +8,7 @@ line with exit status 2; anything else is a bug or an environment failure (statu
 
 __all__ = [
     'MoEJetError', 'InvalidArgument', 'InvalidArgumentType', 'InvalidCheckpoint', 'DonorMismatch', 'NotFound',
-    'OutputExists', 'MissingExtra',
+    'OutputExists', 'MissingExtra', 'ExportMismatch',
 ]
 
 
@@ -42,3 +42,7 @@ class OutputExists(MoEJetError, FileExistsError):
 
 class MissingExtra(MoEJetError, ImportError):
     """An optional dependency is not installed; the message names the ``pip install`` extra that brings it."""
+
+
+class ExportMismatch(MoEJetError, RuntimeError):
+    """An exported model does not compute what the eager model computes (checked right after the export)."""

@@ -1,7 +1,6 @@
 """ Models to and from timm Hub folders and the Hub, and the errors of Hub access (donors: ``donors.py``).
 
-* :func:`load_model`: a model to export, inspect or push: a registered name (optionally with a weights file), a
-  Hub folder, ``local-dir:`` or ``hf-hub:``.
+* :func:`read_folder_config` / :func:`load_weights_into`: a Hub folder's config, a weights file into a model.
 * :func:`save_hub_folder` / :func:`push_to_hub`: timm's ``save_for_hf`` / ``push_to_hf_hub`` with the recycling
   record kept and load-time options left out, written atomically.
 
@@ -16,24 +15,31 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, Optional, Union
 
+import timm
 import torch
 import torch.nn as nn
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+)
+from timm.models import PretrainedCfg, split_model_name_tag
 
 from .checkpoint_io import atomic_output_dir, check_state_dict_fits, load_state_dict_file, unwrap_state_dict
 from .errors import InvalidArgument, InvalidCheckpoint, NotFound
+from .official import is_official_state_dict
 
-__all__ = ['load_model', 'create_model', 'check_model_name', 'load_weights_into', 'read_folder_config',
+__all__ = ['check_model_name', 'load_weights_into', 'read_folder_config',
            'hub_export_config', 'save_hub_folder', 'push_to_hub', 'check_repo_id', 'hub_errors_named']
 
 _logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
-HUB_PREFIXES = ('hf-hub:', 'local-dir:')
-WEIGHT_SUFFIXES = ('.safetensors', '.pth', '.pt', '.bin', '.tar')
 # config.json entries timm writes itself; anything else at its top level is ours (e.g. an import record)
-_STANDARD_CONFIG_KEYS = {'architecture', 'num_classes', 'num_features', 'global_pool', 'model_args', 'pretrained_cfg',
+STANDARD_CONFIG_KEYS = {'architecture', 'num_classes', 'num_features', 'global_pool', 'model_args', 'pretrained_cfg',
                          'label_names', 'label_descriptions'}
 # pretrained_cfg entries timm's PretrainedCfg does not know but the MoE entrypoints take out and put back on load
 _MOE_CFG_RECORDS = ('recycling',)
@@ -42,12 +48,6 @@ _MOE_CFG_RECORDS = ('recycling',)
 @contextlib.contextmanager
 def hub_errors_named(what: str) -> Iterator[None]:
     """Turn huggingface_hub's "not cached / not reachable / no such repo" into a ``NotFound`` naming ``what``."""
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-    )
     try:
         yield
     except (LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError, TimeoutError) as e:
@@ -62,9 +62,6 @@ def hub_errors_named(what: str) -> Iterator[None]:
 
 def check_model_name(name: str) -> str:
     """Refuse a model name timm does not know, suggesting close ones; returns the architecture (no tag)."""
-    import timm
-    from timm.models import split_model_name_tag
-
     arch = split_model_name_tag(name)[0]
     if not timm.is_model(arch):
         close = difflib.get_close_matches(arch, timm.list_models(), n=3)
@@ -91,74 +88,12 @@ def read_folder_config(folder: PathLike) -> Dict[str, Any]:
 def load_weights_into(model: nn.Module, checkpoint: PathLike, ema: bool = False) -> None:
     """Strictly load a weights file (or a training checkpoint's weights, its EMA weights with ``ema``) into
     ``model``, naming every missing/unexpected/mismatched key first."""
-    from .official import is_official_state_dict
-
     state_dict = unwrap_state_dict(load_state_dict_file(checkpoint, ema=ema))
     if is_official_state_dict(state_dict):
         raise InvalidCheckpoint(f'{checkpoint} holds official MoE Jetpack key names; convert it with '
-                                f'weights_tools import-official (timm_moejet.load_official).')
+                                f'weights-tools import-official (timm_moejet.load_official).')
     check_state_dict_fits(state_dict, model, os.fspath(checkpoint))
     model.load_state_dict(state_dict, strict=True)
-
-
-def create_model(name: str, **kwargs: Any) -> nn.Module:
-    """``timm.create_model``, an unknown constructor kwarg reported as an ``InvalidArgument``."""
-    import timm
-
-    try:
-        return timm.create_model(name, **kwargs)
-    except TypeError as e:  # an unknown constructor kwarg reaches the model class
-        raise InvalidArgument(f'{name}: {e}') from e
-
-
-def load_model(
-        spec: str,
-        checkpoint: Optional[PathLike] = None,
-        pretrained: bool = False,
-        model_kwargs: Optional[Dict[str, Any]] = None,
-        ema: bool = False,
-) -> Tuple[nn.Module, Dict[str, Any]]:
-    """Build a model from a registered name, a Hub folder, ``local-dir:``/``hf-hub:`` id, with optional weights.
-
-    Args:
-        spec: A timm model name (optionally with a tag), a folder holding ``config.json`` + weights, or a
-            ``local-dir:``/``hf-hub:`` name.
-        checkpoint: Weights for a named model (our key names; loaded strictly after a shape check).
-        pretrained: Load the name's pretrained weights (for MoE names: recycling from the dense donors).
-        model_kwargs: Extra ``create_model`` kwargs.
-        ema: Load the EMA weights of a training checkpoint (timm's train.py ``--model-ema``).
-
-    Returns:
-        The model and the extra top-level config entries of its source folder (e.g. ``imported_from``).
-    """
-    kwargs = dict(model_kwargs or {})
-    path = Path(spec)
-    if spec.startswith(HUB_PREFIXES) or path.is_dir():
-        if checkpoint:
-            raise InvalidArgument(f'a weights file applies to a model name, not to the folder/Hub model {spec}.')
-        extra: Dict[str, Any] = {}
-        if spec.startswith('local-dir:'):
-            path = Path(spec[len('local-dir:'):])
-        if not spec.startswith('hf-hub:'):
-            if not path.is_dir():
-                raise NotFound(f'model folder {path} does not exist.')
-            config = read_folder_config(path)
-            extra = {k: v for k, v in config.items() if k not in _STANDARD_CONFIG_KEYS}
-            check_model_name(config['architecture'])
-            spec = f'local-dir:{path.resolve()}'
-        with hub_errors_named(f'model {spec!r}'):
-            return create_model(spec, pretrained=True, **kwargs), extra
-    if path.suffix in WEIGHT_SUFFIXES or path.is_file():
-        raise InvalidArgument(f'{spec} is a weights file: give the architecture as the model name and the file as '
-                              f'the checkpoint (or use import-official for official MoE Jetpack checkpoints).')
-    check_model_name(spec)
-    from .layers import experts_to_be_loaded
-    with hub_errors_named(f'pretrained weights of {spec}'), \
-            experts_to_be_loaded() if checkpoint else contextlib.nullcontext():  # the checkpoint fills every expert
-        model = create_model(spec, pretrained=pretrained, **kwargs)
-    if checkpoint:
-        load_weights_into(model, checkpoint, ema=ema)
-    return model, {}
 
 
 def _json_safe(value: Any) -> Any:
@@ -187,8 +122,6 @@ def hub_export_config(model: nn.Module, extra_config: Optional[Dict[str, Any]] =
     * ``recycle_*`` factory kwargs are load-time options of the dense->MoE filter, not architecture: they are left
       out of ``model_args`` (a ``recycle_stats`` path would not exist where the folder is loaded).
     """
-    from timm.models import PretrainedCfg
-
     cfg = dict(getattr(model, 'pretrained_cfg', None) or {})
     extra = dict(extra_config or {})
     keep = {f.name for f in dataclasses.fields(PretrainedCfg)}
@@ -223,10 +156,8 @@ def save_hub_folder(
     Raises:
         OutputExists: If ``output`` exists and not ``overwrite``.
     """
-    from timm.models import save_for_hf
-
     with atomic_output_dir(output, overwrite) as tmp, hub_export_config(model, extra_config) as model_config:
-        save_for_hf(model, str(tmp), model_config=model_config, safe_serialization=True)
+        timm.models.save_for_hf(model, str(tmp), model_config=model_config, safe_serialization=True)
     return Path(output)
 
 
@@ -255,8 +186,6 @@ def push_to_hub(
     Returns:
         What the Hub answered (the commit URL).
     """
-    from timm.models import push_to_hf_hub
-
     check_repo_id(repo_id)
     description = f'{type(model).__name__} exported with timm-moejet.'
     if (model.pretrained_cfg or {}).get('recycling') or (extra_config or {}).get('recycling'):
@@ -268,5 +197,5 @@ def push_to_hub(
         details={'Model Type': 'Image classification / feature backbone', 'Library': 'timm + timm-moejet'},
     )
     with hub_export_config(model, extra_config) as model_config:
-        return push_to_hf_hub(model, repo_id, model_config=model_config, model_card=model_card,
+        return timm.models.push_to_hf_hub(model, repo_id, model_config=model_config, model_card=model_card,
                               safe_serialization=True, **push_kwargs)

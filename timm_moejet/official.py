@@ -3,12 +3,15 @@
 The official state dict uses its own key names; this module maps them and the official constructor kwargs onto
 ``MoEVisionTransformer``, checking every shape before any weight is written.
 """
+import json
 import logging
 import os
 import re
 from typing import Any, Dict, Mapping, Optional, Union
 
+import timm
 import torch
+from safetensors import SafetensorError, safe_open
 
 from .checkpoint_io import check_state_dict_fits, load_state_dict_file, unwrap_state_dict
 from .errors import InvalidArgument, InvalidArgumentType, InvalidCheckpoint
@@ -85,7 +88,7 @@ def official_config_to_kwargs(config: Mapping[str, Any]) -> Dict[str, Any]:
         Keyword arguments for ``timm.create_model('moejet_vit_*', **kwargs)``.
 
     Raises:
-        ValueError: On unknown keys, unsupported options or a config without ``moe_layers``/``core_experts``.
+        InvalidArgument: On unknown keys, unsupported options or a config without ``moe_layers``/``core_experts``.
     """
     if not isinstance(config, Mapping):
         raise InvalidArgumentType(f'config must be a dict of official VisionTransformerMoe kwargs, got '
@@ -94,13 +97,13 @@ def official_config_to_kwargs(config: Mapping[str, Any]) -> Dict[str, Any]:
     unknown = sorted(set(config) - known)
     if unknown:
         raise InvalidArgument(f'config has keys the official VisionTransformerMoe does not take: {unknown}; '
-                         f'known keys: {sorted(known)}.')
+                              f'known keys: {sorted(known)}.')
     switched_on = sorted(k for k in _UNSUPPORTED if config.get(k))
     if switched_on:
         raise InvalidArgument(f'config enables official options this project does not implement: {switched_on}.')
     if config.get('if_dualpath', True) is False:
         raise InvalidArgument('config has if_dualpath=False: only the dual-path SpheroMoE layer '
-                         '(DualPathSoftMoELayerWrapper) can be imported.')
+                              '(DualPathSoftMoELayerWrapper) can be imported.')
     for key in ('moe_layers', 'core_experts'):
         if key not in config:
             raise InvalidArgument(f'config must give {key!r} (the official default builds a model without experts).')
@@ -135,7 +138,7 @@ def convert_official_state_dict(state_dict: Mapping[str, Any]) -> Dict[str, torc
     """Rename official keys to ours; non-MoE keys pass unchanged.
 
     Raises:
-        ValueError: If a temperature is not positive (it cannot be represented by a positive temperature).
+        InvalidCheckpoint: If a temperature is not positive (it cannot be represented by a positive temperature).
     """
     state_dict = unwrap_state_dict(state_dict)
     out: Dict[str, torch.Tensor] = {}
@@ -161,21 +164,31 @@ def convert_official_state_dict(state_dict: Mapping[str, Any]) -> Dict[str, torc
         temps = torch.stack([pair[0].reshape(()), pair[1].reshape(())]).float()
         if not bool((temps > 0).all()):
             raise InvalidCheckpoint(f'{prefix}.scales holds a non-positive temperature {temps.tolist()}; '
-                             f'this project keeps temperatures positive and cannot represent it.')
+                                    f'this project keeps temperatures positive and cannot represent it.')
         out[f'{prefix}.log_temperature'] = torch.log(temps).to(pair[0].dtype)
     return out
 
 
+# the ViT geometry (img_size, patch_size, embed_dim, depth, num_heads) of the paper's sizes -> their registered name
+_SIZES = {
+    (224, 16, 192, 12, 3): 'moejet_vit_tiny_patch16_224',
+    (224, 16, 384, 12, 6): 'moejet_vit_small_patch16_224',
+    (224, 16, 768, 12, 12): 'moejet_vit_base_patch16_224',
+}
+
+
 def _architecture_for(kwargs: Mapping[str, Any]) -> str:
-    dims = (kwargs.get('embed_dim'), kwargs.get('num_heads'))
-    return 'moejet_vit_small_patch16_224' if dims == (384, 6) else 'moejet_vit_tiny_patch16_224'
+    """The registered name of the imported model: a paper size (V-JetMoE-T/S/B) when the ViT geometry is one, else
+    ``moejet_vit``, whose kwargs (written to config.json as model_args) give all of its architecture."""
+    size = kwargs.get('img_size')
+    size = size if isinstance(size, int) else tuple(size) if size is not None else None
+    geometry = (224 if size in (224, (224, 224)) else size, *(kwargs.get(k) for k in
+                                                              ('patch_size', 'embed_dim', 'depth', 'num_heads')))
+    return _SIZES.get(geometry, 'moejet_vit')
 
 
 def _config_from_metadata(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     """The official kwargs stored as JSON under the ``config`` metadata entry of a safetensors checkpoint."""
-    import json
-
-    from safetensors import SafetensorError, safe_open
     try:
         with safe_open(os.fspath(path), 'pt') as f:
             meta = f.metadata() or {}
@@ -222,8 +235,6 @@ def load_official(
         InvalidCheckpoint: If the checkpoint is not an official one or does not fit the config (naming keys and
             shapes).
     """
-    import timm
-
     source = 'the given state dict'
     if isinstance(checkpoint, (str, os.PathLike)):
         source = os.fspath(checkpoint)

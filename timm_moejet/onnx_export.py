@@ -17,7 +17,8 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .errors import InvalidArgument, NotFound, OutputExists
+from .checkpoint_io import refuse_existing
+from .errors import ExportMismatch, InvalidArgument, NotFound
 from .extras import require
 from .settings import boolean, integer, optional, real
 
@@ -81,7 +82,7 @@ def onnx_max_abs_error(onnx_file: PathLike, model: nn.Module, inputs: Sequence[t
                 expected = model(x.to(device=device, dtype=torch.float32)).float().cpu()
             got = torch.from_numpy(session.run(None, {name: x.float().cpu().numpy()})[0])
             if got.shape != expected.shape:
-                raise RuntimeError(f'{onnx_file}: onnxruntime output shape {tuple(got.shape)} for input '
+                raise ExportMismatch(f'{onnx_file}: onnxruntime output shape {tuple(got.shape)} for input '
                                    f'{tuple(x.shape)}, eager {tuple(expected.shape)}.')
             worst = max(worst, float((got - expected).abs().max()))
     finally:
@@ -163,8 +164,7 @@ def export_onnx(
     output = Path(output)
     if output.suffix != '.onnx':
         raise InvalidArgument(f'output must name a .onnx file, got {output}.')
-    if os.path.lexists(output) and not overwrite:
-        raise OutputExists(f'{output} exists; pass overwrite=True to replace it.')
+    refuse_existing(output, overwrite, how='overwrite=True')
     if not output.parent.is_dir():
         raise NotFound(f'the folder of {output} does not exist.')
 
@@ -184,7 +184,7 @@ def export_onnx(
                 inputs = [torch.randn(b, *size, generator=gen) for b in batch_sizes]
                 error = onnx_max_abs_error(path, model, inputs)
                 if not error <= atol:
-                    raise RuntimeError(f'{output.name}: onnxruntime differs from eager PyTorch by {error:.3g} '
+                    raise ExportMismatch(f'{output.name}: onnxruntime differs from eager PyTorch by {error:.3g} '
                                        f'(more than atol={atol:g}); the file was not written.')
             # weights file (if any) first, the graph that names it last
             for f in sorted(Path(tmp).iterdir(), key=lambda p: p.name == output.name):

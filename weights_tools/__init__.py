@@ -1,1 +1,1 @@
-"""weights_tools: the timm-moejet command line (``python -m weights_tools --help``)."""
+"""weights_tools: the timm-moejet command line, installed as ``weights-tools`` (also ``python -m weights_tools``)."""

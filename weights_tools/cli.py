@@ -1,4 +1,4 @@
-""" ``python -m weights_tools``: calibrate, recycle, select, export, push, import-official, inspect.
+""" ``weights-tools``: calibrate, recycle, select, export, push, import-official, inspect.
 
 Each command lives in ``weights_tools/commands/<name>.py`` with ``add_parser(subparsers, parent, formatter)`` and
 ``run(args) -> int``; it parses its arguments and calls the library. Errors are worded by their type: the library's
@@ -99,18 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
     from importlib import import_module
 
     parser = _Parser(
-        prog='weights_tools',
+        prog='weights-tools',
         formatter_class=_Formatter,
         description='Calibrate and recycle dense timm models into MoE Jetpack models, export/push them in timm\'s '
                     'Hub layout, import official checkpoints and inspect the routers.',
         epilog=textwrap.dedent('''\
             examples:
-              python -m weights_tools calibrate --donor vit_small_patch16_224.augreg_in21k --images ./imgs \\
+              weights-tools calibrate --donor vit_small_patch16_224.augreg_in21k --images ./imgs \\
                   --output stats.safetensors
-              python -m weights_tools recycle --model moejet_vit_tiny --trunk vit_tiny_patch16_224.augreg_in21k \\
+              weights-tools recycle --model moejet_vit_tiny --trunk vit_tiny_patch16_224.augreg_in21k \\
                   --experts vit_small_patch16_224.augreg_in21k --stats stats.safetensors --output ./moejet_tiny
-              python -m weights_tools inspect ./moejet_tiny --images ./imgs --plot routers.png
-            run "python -m weights_tools COMMAND --help" for the options and an example of each command.'''),
+              weights-tools inspect ./moejet_tiny --images ./imgs --plot routers.png
+            run "weights-tools COMMAND --help" for the options and an example of each command.'''),
     )
     parser.add_argument('--debug', action='store_true', help='show the full traceback on errors')
     # the same flag after the command name; SUPPRESS keeps it from overwriting the top-level value
@@ -153,17 +153,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         what, sig = ('terminated', signal.SIGTERM) if isinstance(e, Terminated) else ('interrupted', signal.SIGINT)
         written = [path for path, state in _output_states(args).items() if state != before.get(path)]
         if written:
-            print(f'weights_tools {args.command}: {what}; {", ".join(written)} was written completely before that.',
+            print(f'weights-tools {args.command}: {what}; {", ".join(written)} was written completely before that.',
                   file=sys.stderr)
         else:
-            print(f'weights_tools {args.command}: {what}; no output was written.', file=sys.stderr)
+            print(f'weights-tools {args.command}: {what}; no output was written.', file=sys.stderr)
         return 128 + sig
     except Exception as e:
         if debug:
             raise
         status = EXIT_BAD_INPUT if _is_input_error(e) else EXIT_FAILURE
         hint = '' if status == EXIT_BAD_INPUT else ' (unexpected; rerun with --debug for the traceback)'
-        print(f'weights_tools {args.command}: error: {_one_line(e)}{hint}', file=sys.stderr)
+        print(f'weights-tools {args.command}: error: {_one_line(e)}{hint}', file=sys.stderr)
         return status
     finally:
         if in_main_thread and previous is not None:

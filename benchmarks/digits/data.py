@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from timm_moejet.checkpoint_io import atomic_output_dir
+from timm_moejet.errors import MissingExtra
 
 __all__ = ['load_digits_uint8', 'stratified_split', 'digits_tensors', 'write_digits_image_folder']
 
@@ -19,8 +20,16 @@ NUM_DIGIT_CLASSES = 10
 
 
 def load_digits_uint8() -> Tuple[np.ndarray, np.ndarray]:
-    """All digits as uint8 images [1797, 8, 8] (0..255) and int64 labels [1797]."""
-    from sklearn.datasets import load_digits
+    """All digits as uint8 images [1797, 8, 8] (0..255) and int64 labels [1797].
+
+    Raises:
+        MissingExtra: If scikit-learn (a dependency of timm-moejet) is not installed.
+    """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise MissingExtra('the digits data set needs scikit-learn, which is not installed: '
+                           'pip install "scikit-learn>=1.3"') from e
     digits = load_digits()
     # pixel values are counts 0..16 of an original 4x4 block; scale to the full byte range
     images = np.clip(np.round(digits.images * (255. / 16.)), 0, 255).astype(np.uint8)
@@ -168,4 +177,5 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == '__main__':
-    main()
+    from benchmarks.entry import run_main
+    run_main(main, 'python -m benchmarks.digits.data')

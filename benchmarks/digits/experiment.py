@@ -28,8 +28,8 @@ from .data import digits_tensors, stratified_split
 from .train_loop import FinetuneConfig, evaluate, train_classifier
 
 __all__ = [
-    'Arm', 'ARMS', 'DONORS', 'UPSTREAM_CLASSES', 'DOWNSTREAM_CLASSES', 'DigitsData', 'load_data', 'dense_model',
-    'moe_model', 'pretrain_donor', 'recycle_moe', 'run_arm',
+    'Arm', 'ARMS', 'ARM_GROUPS', 'DONORS', 'UPSTREAM_CLASSES', 'DOWNSTREAM_CLASSES', 'DigitsData', 'load_data',
+    'dense_model', 'moe_model', 'pretrain_donor', 'recycle_moe', 'run_arm',
 ]
 
 Tensors = Tuple[torch.Tensor, torch.Tensor]
@@ -128,15 +128,18 @@ def dense_model(donor: str = 'narrow', num_classes: int = len(DOWNSTREAM_CLASSES
     return timm.create_model(spec.model_name, num_classes=num_classes, **spec.kwargs)
 
 
-def moe_model(num_classes: int = len(DOWNSTREAM_CLASSES)) -> nn.Module:
-    """The V-JetMoE model: the narrow ViT with SpheroMoE layers in blocks 2 and 3."""
-    return timm.create_model('moejet_vit_test', num_classes=num_classes, **MOE)
+def moe_model(num_classes: int = len(DOWNSTREAM_CLASSES), **overrides) -> nn.Module:
+    """The V-JetMoE model: the narrow ViT with SpheroMoE layers in blocks 2 and 3 (``overrides``: of ``MOE``)."""
+    return timm.create_model('moejet_vit_test', num_classes=num_classes, **dict(MOE, **overrides))
 
 
-def convnext_model(moe: bool, num_classes: int = len(DOWNSTREAM_CLASSES)) -> nn.Module:
-    """The narrow ConvNeXt, dense or with SpheroMoE layers in its last three blocks (C-JetMoE)."""
+def convnext_model(moe: bool, num_classes: int = len(DOWNSTREAM_CLASSES), **overrides) -> nn.Module:
+    """The narrow ConvNeXt, dense or with SpheroMoE layers in its last three blocks (C-JetMoE; ``overrides``: of
+    ``CONVNEXT_MOE``)."""
     if moe:
-        return timm.create_model('moejet_convnext_test', num_classes=num_classes, **CONVNEXT_MOE)
+        return timm.create_model('moejet_convnext_test', num_classes=num_classes, **dict(CONVNEXT_MOE, **overrides))
+    if overrides:
+        raise ValueError(f'MoE settings {sorted(overrides)} need moe=True.')
     return timm.create_model('convnext_tiny', num_classes=num_classes, **CONVNEXT_NARROW)
 
 
@@ -166,14 +169,15 @@ def recycle_moe(
         seed: int,
         strategy: str = 'importance',
         progress: bool = False,
+        **overrides,
 ) -> nn.Module:
     """A MoE model recycled from the donors: trunk from ``narrow``, experts cut from ``wide``'s MLPs.
 
     Strategies that need statistics (``importance``, ``graph``) get them from the wide donor on the upstream
-    training images (calibration never sees downstream data).
+    training images (calibration never sees downstream data). ``overrides``: MoE settings of ``moe_model``.
     """
     torch.manual_seed(seed)
-    model = moe_model()
+    model = moe_model(**overrides)
     recipe = RecyclingRecipe(strategy=strategy, seed=seed)
     stats = _statistics(wide, data, recipe, 'digits-wide-donor', progress)
     return recycle_into(
@@ -190,14 +194,21 @@ def _statistics(donor: nn.Module, data: DigitsData, recipe: RecyclingRecipe, don
                               donor_id=donor_id, coactivation=recipe.strategy_obj.needs_coactivation)
 
 
-def recycle_convnext(wide: nn.Module, data: DigitsData, seed: int, strategy: str = 'importance') -> nn.Module:
-    """C-JetMoE recycled from the wide ConvNeXt alone: trunk by Weight Selection, experts from its MLPs."""
+def recycle_convnext(wide: nn.Module, data: DigitsData, seed: int, strategy: str = 'importance',
+                     expert_donor: Optional[nn.Module] = None, **overrides) -> nn.Module:
+    """C-JetMoE recycled from the wide ConvNeXt alone: trunk by Weight Selection, experts from its MLPs.
+
+    ``expert_donor``: cut the experts from this model's MLPs instead (Sparse Upcycling copies the MLPs of a dense
+    model of the MoE's own width). ``overrides``: MoE settings of ``convnext_model``.
+    """
     torch.manual_seed(seed)
-    model = convnext_model(moe=True)
+    model = convnext_model(moe=True, **overrides)
     recipe = RecyclingRecipe(strategy=strategy, seed=seed, trunk_fit='select')
-    stats = _statistics(wide, data, recipe, 'digits-convnext-wide-donor', progress=False)
-    return recycle_into(model, wide.state_dict(), wide.state_dict(), recipe, stats=stats,
-                        trunk_id='digits-convnext-wide-donor', expert_id='digits-convnext-wide-donor')
+    experts = wide if expert_donor is None else expert_donor
+    expert_id = 'digits-convnext-wide-donor' if expert_donor is None else 'digits-convnext-selected'
+    stats = _statistics(experts, data, recipe, expert_id, progress=False)
+    return recycle_into(model, wide.state_dict(), experts.state_dict(), recipe, stats=stats,
+                        trunk_id='digits-convnext-wide-donor', expert_id=expert_id)
 
 
 def select_convnext(wide: nn.Module) -> nn.Module:
@@ -220,13 +231,17 @@ def _without_head(model: nn.Module, state: Dict[str, torch.Tensor]) -> nn.Module
 class Arm:
     """One training arm: its label, family, role in the paper's comparison, donors and how it is built.
 
-    ``build(data, seed, donors, strategy)`` gets the pre-trained donors by name (``DONORS``).
+    ``build(data, seed, donors, strategy)`` gets the pre-trained donors by name (``DONORS``). An ablation arm names
+    the default-recipe arm it differs from in one knob (``reference``) and the knob's setting (``knob``).
     """
     label: str
     family: str
-    role: str  # 'dense_scratch', 'dense_pretrained', 'moe_scratch' or 'moe_jetpack'
+    role: str  # 'dense_scratch', 'dense_pretrained', 'moe_scratch', 'moe_jetpack' or 'ablation'
     donors: Tuple[str, ...]
     build: Callable[[DigitsData, int, Dict[str, nn.Module], str], nn.Module]
+    reference: Optional[str] = None
+    knob: str = ''
+    group: str = 'main'  # 'main', 'recycling' or 'spheromoe'
 
 
 ARMS = {
@@ -245,6 +260,59 @@ ARMS = {
     'convnext_jetpack': Arm('C-JetMoE (recycled)', 'convnext', 'moe_jetpack', ('convnext_wide',),
                             lambda d, s, donors, st: recycle_convnext(donors['convnext_wide'], d, s, strategy=st)),
 }
+
+
+def _vit_strategy_arm(strategy: str) -> Arm:
+    if strategy == 'upcycle':
+        # Sparse Upcycling copies the MLP of a dense model of the MoE's own width: the narrow donor's
+        build = lambda d, s, donors, st: recycle_moe(donors['narrow'], donors['narrow'], d, s, strategy='upcycle')
+    else:
+        build = lambda d, s, donors, st: recycle_moe(donors['narrow'], donors['wide'], d, s, strategy=strategy)
+    return Arm(f'MoE Jetpack, {strategy} recycling', 'vit', 'ablation', ('narrow', 'wide'), build,
+               reference='moe_jetpack', knob=f'strategy={strategy}', group='recycling')
+
+
+def _convnext_strategy_arm(strategy: str) -> Arm:
+    if strategy == 'upcycle':
+        # the MLPs copied are those of the narrow dense ConvNeXt (by Weight Selection): the MoE's own width
+        build = lambda d, s, donors, st: recycle_convnext(
+            donors['convnext_wide'], d, s, strategy='upcycle', expert_donor=select_convnext(donors['convnext_wide']))
+    else:
+        build = lambda d, s, donors, st: recycle_convnext(donors['convnext_wide'], d, s, strategy=strategy)
+    return Arm(f'C-JetMoE, {strategy} recycling', 'convnext', 'ablation', ('convnext_wide',), build,
+               reference='convnext_jetpack', knob=f'strategy={strategy}', group='recycling')
+
+
+# SpheroMoE ablations: (arm suffix, label, knob, ViT overrides, ConvNeXt overrides); every other setting is the default
+_SPHEROMOE_KNOBS = (
+    ('core_only', 'core experts only', 'num_univ_experts=0', dict(num_univ_experts=0), dict(num_univ_experts=0)),
+    ('univ_only', 'universal experts only', 'num_core_experts=0', dict(num_core_experts=0),
+     dict(num_core_experts=0, num_univ_experts=(0, 0, 16, 4))),
+    ('softmax', 'softmax combine', 'moe_combine=softmax', dict(moe_combine='softmax'), dict(moe_combine='softmax')),
+    # ViT depth 4: blocks 2-3 are the last half, block 3 the last third; ConvNeXt's 6 blocks: 3-5 and 4-5
+    ('last_third', 'MoE in the last third', 'moe_blocks=last third', dict(moe_blocks=(3,)), dict(moe_blocks=(4, 5))),
+)
+
+
+def _spheromoe_arms() -> Dict[str, Arm]:
+    arms = {}
+    for suffix, label, knob, vit, convnext in _SPHEROMOE_KNOBS:
+        arms[f'moe_jetpack_{suffix}'] = Arm(
+            f'MoE Jetpack, {label}', 'vit', 'ablation', ('narrow', 'wide'),
+            lambda d, s, donors, st, o=vit: recycle_moe(donors['narrow'], donors['wide'], d, s, strategy=st, **o),
+            reference='moe_jetpack', knob=knob, group='spheromoe')
+        arms[f'convnext_jetpack_{suffix}'] = Arm(
+            f'C-JetMoE, {label}', 'convnext', 'ablation', ('convnext_wide',),
+            lambda d, s, donors, st, o=convnext: recycle_convnext(donors['convnext_wide'], d, s, strategy=st, **o),
+            reference='convnext_jetpack', knob=knob, group='spheromoe')
+    return arms
+
+
+ABLATION_STRATEGIES = ('graph', 'uniform', 'random', 'upcycle')
+ARMS.update({f'moe_jetpack_{st}': _vit_strategy_arm(st) for st in ABLATION_STRATEGIES})
+ARMS.update({f'convnext_jetpack_{st}': _convnext_strategy_arm(st) for st in ABLATION_STRATEGIES})
+ARMS.update(_spheromoe_arms())
+ARM_GROUPS = {g: tuple(a for a, spec in ARMS.items() if spec.group == g) for g in ('main', 'recycling', 'spheromoe')}
 
 
 def run_arm(

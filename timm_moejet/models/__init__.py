@@ -1,3 +1,4 @@
-from .from_donor import create_moejet_from
-from .moejet import *
-from .moejet_convnext import *
+from .moejet import MoEVisionTransformer
+from .moejet_convnext import MoEConvNeXt
+
+__all__ = ['MoEVisionTransformer', 'MoEConvNeXt']

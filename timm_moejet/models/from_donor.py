@@ -1,54 +1,29 @@
-""" A MoE Jetpack model for any dense timm VisionTransformer checkpoint, its architecture read from the donor.
+""" The architecture of any dense timm VisionTransformer donor, read as ``moejet_vit`` kwargs.
 
-``create_moejet_from('vit_small_patch14_reg4_dinov2.lvd142m')`` builds the donor's architecture on the meta device
-(no weights fetched), refuses what the recycling cannot carry (not a ``VisionTransformer``, a gated or normed MLP, a
-block, attention or patch embedding of another kind), reads its constructor arguments (patch and image size, class
-and register tokens, layer scale, norms, pooling, activation, dynamic size), checks that they rebuild exactly that
-architecture, and creates ``moejet_vit`` with them and the paper's MoE settings scaled to the donor: MoE in the second
-half, core experts = patch tokens / 2, universal experts = patch tokens, core hidden = the donor's MLP hidden,
-universal hidden a quarter of it. The weights are then recycled on load, as for every pretrained tag.
+:func:`vit_architecture` refuses what the recycling cannot carry (not a ``VisionTransformer``, a gated or normed MLP,
+a block, attention or patch embedding of another kind), reads the constructor arguments (patch and image size, class
+and register tokens, layer scale, norms, pooling, activation, dynamic size) and checks that they rebuild exactly that
+architecture. ``timm_moejet.create_moejet_from`` adds the paper's MoE settings scaled to the donor.
 """
-from typing import Any, Dict, Optional, Tuple
+from functools import partial
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn
-from timm.layers import to_2tuple
+from timm.layers import LayerNorm, LayerScale, Mlp, PatchEmbed, get_act_layer
+from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
-from ..errors import DonorMismatch, InvalidArgument
+from ..errors import DonorMismatch
 
-__all__ = ['create_moejet_from', 'vit_architecture', 'moejet_vit_kwargs']
+__all__ = ['vit_architecture', 'check_vit_donor']
 
 # activations timm's ViT takes by name (act_layer='...'), tried in order; None is timm's default (nn.GELU)
 _ACT_NAMES = (None, 'gelu_tanh', 'quick_gelu', 'silu', 'relu')
 _DEFAULT_NORM_EPS = 1e-6  # timm's ViT LayerNorm
 
 
-def _donor_model(spec: str) -> nn.Module:
-    """The donor's architecture on the meta device (a timm name with or without tag, hf-hub: or local-dir:)."""
-    import os
-
-    import timm
-
-    from ..hub import WEIGHT_SUFFIXES, check_model_name, create_model, hub_errors_named
-
-    if not isinstance(spec, str) or os.path.isfile(spec) or spec.endswith(WEIGHT_SUFFIXES):
-        raise InvalidArgument(f'the architecture of donor {spec!r} is not known from its name: name it as a timm '
-                              f'model with its tag, hf-hub:ORG/REPO or local-dir:FOLDER, or give the MoE '
-                              f'architecture (--model).')
-    if os.path.isdir(spec):
-        spec = f'local-dir:{spec}'
-    if not spec.startswith(('hf-hub:', 'local-dir:')):
-        check_model_name(spec)
-    with hub_errors_named(f'config of donor {spec!r}'):
-        return create_model(spec, pretrained=False, device='meta') if spec.startswith(('hf-hub:', 'local-dir:')) \
-            else timm.create_model(spec, pretrained=False, device='meta')
-
-
-def _check_supported(model: nn.Module, name: str) -> None:
+def check_vit_donor(model: nn.Module, name: str) -> None:
     """Refuse a donor the recycling cannot carry, naming it and what is unsupported."""
-    from timm.layers import Mlp, PatchEmbed
-    from timm.models.vision_transformer import Attention, Block, VisionTransformer
-
     if not isinstance(model, VisionTransformer):
         raise DonorMismatch(f'donor {name} is a {type(model).__module__}.{type(model).__name__}, not a timm '
                             f'VisionTransformer; MoE Jetpack ViTs recycle VisionTransformer checkpoints.')
@@ -73,8 +48,6 @@ def _check_supported(model: nn.Module, name: str) -> None:
 
 def _act_name(act: nn.Module, name: str) -> Optional[str]:
     """The ``act_layer`` name that gives the same function as ``act`` (probed on a grid of values)."""
-    from timm.layers import get_act_layer
-
     probe = torch.linspace(-6, 6, 97)
     expected = act.to_empty(device='cpu')(probe) if any(True for _ in act.parameters()) else act(probe)
     for candidate in _ACT_NAMES:
@@ -96,9 +69,7 @@ def vit_architecture(model: nn.Module, name: str = 'donor') -> Dict[str, Any]:
         DonorMismatch: If the architecture is not one the MoE ViT can carry, or the kwargs read from it do not rebuild
             it exactly (naming the differences).
     """
-    from timm.layers import LayerScale
-
-    _check_supported(model, name)
+    check_vit_donor(model, name)
     block, embed = model.blocks[0], model.patch_embed
     norms = {type(m).__name__: m.eps for m in model.modules() if isinstance(m, nn.LayerNorm)}
     eps = set(norms.values())
@@ -139,11 +110,6 @@ def vit_architecture(model: nn.Module, name: str = 'donor') -> Dict[str, Any]:
 
 def _check_rebuilds(model: nn.Module, args: Dict[str, Any], name: str) -> None:
     """Rebuild the dense ViT from ``args`` on the meta device: same tensors, same shapes, or a ``DonorMismatch``."""
-    from functools import partial
-
-    from timm.layers import LayerNorm
-    from timm.models.vision_transformer import VisionTransformer
-
     kwargs = {k: v for k, v in args.items() if k != 'norm_eps'}
     kwargs['norm_layer'] = partial(LayerNorm, eps=args['norm_eps'])
     rebuilt = VisionTransformer(**kwargs, device='meta').state_dict()
@@ -153,88 +119,3 @@ def _check_rebuilds(model: nn.Module, args: Dict[str, Any], name: str) -> None:
     if differ:
         raise DonorMismatch(f'donor {name}: its architecture could not be read back exactly (tensors that differ: '
                             f'{differ[:6]}); it uses options MoE Jetpack ViTs do not carry.')
-
-
-def moejet_vit_kwargs(trunk: str, img_size: Any = None) -> Tuple[Dict[str, Any], nn.Module]:
-    """The ``moejet_vit`` kwargs for a trunk donor: its architecture plus the paper's MoE settings scaled to it.
-
-    Args:
-        trunk: The trunk donor, named as ``create_moejet_from`` takes it.
-        img_size: The MoE model's input size (int or (height, width)) when it differs from the donor's: the expert
-            counts scale with the tokens at this size (a DINOv2 donor is configured for 518 px: 1369 tokens).
-
-    Returns:
-        The kwargs and the donor built on the meta device.
-    """
-    donor = _donor_model(trunk)
-    args = vit_architecture(donor, trunk)
-    grid = donor.patch_embed.grid_size
-    if img_size is not None:
-        size = to_2tuple(img_size)
-        grid = tuple(s // p for s, p in zip(size, donor.patch_embed.patch_size))
-    tokens = grid[0] * grid[1]  # 196 for a 224 px ViT/16: the paper's 98 core + 196 universal
-    args.update(num_core_experts=max(1, tokens // 2), num_univ_experts=max(1, tokens))
-    return args, donor
-
-
-def _trunk_overlay(trunk: str, donor: nn.Module, cache_dir: Optional[str]) -> Dict[str, Any]:
-    """``pretrained_cfg_overlay`` that makes timm load the trunk donor's weights, with its data config."""
-    import dataclasses
-    from pathlib import Path
-
-    from timm.models import PretrainedCfg
-
-    from ..donors import folder_weights, locate_donor
-
-    source = dict(donor.pretrained_cfg or {})
-    fields = {f.name for f in dataclasses.fields(PretrainedCfg)}
-    weights_keys = ('source', 'file', 'url', 'hf_hub_id', 'hf_hub_filename', 'state_dict', 'custom_load')
-    overlay = {k: v for k, v in source.items() if k in fields and k not in weights_keys + ('architecture', 'tag')}
-    locate_donor(trunk, cache_dir=cache_dir, role='trunk donor')  # fetched now, or named if missing
-    if trunk.startswith('local-dir:'):
-        return dict(overlay, file=str(folder_weights(Path(trunk[len('local-dir:'):]))))
-    overlay['hf_hub_id'] = source.get('hf_hub_id') or trunk[len('hf-hub:'):]
-    if source.get('hf_hub_filename'):
-        overlay['hf_hub_filename'] = source['hf_hub_filename']
-    return overlay
-
-
-def create_moejet_from(
-        trunk: str,
-        experts: Optional[str] = None,
-        pretrained: bool = True,
-        *,
-        cache_dir: Optional[str] = None,
-        **kwargs: Any,
-) -> nn.Module:
-    """A MoE Jetpack ViT built from a dense timm ``VisionTransformer`` donor and recycled from it.
-
-    Args:
-        trunk: The trunk donor: a timm name with its tag (``vit_small_patch14_reg4_dinov2.lvd142m``),
-            ``hf-hub:ORG/REPO`` or ``local-dir:FOLDER``. Its architecture becomes the MoE model's.
-        experts: A wider and/or deeper donor of the same family whose MLPs become the experts (any form
-            ``timm_moejet.donors.load_donor`` takes); None: the trunk donor.
-        pretrained: Recycle the donors into the model (else: the architecture only, randomly initialised).
-        cache_dir: Hugging Face cache folder.
-        **kwargs: ``moejet_vit`` kwargs overriding the derived ones: any MoE setting (``num_core_experts``,
-            ``moe_blocks``, ...), ``num_classes``, ``recycle_*`` options, ...
-
-    Raises:
-        DonorMismatch: If a donor is not a ViT with timm's ``Mlp`` blocks (decided before any weight is fetched).
-        NotFound: If a donor is neither cached nor downloadable.
-    """
-    import timm
-
-    args, donor = moejet_vit_kwargs(trunk, kwargs.get('img_size'))
-    if experts is not None:
-        if not isinstance(experts, str) or not experts:
-            raise InvalidArgument(f'experts must name a donor, got {experts!r}.')
-        if not experts.endswith(('.safetensors', '.pth', '.pt', '.bin', '.tar')):
-            _check_supported(_donor_model(experts), experts)
-    args.update(kwargs)
-    if pretrained:
-        args.setdefault('recycle_experts', experts if experts is not None else 'trunk')
-        args['pretrained_cfg_overlay'] = _trunk_overlay(trunk, donor, cache_dir)
-    if cache_dir is not None:
-        args['cache_dir'] = cache_dir
-    return timm.create_model('moejet_vit', pretrained=pretrained, **args)

@@ -8,7 +8,7 @@ everything timm's ViT offers (features, intermediates, grad checkpointing, dynam
 keeps working.
 """
 from functools import partial
-from typing import Any, Callable, Dict, Optional, Sequence, Set
+from typing import Any, Callable, Dict, Optional, Set
 
 import torch
 import torch.nn as nn
@@ -38,7 +38,7 @@ class MoEVisionTransformer(VisionTransformer):
 
     Takes every ``VisionTransformer`` argument, plus the MoE placement (``moe_blocks``, ``moe_drop_path_rate``,
     see ``MoEPlacement``) and the layer settings under their ``create_model`` names (``num_core_experts``,
-    ``num_univ_experts``, ``moe_combine``, ..., see ``SpheroMoESettings``; docs/settings.md lists them all).
+    ``num_univ_experts``, ``moe_combine``, ..., see ``SpheroMoESettings``; docs/models.md lists them all).
     """
     recycling_family = 'vit'
 
@@ -117,18 +117,6 @@ def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
     }
 
 
-# A pretrained tag is a checkpoint-recycling recipe: its hf_hub_id is the trunk donor (timm downloads it), the
-# recipe names the expert donor and strategy; the filter turns both into MoE weights on load.
-_RECIPES: Dict[str, RecyclingRecipe] = {}
-
-
-def _recycled_cfgs(names: Sequence[str], tag: str, trunk: str, recipe: RecyclingRecipe) -> Dict[str, Any]:
-    """The cfgs of one recycling tag for several names; the tag's recipe is kept in ``_RECIPES``."""
-    for name in names:
-        _RECIPES[f'{name}.{tag}'] = recipe
-    return {f'{name}.{tag}': _cfg(hf_hub_id=trunk, description=recipe.describe()) for name in names}
-
-
 _TINY_NAMES = ('moejet_vit_tiny_patch16_224', 'moejet_vit_tiny')
 _SMALL_NAMES = ('moejet_vit_small_patch16_224', 'moejet_vit_small')
 _BASE_NAMES = ('moejet_vit_base_patch16_224', 'moejet_vit_base')
@@ -137,16 +125,26 @@ _VIT_SMALL_IN21K = 'timm/vit_small_patch16_224.augreg_in21k'
 _VIT_BASE_IN21K = 'timm/vit_base_patch16_224.augreg_in21k'
 _VIT_LARGE_IN21K = 'timm/vit_large_patch16_224.augreg_in21k'
 
-default_cfgs = generate_default_cfgs({
-    # the released recipe (default tag): experts carved from the next wider in21k ViT, the rest from the same width
-    **_recycled_cfgs(_TINY_NAMES, 'recycled_in21k', _VIT_TINY_IN21K, RecyclingRecipe(experts=_VIT_SMALL_IN21K)),
-    **_recycled_cfgs(_SMALL_NAMES, 'recycled_in21k', _VIT_SMALL_IN21K, RecyclingRecipe(experts=_VIT_BASE_IN21K)),
+# A pretrained tag is a checkpoint-recycling recipe: its hf_hub_id is the trunk donor (timm downloads it), the
+# recipe names the expert donor and strategy; the filter turns both into MoE weights on load.
+# (names, tag, trunk donor, recipe); the first tag of a name is its default
+_RECYCLING_TAGS = (
+    # the released recipe: experts carved from the next wider in21k ViT, the rest from the same width
+    (_TINY_NAMES, 'recycled_in21k', _VIT_TINY_IN21K, RecyclingRecipe(experts=_VIT_SMALL_IN21K)),
+    (_SMALL_NAMES, 'recycled_in21k', _VIT_SMALL_IN21K, RecyclingRecipe(experts=_VIT_BASE_IN21K)),
     # the next size: experts from ViT-L (24 blocks: MoE block i takes evenly spaced ViT-L block, width 1024 cut to 768)
-    **_recycled_cfgs(_BASE_NAMES, 'recycled_in21k', _VIT_BASE_IN21K, RecyclingRecipe(experts=_VIT_LARGE_IN21K)),
+    (_BASE_NAMES, 'recycled_in21k', _VIT_BASE_IN21K, RecyclingRecipe(experts=_VIT_LARGE_IN21K)),
     # sparse upcycling of the same-width checkpoint (core experts are copies of its MLPs)
-    **_recycled_cfgs(_TINY_NAMES, 'upcycled_in21k', _VIT_TINY_IN21K, RecyclingRecipe(strategy='upcycle')),
-    **_recycled_cfgs(_SMALL_NAMES, 'upcycled_in21k', _VIT_SMALL_IN21K, RecyclingRecipe(strategy='upcycle')),
-    **_recycled_cfgs(_BASE_NAMES, 'upcycled_in21k', _VIT_BASE_IN21K, RecyclingRecipe(strategy='upcycle')),
+    (_TINY_NAMES, 'upcycled_in21k', _VIT_TINY_IN21K, RecyclingRecipe(strategy='upcycle')),
+    (_SMALL_NAMES, 'upcycled_in21k', _VIT_SMALL_IN21K, RecyclingRecipe(strategy='upcycle')),
+    (_BASE_NAMES, 'upcycled_in21k', _VIT_BASE_IN21K, RecyclingRecipe(strategy='upcycle')),
+)
+_RECIPES: Dict[str, RecyclingRecipe] = {
+    f'{name}.{tag}': recipe for names, tag, _, recipe in _RECYCLING_TAGS for name in names}
+
+default_cfgs = generate_default_cfgs({
+    **{f'{name}.{tag}': _cfg(hf_hub_id=trunk, description=recipe.describe())
+       for names, tag, trunk, recipe in _RECYCLING_TAGS for name in names},
     # any dense timm ViT (create_moejet_from): architecture and weights come from the donor
     'moejet_vit.untrained': _cfg(),
     'moejet_vit_tiny_patch16_224.untrained': _cfg(),

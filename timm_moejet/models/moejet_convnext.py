@@ -4,7 +4,7 @@
     - https://arxiv.org/abs/2406.04801
 
 The paper reports C-JetMoE-F (ConvNeXt, "MoE layers 10:18", core experts [98, 24], universal [196, 48], about 1.1
-GMACs) without its code or exact architecture. Its best reading (docs/convnext.md): ConvNeXt-T's depths (3, 3, 9, 3)
+GMACs) without its code or exact architecture. Its best reading (docs/models.md): ConvNeXt-T's depths (3, 3, 9, 3)
 at femto widths (48, 96, 192, 384), the SpheroMoE layer in place of the MLP of blocks 10-18 counted over all 18 (the
 last six of stage 3 at 14x14 = 196 tokens, the three of stage 4 at 7x7 = 49 tokens), a token being one position of
 the stage's channels-last feature map, the layer before the block's layer scale; experts per stage: tokens // 2
@@ -13,12 +13,10 @@ core and twice as many universal (the paper's [98, 24] and [196, 48]). Each choi
 ``MoEConvNeXt`` subclasses timm's ``ConvNeXt`` and swaps only those MLPs, so features, intermediates, grad
 checkpointing and the classifier reset of timm's ConvNeXt keep working.
 """
-import dataclasses
 from typing import Any, Dict, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import calculate_drop_path_rates
 from timm.models import generate_default_cfgs, register_model
 from timm.models.convnext import ConvNeXt
 
@@ -99,30 +97,28 @@ class MoEConvNeXt(ConvNeXt):
         integer(0)('num_classes', kwargs.get('num_classes', 0))
         cores = _per_stage('num_core_experts', num_core_experts, len(depths))
         univs = _per_stage('num_univ_experts', num_univ_experts, len(depths))
-        # per-stage counts are resolved below; the shared settings must not see them
-        placement, settings = pop_moe_kwargs(kwargs, num_core_experts=1, num_univ_experts=0)
+        placement, settings = pop_moe_kwargs(kwargs)
         super().__init__(depths=depths, dims=dims, patch_size=patch_size, **kwargs)
-
-        total = sum(depths)
-        moe_blocks = placement.blocks(total)
-        rates = calculate_drop_path_rates(placement.moe_drop_path_rate, total)
-        stage_of = [s for s, d in enumerate(depths) for _ in range(d)]
-        self.moe_blocks = tuple(moe_blocks)
         self.img_size = img_size
-        blocks = self.flat_blocks()
-        fields = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
-        for i in moe_blocks:
+
+        # the expert counts of a stage scale with its tokens: per-block overrides of the shared settings
+        stage_of = [s for s, d in enumerate(depths) for _ in range(d)]
+        overrides = {}
+        for i in placement.blocks(len(stage_of)):
             s = stage_of[i]
             stride = patch_size * 2 ** s
             tokens = max(1, (img_size[0] // stride) * (img_size[1] // stride))
             core = cores[s] if cores[s] is not None else max(1, tokens // 2)
-            univ = univs[s] if univs[s] is not None else 2 * core
+            overrides[i] = dict(num_core_experts=core, num_univ_experts=univs[s] if univs[s] is not None else 2 * core)
+        layers = placement.layer_factories(len(stage_of), settings, overrides)
+        blocks = self.flat_blocks()
+        for i, layer in layers.items():
             dense = blocks[i].mlp
             # built with the factory kwargs the block's own MLP got (device, dtype), through timm's Mlp call
             p = next(dense.parameters())
-            blocks[i].mlp = SpheroMoE(
-                dims[s], dense.fc1.out_features, act_layer=type(dense.act), drop_path=rates[i],
-                device=p.device, dtype=p.dtype, **dict(fields, num_core=core, num_univ=univ))
+            blocks[i].mlp = layer(dims[stage_of[i]], dense.fc1.out_features, act_layer=type(dense.act),
+                                  device=p.device, dtype=p.dtype)
+        self.moe_blocks = tuple(layers)
 
     def flat_blocks(self) -> Tuple[nn.Module, ...]:
         """The blocks of every stage, in forward order (block ``i`` of ``moe_blocks``)."""

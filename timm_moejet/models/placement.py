@@ -3,17 +3,18 @@
 A family's constructor pops its MoE kwargs with :func:`pop_moe_kwargs`: the placement (``moe_blocks``,
 ``moe_drop_path_rate``) and the layer settings (every field of ``SpheroMoESettings`` under its ``create_model``
 name), each checked once by its settings class. :meth:`MoEPlacement.layer_factories` then gives, for every MoE
-block, the ``functools.partial`` of ``SpheroMoE`` that timm's block calls as its ``mlp_layer``.
+block, the ``functools.partial`` of ``SpheroMoE`` that timm's block calls as its ``mlp_layer`` (ViT), or that the
+family calls in place of a block's MLP (ConvNeXt, whose expert counts differ per stage: per-block overrides).
 """
 import dataclasses
 from functools import partial
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 from timm.layers import calculate_drop_path_rates
 
 from ..errors import InvalidArgument
 from ..layers import SpheroMoE, SpheroMoESettings
-from ..settings import check_fields, from_kwargs, int_sequence, optional, real, setting
+from ..settings import check_fields, from_kwargs, int_sequence, kwarg_names, optional, real, setting
 
 __all__ = ['MoEPlacement', 'pop_moe_kwargs']
 
@@ -40,11 +41,29 @@ class MoEPlacement:
                                   f'0..{depth - 1}.')
         return blocks
 
-    def layer_factories(self, depth: int, settings: SpheroMoESettings) -> Dict[int, Callable[..., SpheroMoE]]:
-        """Block index -> ``partial(SpheroMoE, drop_path=..., **settings)`` for every MoE block."""
+    def layer_factories(
+            self,
+            depth: int,
+            settings: SpheroMoESettings,
+            overrides: Optional[Mapping[int, Mapping[str, Any]]] = None,
+    ) -> Dict[int, Callable[..., SpheroMoE]]:
+        """Block index -> ``partial(SpheroMoE, drop_path=..., **settings)`` for every MoE block.
+
+        Args:
+            depth: Blocks of the model (counted over all stages).
+            settings: The layer settings shared by every MoE block.
+            overrides: Block index -> settings that differ in that block, by ``create_model`` kwarg name (e.g. a
+                stage's ``num_core_experts``); checked as the shared ones are.
+        """
         rates = calculate_drop_path_rates(self.moe_drop_path_rate, depth)
-        fields = {f.name: getattr(settings, f.name) for f in dataclasses.fields(SpheroMoESettings)}
-        return {i: partial(SpheroMoE, drop_path=rates[i], **fields) for i in self.blocks(depth)}
+        field_of = kwarg_names(SpheroMoESettings)
+        factories = {}
+        for i in self.blocks(depth):
+            changes = {field_of[k]: v for k, v in ((overrides or {}).get(i) or {}).items()}
+            block_settings = dataclasses.replace(settings, **changes) if changes else settings
+            fields = {f.name: getattr(block_settings, f.name) for f in dataclasses.fields(SpheroMoESettings)}
+            factories[i] = partial(SpheroMoE, drop_path=rates[i], **fields)
+        return factories
 
 
 def pop_moe_kwargs(kwargs: Dict[str, Any], **defaults: Any) -> Tuple[MoEPlacement, SpheroMoESettings]:

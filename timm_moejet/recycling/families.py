@@ -12,16 +12,16 @@ import torch
 import torch.nn as nn
 
 from ..errors import DonorMismatch
+from ..naming import is_moe_key
 
 __all__ = ['Family', 'FAMILIES', 'family_of_state_dict', 'family_of_model', 'is_moe_state_dict', 'MLP_KEYS']
 
 MLP_KEYS = ('mlp.fc1.weight', 'mlp.fc1.bias', 'mlp.fc2.weight', 'mlp.fc2.bias')
-_MOE_KEY = re.compile(r'\.mlp\.(?:slot_queries|(?:core|univ)\.fc[12]\.(?:weight|bias))$')
 
 
 def is_moe_state_dict(state_dict: Mapping[str, object]) -> bool:
     """True for our MoE layout (slot queries or batched expert weights under some block's ``mlp``)."""
-    return any(_MOE_KEY.search(k) for k in state_dict)
+    return any(is_moe_key(k) for k in state_dict)
 
 
 class Family:

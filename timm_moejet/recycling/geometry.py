@@ -163,7 +163,7 @@ def check_geometry(
                             f'wide or wider.')
     if not select_trunk and trunk.widths() != widths:
         raise DonorMismatch(f'{trunk.label()} must have the width of {model_label}; use a trunk donor of the model '
-                            f'size, or recycle_trunk_fit="select" (weights_tools: --trunk-fit select) to take the '
+                            f'size, or recycle_trunk_fit="select" (weights-tools: --trunk-fit select) to take the '
                             f'trunk from a wider one by Weight Selection.')
     if experts.depth < depth:
         raise DonorMismatch(f'{experts.label()} is shallower than {model_label}; an expert donor needs a block for '

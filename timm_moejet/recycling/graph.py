@@ -9,6 +9,7 @@ from typing import List, Tuple
 import numpy as np
 import torch
 
+from ..errors import InvalidArgument
 from ..extras import require
 
 __all__ = ['GRAPH_METHODS', 'partition_graph', 'require_partitioner']
@@ -77,7 +78,7 @@ def partition_graph(
         inside the part).
     """
     if method not in GRAPH_METHODS:
-        raise ValueError(f'Unknown graph method {method!r}; valid methods are {", ".join(GRAPH_METHODS)}.')
+        raise InvalidArgument(f'Unknown graph method {method!r}; valid methods are {", ".join(GRAPH_METHODS)}.')
     n = coact.shape[0]
     num_parts = min(num_parts, n)
     c = coact.detach().double().clamp_min(0).clone()

@@ -8,7 +8,7 @@ import dataclasses
 import os
 from typing import Any, Dict, Optional
 
-from ..errors import InvalidArgumentType, NotFound
+from ..errors import InvalidArgumentType
 from ..settings import SEED, Check, check_fields, choice, integer, kwarg_names, optional, path, setting
 from .graph import GRAPH_METHODS
 from .selection import BLOCK_MAPS
@@ -23,16 +23,16 @@ TRUNK_FITS = ('copy', 'select')
 
 def _donor_spec() -> Check:
     def fn(label: str, value: Any) -> Optional[str]:
-        if value is None or value == 'trunk':
+        if value is None:
             return None
         if isinstance(value, os.PathLike):
             value = os.fspath(value)
         if not isinstance(value, str) or not value:
             raise InvalidArgumentType(f'{label} must be a Hub id, hf-hub:ORG/REPO, local-dir:FOLDER, a timm name '
-                                      f'with its tag, a checkpoint file, or None/"trunk", got {value!r}.')
+                                      f'with its tag, a checkpoint file, or None (the trunk donor), got {value!r}.')
         return value
-    return Check('a timm name.tag, ORG/REPO, hf-hub:ORG/REPO, local-dir:FOLDER or a weights file; None or "trunk": '
-                 'the trunk donor', fn)
+    return Check('a timm name.tag, ORG/REPO, hf-hub:ORG/REPO, local-dir:FOLDER or a weights file; None: the trunk '
+                 'donor', fn)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +45,7 @@ class RecyclingRecipe:
     strategy: str = setting('importance', choice(strategy_names),
                             'How experts pick donor hidden units and channels (see STRATEGIES).', 'recycle_strategy')
     stats: Optional[str] = setting(
-        None, optional(path()), 'Activation statistics file of the expert donor (weights_tools calibrate); None: '
+        None, optional(path()), 'Activation statistics file of the expert donor (weights-tools calibrate); None: '
         'the data-free proxy for strategies that need statistics.', 'recycle_stats')
     seed: int = setting(DEFAULT_SEED, SEED, 'Seed of the selection; the same seed gives '
                         'bit-identical weights.', 'recycle_seed')
@@ -65,20 +65,12 @@ class RecyclingRecipe:
                              'spaced over its depth) or first (its first blocks).', 'recycle_block_map')
 
     def __post_init__(self) -> None:
-        check_fields(self)
-        self.strategy_obj.check_available(self)  # a missing optional package is named before any work
-        if self.stats is not None and not os.path.isfile(self.stats):
-            raise NotFound(f'recycle_stats: activation statistics file not found: {self.stats}')
+        check_fields(self)  # values only: files, donors and optional packages are checked when they are resolved
 
     @property
     def strategy_obj(self) -> Strategy:
         """The strategy object of the table."""
         return get_strategy(self.strategy)
-
-    def replace(self, **changes: Any) -> 'RecyclingRecipe':
-        """A copy with some fields changed (None values are ignored), checked again."""
-        changes = {k: v for k, v in changes.items() if v is not None}
-        return dataclasses.replace(self, **changes) if changes else self
 
     def describe(self) -> str:
         """One line for the pretrained cfg's description."""

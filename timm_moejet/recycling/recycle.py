@@ -11,26 +11,30 @@
    is the recipe's strategy (``strategies.py``).
 4. :func:`recycling_record`: the JSON record of what was done, kept in ``model.pretrained_cfg['recycling']``.
 
-:func:`recycle_state_dict` runs the four steps; :func:`recycle_into` also loads the result and records it.
+:func:`recycle_state_dict` runs the four steps on what is in memory (no file or Hub access) and returns the state
+dict, the donor indices of every expert and the record; :func:`recycle_into` also loads the result into the model and
+records it. Building models from named donors is ``timm_moejet.build``'s.
 """
 import logging
 import os
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from timm.models import adapt_input_conv as adapt_channels
 
 from ..errors import DonorMismatch, InvalidArgument, InvalidArgumentType, InvalidCheckpoint
-from .families import family_of_model
+from ..naming import is_expert_key
 from .geometry import RecyclingPlan, check_geometry
+from .inputs import load_statistics
 from .recipe import RecyclingRecipe
 from .selection import subselect_uniform
 from .statistics import ActivationStats, weight_proxy_statistics
 from .strategies import SelectionContext
 from .weight_selection import select_tensor
 
-__all__ = ['recycle_state_dict', 'recycle_into', 'recycling_record', 'build_recycled_model', 'resolve_statistics',
-           'copy_trunk', 'carve_experts']
+__all__ = ['RecyclingResult', 'recycle_state_dict', 'recycle_into', 'recycling_record', 'resolve_statistics',
+           'copy_trunk', 'carve_experts', 'record_on']
 
 _logger = logging.getLogger(__name__)
 
@@ -51,7 +55,8 @@ def resolve_statistics(plan: RecyclingPlan, recipe: RecyclingRecipe,
         return None
     blocks = sorted(set(plan.expert_blocks.values()))
     if stats is None and recipe.stats is not None:
-        stats = ActivationStats.load(recipe.stats)
+        raise InvalidArgument(f'the recipe names the statistics file {recipe.stats}: pass it loaded (stats=, see '
+                              f'timm_moejet.recycling.resolve_inputs), or use recycle_into, which loads it.')
     if stats is None:
         _logger.warning(
             'No activation statistics given: %r recycling uses the data-free weight proxy of %s (Gaussian model '
@@ -83,7 +88,7 @@ def copy_trunk(plan: RecyclingPlan, adapt_input_conv: bool = True) -> Dict[str, 
     problems = []
     for key, value in model.state_dict().items():
         if key.startswith(moe_prefixes):
-            if not _is_expert_key(key):  # router state: slot queries, slot norm, temperatures
+            if not is_expert_key(key):  # router state: slot queries, slot norm, temperatures
                 out[key] = value.detach().clone()
             continue
         src = trunk.sd.get(key)
@@ -96,8 +101,7 @@ def copy_trunk(plan: RecyclingPlan, adapt_input_conv: bool = True) -> Dict[str, 
             continue
         first_conv = key == plan.first_conv
         if first_conv and src.ndim == 4 and src.shape[1] != value.shape[1] and adapt_input_conv:
-            from timm.models import adapt_input_conv as _adapt
-            src = _adapt(value.shape[1], src)
+            src = adapt_channels(value.shape[1], src)
         # timm's loader adapts the input channels of the first convolution after the filter
         channels_left_to_timm = first_conv and not adapt_input_conv and src.ndim == 4 and src.shape[1] != value.shape[1]
         wanted = (value.shape[0], src.shape[1], *value.shape[2:]) if channels_left_to_timm else value.shape
@@ -112,10 +116,6 @@ def copy_trunk(plan: RecyclingPlan, adapt_input_conv: bool = True) -> Dict[str, 
                             + (' ...' if len(problems) > 12 else '')
                             + '. (pos_embed and patch size are resampled by the pretrained filter, not here.)')
     return out
-
-
-def _is_expert_key(key: str) -> bool:
-    return '.mlp.core.fc' in key or '.mlp.univ.fc' in key
 
 
 def _gather_experts(
@@ -218,6 +218,19 @@ def recycling_record(
     return record
 
 
+class RecyclingResult(NamedTuple):
+    """What :func:`recycle_state_dict` returns.
+
+    Attributes:
+        state_dict: Every model key, in the model's dtype (dense tensors may share memory with the trunk donor's).
+        indices: ``{block: {'core'|'univ': (hidden [E, k], channels [E, D])}}``: the donor indices of every expert.
+        record: The JSON-serialisable record of what was done (see :func:`recycling_record`).
+    """
+    state_dict: Dict[str, torch.Tensor]
+    indices: Dict[int, Dict[str, Tuple[torch.Tensor, torch.Tensor]]]
+    record: Dict[str, Any]
+
+
 def recycle_state_dict(
         model: nn.Module,
         trunk_state_dict: Mapping[str, torch.Tensor],
@@ -228,56 +241,35 @@ def recycle_state_dict(
         trunk_id: Optional[str] = None,
         expert_id: Optional[str] = None,
         adapt_input_conv: bool = True,
-        return_indices: bool = False,
         inplace: bool = False,
-) -> Any:
-    """Build a complete state dict for a MoE model from dense state dicts.
+) -> RecyclingResult:
+    """Build a complete state dict for a MoE model from dense state dicts (the four steps; no file or Hub access).
 
     Args:
         model: The target MoE model (read only; its values fill the keys that are not recycled).
         trunk_state_dict: Dense donor of the model's width and depth: every dense tensor comes from it.
         expert_state_dict: Dense donor of the same depth and the same or larger width whose MLPs become the experts
             (None: the trunk donor).
-        recipe: Strategy, statistics file, seed and strategy options (default: ``RecyclingRecipe()``, importance
-            with the data-free proxy, seed 3407). ``recipe.experts`` is not read here: the donors are passed in.
-        stats: In-memory statistics of the expert donor, instead of the recipe's file.
-        trunk_id: Name of the trunk donor (for messages).
+        recipe: Strategy, seed and strategy options (default: ``RecyclingRecipe()``, importance with the data-free
+            proxy, seed 3407). ``recipe.experts`` and ``recipe.stats`` are not read here: pass what they name.
+        stats: The expert donor's activation statistics (None: the data-free proxy, for strategies that need them).
+        trunk_id: Name of the trunk donor (for messages and the record).
         expert_id: Name of the expert donor.
         adapt_input_conv: Convert the trunk's patch embedding to the model's ``in_chans`` (timm's
             ``adapt_input_conv``); the pretrained filter leaves it to timm's loader.
-        return_indices: Also return the donor indices of every expert (see :func:`carve_experts`).
         inplace: Write the experts straight into the model's expert parameters (after all checks) and return
             those; saves allocating and copying the experts again (about 1 GB for moejet_vit_tiny). The pretrained
             filter uses it, since timm loads the result into that model anyway.
 
     Returns:
-        The state dict (every model key, model dtype), or ``(state_dict, indices)`` with ``return_indices``.
-        Dense tensors may share memory with the trunk donor's.
+        The state dict, the donor indices of every expert and the record.
 
     Raises:
         DonorMismatch: On donors that cannot fill the model, or statistics of another donor, before anything is
             computed or written.
         InvalidArgumentType: If ``model`` is not a MoE model or a donor is not a mapping.
+        InvalidArgument: If the recipe names a statistics file and ``stats`` is not given.
     """
-    out, indices, _ = run_recycling(model, trunk_state_dict, expert_state_dict, recipe, stats=stats,
-                                    trunk_id=trunk_id, expert_id=expert_id, adapt_input_conv=adapt_input_conv,
-                                    inplace=inplace)
-    return (out, indices) if return_indices else out
-
-
-def run_recycling(
-        model: nn.Module,
-        trunk_state_dict: Mapping[str, torch.Tensor],
-        expert_state_dict: Optional[Mapping[str, torch.Tensor]],
-        recipe: Optional[RecyclingRecipe],
-        *,
-        stats: Optional[ActivationStats] = None,
-        trunk_id: Optional[str] = None,
-        expert_id: Optional[str] = None,
-        adapt_input_conv: bool = True,
-        inplace: bool = False,
-) -> Tuple[Dict[str, torch.Tensor], Dict[int, Dict[str, Tuple[torch.Tensor, torch.Tensor]]], Dict[str, Any]]:
-    """The four steps; returns the state dict, the donor indices of every expert and the record."""
     recipe = recipe if recipe is not None else RecyclingRecipe()
     if not isinstance(recipe, RecyclingRecipe):
         raise InvalidArgumentType(f'recipe must be a RecyclingRecipe, got {type(recipe).__name__}.')
@@ -288,7 +280,7 @@ def run_recycling(
     missing = [k for k in model.state_dict() if k not in out]
     if missing:  # a layer variant this module does not know how to fill
         raise InvalidCheckpoint(f'recycling left model keys unfilled: {missing[:8]}.')
-    return out, indices, recycling_record(recipe, stats, trunk_id, expert_id, plan.expert_blocks)
+    return RecyclingResult(out, indices, recycling_record(recipe, stats, trunk_id, expert_id, plan.expert_blocks))
 
 
 def record_on(model: nn.Module, record: Dict[str, Any]) -> None:
@@ -315,7 +307,7 @@ def recycle_into(
         trunk_state_dict: See :func:`recycle_state_dict`.
         expert_state_dict: See :func:`recycle_state_dict`.
         recipe: See :func:`recycle_state_dict`.
-        stats: See :func:`recycle_state_dict`.
+        stats: See :func:`recycle_state_dict` (None: the file ``recipe.stats`` names, loaded here, if any).
         trunk_id: Name of the trunk donor, recorded.
         expert_id: Name of the expert donor, recorded.
 
@@ -323,97 +315,10 @@ def recycle_into(
         The same model, holding the recycled weights.
     """
     recipe = recipe if recipe is not None else RecyclingRecipe()
-    if stats is None and recipe.stats is not None and recipe.strategy_obj.needs_stats:
-        stats = ActivationStats.load(recipe.stats)
-    state_dict, _, record = run_recycling(model, trunk_state_dict, expert_state_dict, recipe, stats=stats,
-                                          trunk_id=trunk_id, expert_id=expert_id)
-    model.load_state_dict(state_dict, strict=True)
-    record_on(model, record)
-    return model
-
-
-def build_recycled_model(
-        model_name: Optional[str],
-        trunk: str,
-        recipe: Optional[RecyclingRecipe] = None,
-        *,
-        init_seed: Optional[int] = None,
-        cache_dir: Optional[str] = None,
-        **model_kwargs: Any,
-) -> nn.Module:
-    """Create a MoE model and fill it from donors named as :func:`timm_moejet.donors.load_donor` accepts.
-
-    Args:
-        model_name: A registered MoE architecture (``moejet_vit_tiny``, ...), or None: ``moejet_vit`` with the
-            trunk donor's architecture and the paper's MoE settings scaled to it (see ``create_moejet_from``).
-        trunk: The trunk donor (timm name with tag, ``ORG/REPO``, ``hf-hub:``, ``local-dir:``, folder or file).
-        recipe: How to recycle; ``recipe.experts`` names the expert donor (None: the trunk donor).
-        init_seed: Seed of the model's initial values (what is not recycled: head, slot queries); None leaves the
-            global RNG as it is.
-        cache_dir: Hugging Face cache folder.
-        **model_kwargs: ``create_model`` kwargs of the MoE model.
-
-    Returns:
-        The model, holding the recycled weights, its recipe recorded in ``pretrained_cfg['recycling']``.
-    """
-    from ..donors import load_donor
-    from ..hub import check_model_name, create_model
-    from ..layers import experts_to_be_loaded
-
-    if model_name is None:
-        from ..models.from_donor import moejet_vit_kwargs
-        model_kwargs = dict(moejet_vit_kwargs(trunk, model_kwargs.get('img_size'))[0], **model_kwargs)
-        model_name = 'moejet_vit'
-    check_model_name(model_name)
-    recipe = recipe if recipe is not None else RecyclingRecipe()
-    with torch.random.fork_rng(devices=[]), experts_to_be_loaded():  # recycling fills every expert
-        if init_seed is not None:
-            torch.manual_seed(init_seed)
-        model = create_model(model_name, **model_kwargs)
-    if family_of_model(model) is None or not model.moe_layers():
-        raise InvalidArgument(f'{model_name} has no SpheroMoE layer; recycling builds MoE models (e.g. '
-                              f'moejet_vit_tiny).')
-    trunk_donor = load_donor(trunk, cache_dir=cache_dir, role='trunk donor')
-    expert_donor = load_donor(recipe.experts, cache_dir=cache_dir, role='expert donor') if recipe.experts else None
-    return recycle_into(model, trunk_donor.state_dict, expert_donor.state_dict if expert_donor else None, recipe,
-                        trunk_id=str(trunk), expert_id=str(recipe.experts or trunk))
-
-
-def build_selected_model(
-        model_name: str,
-        donor: str,
-        block_map: str = 'even',
-        *,
-        init_seed: Optional[int] = None,
-        cache_dir: Optional[str] = None,
-        **model_kwargs: Any,
-) -> nn.Module:
-    """A dense timm model initialised from a larger donor of its family by Weight Selection.
-
-    Args:
-        model_name: The smaller architecture (``vit_tiny_patch16_224``, ``convnext_femto``, ...).
-        donor: The larger donor, named as :func:`timm_moejet.donors.load_donor` takes it.
-        block_map: 'even' or 'first': which donor blocks a stage with fewer blocks takes.
-        init_seed: Seed of what the donor cannot give (a head for another number of classes); None leaves the
-            global RNG as it is.
-        cache_dir: Hugging Face cache folder.
-        **model_kwargs: ``create_model`` kwargs of the smaller model.
-
-    Returns:
-        The model, holding the selected weights (``pretrained_cfg['weight_selection']`` records the donor).
-    """
-    from ..donors import load_donor
-    from ..hub import check_model_name, create_model
-    from .weight_selection import select_state_dict
-
-    check_model_name(model_name)
-    with torch.random.fork_rng(devices=[]):
-        if init_seed is not None:
-            torch.manual_seed(init_seed)
-        model = create_model(model_name, **model_kwargs)
-    state_dict = select_state_dict(model, load_donor(donor, cache_dir=cache_dir, role='donor').state_dict,
-                                   block_map=block_map, donor_name=str(donor))
-    model.load_state_dict(state_dict, strict=True)
-    model.pretrained_cfg = dict(model.pretrained_cfg or {}, weight_selection=dict(donor=str(donor),
-                                                                                  block_map=block_map))
+    if stats is None and recipe.stats is not None:
+        stats = load_statistics(recipe)
+    result = recycle_state_dict(model, trunk_state_dict, expert_state_dict, recipe, stats=stats, trunk_id=trunk_id,
+                                expert_id=expert_id)
+    model.load_state_dict(result.state_dict, strict=True)
+    record_on(model, result.record)
     return model

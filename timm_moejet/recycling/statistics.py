@@ -21,6 +21,7 @@ import os
 import re
 from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 from safetensors import safe_open
@@ -80,7 +81,7 @@ class ActivationStats:
         bad = [k for k in tensors if not _KEY.match(k)]
         if bad:
             raise InvalidCheckpoint(f'ActivationStats: unexpected tensor names {bad[:5]}; expected '
-                             f'blocks.<i>.<hidden|channel>.<l1|l2|freq|coact>.')
+                                    f'blocks.<i>.<hidden|channel>.<l1|l2|freq|coact>.')
         # own copies: callers may pass one tensor under several names, which safetensors cannot save
         self.tensors = {k: v.detach().to('cpu', torch.float32).clone() for k, v in tensors.items()}
         self.architecture = architecture
@@ -108,12 +109,13 @@ class ActivationStats:
         """One statistic, e.g. ``get(6, 'hidden', 'l2')``.
 
         Raises:
-            ValueError: If it is missing (naming what is present).
+            InvalidCheckpoint: If it is missing (naming what is present).
         """
         key = f'blocks.{block}.{point}.{metric}'
         if key not in self.tensors:
-            raise InvalidCheckpoint(f'activation statistics of {self.describe()} have no {key!r}; blocks present: '
-                             f'{list(self.blocks)}, metrics: {sorted({k.split(".")[-1] for k in self.tensors})}.')
+            raise InvalidCheckpoint(f'activation statistics of {self.describe()} have no {key!r}; blocks '
+                                    f'present: {list(self.blocks)}, metrics: '
+                                    f'{sorted({k.split(".")[-1] for k in self.tensors})}.')
         return self.tensors[key]
 
     def validate(self, sizes: Mapping[int, Tuple[int, int]], need_coact: bool = False, metric: str = 'l2') -> None:
@@ -136,7 +138,7 @@ class ActivationStats:
                 t = self.get(i, point, m)
                 if tuple(t.shape) != shape:
                     raise DonorMismatch(f'activation statistic blocks.{i}.{point}.{m} has shape {tuple(t.shape)}, '
-                                     f'the donor needs {shape}: the statistics were made for another donor size.')
+                                        f'the donor needs {shape}: the statistics were made for another donor size.')
                 if not bool(torch.isfinite(t).all()):
                     raise InvalidCheckpoint(f'activation statistic blocks.{i}.{point}.{m} holds NaN or inf values.')
                 if bool((t < 0).any()):
@@ -150,7 +152,7 @@ class ActivationStats:
             donor_name: How to name the donor in the message.
 
         Raises:
-            ValueError: If the donor's weights hash differs, naming both donors.
+            DonorMismatch: If the donor's weights hash differs, naming both donors.
         """
         sd = donor.state_dict() if isinstance(donor, nn.Module) else donor
         digest = weights_hash(sd)
@@ -182,8 +184,8 @@ class ActivationStats:
             donor_model: If given, refuse statistics made for another donor.
 
         Raises:
-            FileNotFoundError: If the file does not exist.
-            ValueError: If it is not a statistics file, or was made for another donor.
+            NotFound: If the file does not exist.
+            InvalidCheckpoint: If it is not a statistics file; ``DonorMismatch`` if it was made for another donor.
         """
         path = os.fspath(path)
         if not os.path.isfile(path):
@@ -194,15 +196,11 @@ class ActivationStats:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:  # safetensors raises several types on a bad header
             raise InvalidCheckpoint(f'{path} is not a readable safetensors statistics file ({e}).') from e
-        if FORMAT in meta:
-            document = meta[FORMAT]
-        elif meta.get('format') == FORMAT:  # files written before the single-entry layout
-            document = json.dumps(dict(identity=json.loads(meta.get('identity', '{}'))))
-        else:
+        if FORMAT not in meta:
             raise InvalidCheckpoint(f'{path} is not an activation statistics file (no {FORMAT!r} metadata; '
                                     f'found {sorted(meta)[:4]}).')
         try:
-            ident = json.loads(document)['identity']
+            ident = json.loads(meta[FORMAT])['identity']
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise InvalidCheckpoint(f'{path}: unreadable donor identity in the metadata ({e}).') from e
         stats = cls(tensors, **{k: ident[k] for k in ('architecture', 'hub_id', 'weights_hash', 'num_tokens',
@@ -345,7 +343,7 @@ def collect_statistics(
 
 
 # Gauss-Hermite nodes for E[f(mu + sigma * z)], z ~ N(0, 1)
-_GH_NODES, _GH_WEIGHTS = (torch.from_numpy(a) for a in __import__('numpy').polynomial.hermite_e.hermegauss(48))
+_GH_NODES, _GH_WEIGHTS = (torch.from_numpy(a) for a in np.polynomial.hermite_e.hermegauss(48))
 _GH_WEIGHTS = _GH_WEIGHTS / math.sqrt(2 * math.pi)
 
 

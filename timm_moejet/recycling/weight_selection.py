@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from ..errors import DonorMismatch
 from .families import Family, family_of_state_dict
+from .geometry import DenseDonor
 from .selection import map_blocks, uniform_indices
 
 __all__ = ['evenly_spaced', 'select_tensor', 'select_state_dict']
@@ -89,8 +90,6 @@ def select_state_dict(
         DonorMismatch: If the donor is of another family, has fewer stages or blocks, or is narrower anywhere
             (naming both sides).
     """
-    from .geometry import DenseDonor
-
     target = model.state_dict()
     family = family_of_state_dict(target, 'model', type(model).__name__)
     donor = DenseDonor(donor_state_dict, 'donor', donor_name)

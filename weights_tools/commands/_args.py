@@ -6,7 +6,8 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 
-from timm_moejet.errors import InvalidArgument, OutputExists
+from timm_moejet.checkpoint_io import check_output_apart, refuse_existing
+from timm_moejet.errors import InvalidArgument
 from timm_moejet.settings import SEED, Check, integer
 
 
@@ -105,10 +106,6 @@ def check_output_free(path: str, overwrite: bool, what: str = 'output', inputs: 
                       ) -> Path:
     """Refuse an output that is, contains or lies inside one of the ``inputs`` (role -> path or name), and an existing
     output unless ``--overwrite``; checked before any slow work starts."""
-    from timm_moejet.checkpoint_io import check_output_apart
-
     check_output_apart(path, inputs or {}, what)
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputExists(f'{what} {path} already exists; pass --overwrite to replace it.')
-    return path
+    refuse_existing(path, overwrite, what, '--overwrite')  # the writers' own policy, checked before slow work
+    return Path(path)

@@ -8,7 +8,7 @@ from ._args import COUNT_ARG, NON_NEGATIVE_ARG, SEED_ARG, add_output_args, check
 EXAMPLE = textwrap.dedent('''\
     example:
       python -m benchmarks.digits.data ./digits --image-size 32        # or any folder of class_name/*.png
-      python -m weights_tools calibrate --donor vit_small_patch16_224.augreg_in21k --images ./digits \\
+      weights-tools calibrate --donor vit_small_patch16_224.augreg_in21k --images ./digits \\
           --limit 1000 --batch-size 64 --output vit_small_digits_stats.safetensors''')
 
 

@@ -2,11 +2,13 @@
 import argparse
 import textwrap
 
+from timm_moejet.cost import count_params
+
 from ._args import add_model_args, add_output_args, check_output_free, model_kwargs_from
 
 EXAMPLE = textwrap.dedent('''\
     example:
-      python -m weights_tools export moejet_vit_test --num-classes 10 --checkpoint finetuned.safetensors \\
+      weights-tools export moejet_vit_test --num-classes 10 --checkpoint finetuned.safetensors \\
           --output ./moejet_test_digits
       python -c "import timm, timm_moejet; timm.create_model('local-dir:./moejet_test_digits', pretrained=True)"''')
 
@@ -24,13 +26,14 @@ def add_parser(subparsers, parent: argparse.ArgumentParser, formatter) -> argpar
 
 
 def run(args: argparse.Namespace) -> int:
-    from timm_moejet.hub import load_model, save_hub_folder
+    from timm_moejet.build import load_model
+    from timm_moejet.hub import save_hub_folder
 
     check_output_free(args.output, args.overwrite, 'output folder',
                       {'model': args.model, 'checkpoint': args.checkpoint})
     model, extra = load_model(args.model, args.checkpoint, args.pretrained, model_kwargs_from(args), ema=args.ema)
     out = save_hub_folder(model.eval(), args.output, args.overwrite, extra_config=extra)
-    n = sum(p.numel() for p in model.parameters())
+    n = count_params(model)['total']
     print(f'exported {args.model} ({type(model).__name__}, {n / 1e6:.2f}M parameters) to {out}/ '
           f'(model.safetensors + config.json)')
     return 0

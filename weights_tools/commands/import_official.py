@@ -5,6 +5,8 @@ import textwrap
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from timm_moejet.cost import count_params
+
 from ._args import add_output_args, check_output_free
 
 EXAMPLE = textwrap.dedent('''\
@@ -12,7 +14,7 @@ EXAMPLE = textwrap.dedent('''\
       echo '{"img_size": 224, "patch_size": 16, "embed_dim": 192, "depth": 12, "num_heads": 3,
              "num_classes": 1000, "global_pool": "avg", "moe_layers": [6, 7, 8, 9, 10, 11],
              "core_experts": 98, "univ_experts": 196, "univ_factor": 0.25, "slot_layernorm": true}' > official.json
-      python -m weights_tools import-official epoch_300.pth --config official.json --output ./moejet_official''')
+      weights-tools import-official epoch_300.pth --config official.json --output ./moejet_official''')
 
 
 def add_parser(subparsers, parent: argparse.ArgumentParser, formatter) -> argparse.ArgumentParser:
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     config = _parse_config(args.config)
     model = load_official(args.checkpoint, config).eval()
     out = save_hub_folder(model, args.output, args.overwrite)
-    n = sum(p.numel() for p in model.parameters())
+    n = count_params(model)['total']
     print(f'imported {args.checkpoint} ({model.pretrained_cfg["architecture"]}, {n / 1e6:.2f}M parameters, '
           f'MoE blocks {list(model.moe_blocks)}) to {out}/')
     return 0

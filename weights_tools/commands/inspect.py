@@ -10,8 +10,8 @@ from ._args import COUNT_ARG, SEED_ARG, add_model_args, check_output_free, model
 
 EXAMPLE = textwrap.dedent('''\
     example:
-      python -m weights_tools inspect ./moejet_tiny --images ./imgs --limit 64 --plot routers.png
-      python -m weights_tools inspect moejet_vit_tiny --random-images 4     # untrained model, random inputs''')
+      weights-tools inspect ./moejet_tiny --images ./imgs --limit 64 --plot routers.png
+      weights-tools inspect moejet_vit_tiny --random-images 4     # untrained model, random inputs''')
 
 
 def add_parser(subparsers, parent: argparse.ArgumentParser, formatter) -> argparse.ArgumentParser:
@@ -21,8 +21,8 @@ def add_parser(subparsers, parent: argparse.ArgumentParser, formatter) -> argpar
         description='Print total vs active parameters, GMACs per image counted op by op (routing matmuls '
                     'included), and per MoE layer: dispatch entropy, combine sparsity/support, core vs universal '
                     'share of the output mass and the expert contribution of MoE Jetpack\'s Table 8 (definitions '
-                    'in timm_moejet/diagnostics.py and the README). --plot draws a heatmap of expert contribution '
-                    'and a bar chart of core vs universal share.')
+                    'in timm_moejet/diagnostics.py and docs/command_line.md). --plot draws a heatmap of expert '
+                    'contribution and a bar chart of core vs universal share.')
     add_model_args(p, what='MoE model')
     src = p.add_mutually_exclusive_group()
     src.add_argument('--images', metavar='FOLDER', default=None, help='image folder for the router diagnostics')
@@ -43,6 +43,7 @@ def _jsonable(value):
 
 
 def run(args: argparse.Namespace) -> int:
+    from timm_moejet.build import load_model
     from timm_moejet.checkpoint_io import atomic_write_bytes
     from timm_moejet.cost import count_macs, count_params
     from timm_moejet.diagnostics import (
@@ -53,7 +54,6 @@ def run(args: argparse.Namespace) -> int:
         router_diagnostics,
     )
     from timm_moejet.errors import InvalidArgument
-    from timm_moejet.hub import load_model
 
     if args.plot is not None and Path(args.plot).suffix.lower() != '.png':
         raise InvalidArgument(f'--plot must name a .png file, got {args.plot}.')

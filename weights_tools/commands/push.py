@@ -7,7 +7,7 @@ from ._args import add_model_args, model_kwargs_from
 EXAMPLE = textwrap.dedent('''\
     example:
       huggingface-cli login       # or set HF_TOKEN
-      python -m weights_tools push ./moejet_tiny my-org/moejet_vit_tiny.recycled_importance --private''')
+      weights-tools push ./moejet_tiny my-org/moejet_vit_tiny.recycled_importance --private''')
 
 
 def add_parser(subparsers, parent: argparse.ArgumentParser, formatter) -> argparse.ArgumentParser:
@@ -28,7 +28,8 @@ def add_parser(subparsers, parent: argparse.ArgumentParser, formatter) -> argpar
 
 
 def run(args: argparse.Namespace) -> int:
-    from timm_moejet.hub import check_repo_id, load_model, push_to_hub
+    from timm_moejet.build import load_model
+    from timm_moejet.hub import check_repo_id, push_to_hub
 
     check_repo_id(args.repo_id)  # before the model is built
     model, extra = load_model(args.model, args.checkpoint, args.pretrained, model_kwargs_from(args), ema=args.ema)

@@ -1,20 +1,80 @@
-""" ``recycle``: dense donor(s) + strategy (+ statistics, seed) -> a MoE checkpoint folder in timm's Hub layout. """
-import argparse
-import textwrap
+""" ``recycle``: dense donor(s) + strategy (+ statistics, seed) -> a MoE checkpoint folder in timm's Hub layout.
 
-from ._args import SEED_ARG, add_model_kwargs, add_output_args, check_output_free, model_kwargs_from
+The recipe's flags are generated from the fields of ``RecyclingRecipe`` (name, default, allowed values, doc), as the
+docs tables are: ``--graph-parts`` is ``graph_parts``, which ``create_model`` takes as ``recycle_graph_parts``.
+"""
+import argparse
+import dataclasses
+import textwrap
+from typing import Any, Callable, Dict
+
+from timm_moejet.build import build_recycled_model
+from timm_moejet.cost import count_params
+from timm_moejet.errors import InvalidArgument
+from timm_moejet.hub import save_hub_folder
+from timm_moejet.recycling import RECYCLE_KWARGS, STRATEGIES, RecyclingRecipe
+from timm_moejet.settings import Check
+
+from ._args import add_model_kwargs, add_output_args, check_output_free, model_kwargs_from
 
 EXAMPLE = textwrap.dedent('''\
     example:
-      python -m weights_tools recycle --model moejet_vit_tiny --num-classes 10 \\
+      weights-tools recycle --model moejet_vit_tiny --num-classes 10 \\
           --trunk vit_tiny_patch16_224.augreg_in21k --experts vit_small_patch16_224.augreg_in21k \\
           --strategy importance --stats vit_small_digits_stats.safetensors --seed 3407 --output ./moejet_tiny
       python -c "import timm, timm_moejet; timm.create_model('local-dir:./moejet_tiny', pretrained=True)"''')
 
+# what the command line adds to a field's doc
+_MORE = {
+    'strategy': '; '.join(f'{name}: {s.doc}' for name, s in STRATEGIES.items()) + '.',
+    'seed': 'The command also seeds the initial values of what is not recycled (head, slot queries) with it.',
+}
+
+
+def _flag(field: dataclasses.Field) -> str:
+    return '--' + field.name.replace('_', '-')
+
+
+def _arg_type(field: dataclasses.Field) -> Callable[[str], Any]:
+    """Text to the field's type, checked by the field's own check (argparse reports 'argument --x: ...')."""
+    check: Check = field.metadata['check']
+
+    def convert(text: str) -> Any:
+        try:
+            return check(_flag(field), int(text) if isinstance(field.default, int) else text)
+        except (ValueError, InvalidArgument):
+            raise argparse.ArgumentTypeError(f'must be {check.allowed}, got {text!r}') from None
+    return convert
+
+
+def add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    """One flag per ``RecyclingRecipe`` field; a flag not given keeps the field's default."""
+    group = parser.add_argument_group('recipe (the fields of RecyclingRecipe; create_model takes them as recycle_*)')
+    for field in dataclasses.fields(RecyclingRecipe):
+        doc = field.metadata['doc'] + (f' {_MORE[field.name]}' if field.name in _MORE else '')
+        group.add_argument(_flag(field), dest=field.name, default=None, type=_arg_type(field),
+                           metavar=field.name.upper(),
+                           help=f'{doc} Allowed: {field.metadata["check"].allowed}. Default: {field.default}.')
+
+
+def recipe_from_args(args: argparse.Namespace, model_kwargs: Dict[str, Any]) -> RecyclingRecipe:
+    """The recipe of the flags given, and of ``recycle_*`` entries of ``--model-kwargs`` (popped from it).
+
+    Raises:
+        InvalidArgument: If a field is given both as a flag and in ``--model-kwargs``.
+    """
+    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(RecyclingRecipe)
+              if getattr(args, f.name) is not None}
+    for kwarg in [k for k in model_kwargs if k in RECYCLE_KWARGS]:
+        name = RECYCLE_KWARGS[kwarg]
+        if name in fields:
+            raise InvalidArgument(f'{name} is given twice: as --{name.replace("_", "-")} and as --model-kwargs '
+                                  f'{kwarg}=...; give it once.')
+        fields[name] = model_kwargs.pop(kwarg)
+    return RecyclingRecipe(**fields)
+
 
 def add_parser(subparsers, parent: argparse.ArgumentParser, formatter) -> argparse.ArgumentParser:
-    from timm_moejet.recycling import BLOCK_MAPS, GRAPH_METHODS, METRICS, STRATEGIES, TRUNK_FITS, RecyclingRecipe
-
     p = subparsers.add_parser(
         'recycle', parents=[parent], formatter_class=formatter, epilog=EXAMPLE,
         help='turn dense donors into a MoE checkpoint folder',
@@ -28,43 +88,23 @@ def add_parser(subparsers, parent: argparse.ArgumentParser, formatter) -> argpar
     p.add_argument('--trunk', required=True,
                    help='trunk donor: a timm name with its tag (from the Hub cache), ORG/REPO or hf-hub:ORG/REPO, '
                         'a Hub folder or a weights file (.safetensors, or .pth read with weights_only=True)')
-    p.add_argument('--experts', default=None, help='expert donor, same forms (default: the trunk donor)')
-    p.add_argument('--strategy', default=RecyclingRecipe.strategy,
-                   help='how experts are cut from the donor MLPs: ' + ', '.join(
-                       f'{name} ({s.doc})' for name, s in STRATEGIES.items()))
-    p.add_argument('--stats', default=None, metavar='FILE.safetensors',
-                   help='activation statistics of the expert donor from calibrate (default for strategies that '
-                        'need statistics: a data-free proxy from the donor\'s weights)')
-    p.add_argument('--metric', default=RecyclingRecipe.metric, help=f'importance statistic: {", ".join(METRICS)}')
-    p.add_argument('--graph-method', default=RecyclingRecipe.graph_method,
-                   help=f'graph strategy partitioner: {", ".join(GRAPH_METHODS)}')
-    p.add_argument('--trunk-fit', default=RecyclingRecipe.trunk_fit, choices=TRUNK_FITS,
-                   help='copy: the trunk donor has the model\'s shapes (the ViT recipes); select: Weight Selection '
-                        'from a wider trunk donor (the C-JetMoE-F recipe, e.g. ConvNeXt-T for moejet_convnext_femto)')
-    p.add_argument('--block-map', default=RecyclingRecipe.block_map, choices=BLOCK_MAPS,
-                   help='which blocks of a deeper expert donor give the experts: evenly spaced or the first ones')
-    p.add_argument('--seed', type=SEED_ARG, default=RecyclingRecipe.seed,
-                   help='seed of the sampling and of the initial values of what is not recycled (head, slot '
-                        'queries): the same command gives a bit-identical checkpoint')
+    add_recipe_args(p)
     add_model_kwargs(p, 'of the MoE model')
     add_output_args(p, 'the folder to write', folder=True)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from timm_moejet.hub import save_hub_folder
-    from timm_moejet.recycling import RecyclingRecipe, build_recycled_model
-
-    recipe = RecyclingRecipe(experts=args.experts, strategy=args.strategy, stats=args.stats, seed=args.seed,
-                             metric=args.metric, graph_method=args.graph_method, trunk_fit=args.trunk_fit,
-                             block_map=args.block_map)
+    model_kwargs = model_kwargs_from(args)
+    recipe = recipe_from_args(args, model_kwargs)
     check_output_free(args.output, args.overwrite, 'output folder',
-                      {'trunk donor': args.trunk, 'expert donor': args.experts, 'statistics file': args.stats})
-    model = build_recycled_model(args.model, args.trunk, recipe, init_seed=args.seed, **model_kwargs_from(args))
+                      {'trunk donor': args.trunk, 'expert donor': recipe.experts, 'statistics file': recipe.stats})
+    model = build_recycled_model(args.model, args.trunk, recipe, init_seed=recipe.seed, **model_kwargs)
     model.pretrained_cfg = dict(model.pretrained_cfg, tag='recycled')
     out = save_hub_folder(model.eval(), args.output, args.overwrite)
-    n = sum(p.numel() for p in model.parameters())
+    n = count_params(model)['total']
     print(f'recycled {model.pretrained_cfg["architecture"]} ({n / 1e6:.2f}M parameters, MoE blocks '
-          f'{list(model.moe_layers())}) from trunk {args.trunk} and experts {args.experts or args.trunk} with strategy '
-          f'{args.strategy!r}, seed {args.seed}{", statistics " + args.stats if args.stats else ""} to {out}/')
+          f'{list(model.moe_layers())}) from trunk {args.trunk} and experts {recipe.experts or args.trunk} with '
+          f'strategy {recipe.strategy!r}, seed {recipe.seed}{", statistics " + recipe.stats if recipe.stats else ""} '
+          f'to {out}/')
     return 0

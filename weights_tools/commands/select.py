@@ -2,11 +2,13 @@
 import argparse
 import textwrap
 
+from timm_moejet.cost import count_params
+
 from ._args import SEED_ARG, add_model_kwargs, add_output_args, check_file_output, model_kwargs_from
 
 EXAMPLE = textwrap.dedent('''\
     example:
-      python -m weights_tools select --model convnext_femto --donor convnext_tiny.fb_in22k \\
+      weights-tools select --model convnext_femto --donor convnext_tiny.fb_in22k \\
           --output convnext_femto_ws.safetensors
       python -c "import timm; timm.create_model('convnext_femto', pretrained=True, \\
           pretrained_cfg_overlay=dict(file='convnext_femto_ws.safetensors'))"''')
@@ -36,14 +38,14 @@ def add_parser(subparsers, parent: argparse.ArgumentParser, formatter) -> argpar
 
 
 def run(args: argparse.Namespace) -> int:
+    from timm_moejet.build import build_selected_model
     from timm_moejet.checkpoint_io import save_safetensors_atomic
-    from timm_moejet.recycling import build_selected_model
 
     check_file_output(args, {'donor': args.donor})
     model = build_selected_model(args.model, args.donor, args.block_map, init_seed=args.seed,
                                  **model_kwargs_from(args))
     save_safetensors_atomic(model.state_dict(), args.output, overwrite=args.overwrite)
-    n = sum(p.numel() for p in model.parameters())
+    n = count_params(model)['total']
     print(f'selected {args.model} ({n / 1e6:.2f}M parameters) from {args.donor} (blocks: {args.block_map}) to '
           f'{args.output}')
     return 0

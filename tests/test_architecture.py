@@ -1,0 +1,179 @@
+""" The seams between building, recycling and the command line: the recipe's inputs are resolved once and the
+pretrained filter does no I/O; the recycle command's flags are the recipe's fields; weight-source names are read in
+one place; an imported official model names its real architecture. """
+import builtins
+import dataclasses
+import io
+import json
+import os
+
+import huggingface_hub
+import huggingface_hub.file_download
+import pytest
+import safetensors
+import safetensors.torch
+import timm
+import torch
+from hub_cache import build_hub_cache, official_state_dict, pretrained_tag_repos, repo_snapshot, use_offline_hub
+from safetensors.torch import load_file
+
+import timm_moejet
+from timm_moejet import donors
+from timm_moejet.errors import InvalidArgument, NotFound
+from timm_moejet.hub import save_hub_folder
+from timm_moejet.naming import WeightSource, is_expert_key, is_moe_key, parse_source
+from timm_moejet.recycling import (
+    RecyclingRecipe,
+    checkpoint_filter_fn,
+    resolve_inputs,
+    weight_proxy_statistics,
+)
+from weights_tools.cli import main
+
+TINY = 'timm/vit_tiny_patch16_224.augreg_in21k'
+SMALL = 'timm/vit_small_patch16_224.augreg_in21k'
+REDUCED = dict(num_core_experts=3, num_univ_experts=5)
+
+
+@pytest.fixture(scope='module')
+def cache(tmp_path_factory):
+    return build_hub_cache(tmp_path_factory.mktemp('hub'), pretrained_tag_repos(['moejet_vit_tiny.recycled_in21k']))
+
+
+@pytest.fixture
+def hub(cache, monkeypatch):
+    return use_offline_hub(monkeypatch, cache)
+
+
+def _fail(*args, **kwargs):
+    raise AssertionError('file or Hub access during the pretrained filter')
+
+
+_IO = [(builtins, 'open'), (io, 'open'), (os, 'open'), (os, 'stat'), (os, 'listdir'), (os, 'scandir'),
+       (torch, 'load'), (safetensors, 'safe_open'), (safetensors.torch, 'load_file'),
+       (huggingface_hub, 'hf_hub_download'), (huggingface_hub.file_download, 'hf_hub_download'),
+       (timm.models, 'load_state_dict_from_hf'), (donors, 'load_donor'), (donors, 'locate_donor')]
+
+
+def test_pretrained_filter_does_no_io(hub, tmp_path):
+    small = load_file(str(repo_snapshot(hub, SMALL) / 'model.safetensors'))
+    stats_file = weight_proxy_statistics(small, list(range(6, 12)), hub_id=SMALL).save(tmp_path / 'stats.safetensors')
+    recipe = RecyclingRecipe(experts=SMALL, stats=stats_file, seed=5)
+    expected = timm.create_model('moejet_vit_tiny', pretrained=True, recycle_stats=stats_file, recycle_seed=5,
+                                 **REDUCED)
+    inputs = resolve_inputs(recipe)  # located, loaded and checked once, before any model is built
+    assert inputs.experts is not None and inputs.stats is not None
+    trunk = load_file(str(repo_snapshot(hub, TINY) / 'model.safetensors'))
+    model = timm.create_model('moejet_vit_tiny', **REDUCED)
+    model.pretrained_cfg = dict(model.pretrained_cfg, source='hf-hub', hf_hub_id=TINY)
+    with pytest.MonkeyPatch.context() as mp:
+        for owner, name in _IO:
+            mp.setattr(owner, name, _fail)
+        with pytest.raises(AssertionError, match='file or Hub access'):  # the patches are in effect
+            open(stats_file)
+        out = checkpoint_filter_fn(trunk, model, recipe=recipe, inputs=inputs)
+    reference = expected.state_dict()
+    assert set(out) == set(reference)
+    for key, value in out.items():
+        if not key.startswith('head.') and not key.endswith('slot_queries'):
+            assert torch.equal(value, reference[key]), key
+    assert model.pretrained_cfg['recycling'] == expected.pretrained_cfg['recycling']
+    assert model.pretrained_cfg['recycling']['stats_file'] == 'stats.safetensors'
+
+
+def test_a_recipe_is_a_value_and_its_inputs_are_checked_when_resolved(tmp_path):
+    recipe = RecyclingRecipe(stats=tmp_path / 'missing.safetensors', experts='org/not-cached')
+    assert recipe.stats == str(tmp_path / 'missing.safetensors')  # no file-system check in the constructor
+    assert dataclasses.replace(recipe, experts=None).experts is None  # None: the trunk donor, no sentinel
+    with pytest.raises(NotFound, match='missing.safetensors'):
+        resolve_inputs(recipe)
+    with pytest.raises(InvalidArgument, match='must be one of'):
+        RecyclingRecipe(strategy='nope')
+
+
+def test_filter_refuses_an_unresolved_expert_donor(hub):
+    trunk = load_file(str(repo_snapshot(hub, TINY) / 'model.safetensors'))
+    model = timm.create_model('moejet_vit_tiny', **REDUCED)
+    with pytest.raises(InvalidArgument, match='not resolved'):
+        checkpoint_filter_fn(trunk, model, recipe=RecyclingRecipe(experts=SMALL))
+
+
+def test_recycle_help_lists_every_recipe_field(capsys):
+    assert main(['recycle', '--help']) == 0
+    text = ''.join(capsys.readouterr().out.split())  # argparse wraps lines at spaces and hyphens
+    for field in dataclasses.fields(RecyclingRecipe):
+        flag = '--' + field.name.replace('_', '-')
+        assert f'{flag}{field.name.upper()}' in text, flag
+        for part in (field.metadata['doc'], f'Allowed:{field.metadata["check"].allowed}.', f'Default:{field.default}.'):
+            assert ''.join(part.split()) in text, (flag, part)
+
+
+@pytest.mark.parametrize('argv, parts', [
+    (['--graph-parts', '4'], 4),
+    (['--model-kwargs', 'recycle_graph_parts=6'], 6),
+])
+def test_graph_parts_reaches_the_recipe(argv, parts, hub, tmp_path, capsys):
+    trunk = str(repo_snapshot(hub, TINY) / 'model.safetensors')
+    out = tmp_path / 'moe'
+    assert main(['recycle', '--model', 'moejet_vit_tiny', '--trunk', trunk, '--strategy', 'graph',
+                 '--graph-method', 'spectral', '--num-classes', '3', '--output', str(out), *argv]
+                + ([] if '--model-kwargs' in argv else ['--model-kwargs']) + ['num_core_experts=3',
+                                                                              'num_univ_experts=5']) == 0
+    record = json.loads((out / 'config.json').read_text())['pretrained_cfg']['recycling']
+    assert (record['strategy'], record['graph_method'], record['graph_parts']) == ('graph', 'spectral', parts)
+    capsys.readouterr()
+
+
+def test_a_recipe_field_given_twice_is_refused(hub, tmp_path, capsys):
+    trunk = str(repo_snapshot(hub, TINY) / 'model.safetensors')
+    assert main(['recycle', '--model', 'moejet_vit_tiny', '--trunk', trunk, '--graph-parts', '4',
+                 '--model-kwargs', 'recycle_graph_parts=6', '--output', str(tmp_path / 'x')]) == 2
+    assert 'graph_parts is given twice' in capsys.readouterr().err
+    with pytest.raises(InvalidArgument, match='belong to the recipe'):
+        timm_moejet.build_recycled_model('moejet_vit_tiny', trunk, recycle_graph_parts=8)
+
+
+@pytest.mark.parametrize('name, kind, location', [
+    ('hf-hub:org/repo@v1', 'hub', 'org/repo@v1'),
+    ('org/repo', 'hub', 'org/repo'),
+    ('vit_small_patch16_224.augreg_in21k', 'timm', 'vit_small_patch16_224.augreg_in21k'),
+])
+def test_weight_sources_are_read_in_one_place(name, kind, location):
+    assert parse_source(name) == WeightSource(kind, location, name)
+
+
+def test_local_weight_sources_and_expert_keys(tmp_path):
+    (tmp_path / 'w.safetensors').write_bytes(b'')
+    assert parse_source(f'local-dir:{tmp_path}').kind == parse_source(tmp_path).kind == 'folder'
+    assert parse_source(tmp_path / 'w.safetensors').kind == 'file'
+    with pytest.raises(NotFound):
+        parse_source(tmp_path / 'missing.pth')
+    with pytest.raises(InvalidArgument, match='not a Hub repository id'):
+        parse_source('hf-hub:org/a/b')
+    assert is_expert_key('blocks.6.mlp.core.fc1.weight') and is_expert_key('stages.2.blocks.3.mlp.univ.fc2.bias')
+    assert not is_expert_key('blocks.6.mlp.slot_queries') and is_moe_key('blocks.6.mlp.slot_queries')
+    assert not is_moe_key('blocks.6.mlp.fc1.weight')
+
+
+def test_compiled_model_prefix_is_stripped(tmp_path):
+    from timm_moejet.checkpoint_io import unwrap_state_dict
+
+    sd = {'_orig_mod.module.blocks.0.mlp.fc1.weight': torch.zeros(1), 'model.head.weight': torch.zeros(1)}
+    assert set(unwrap_state_dict(sd)) == {'blocks.0.mlp.fc1.weight', 'head.weight'}
+
+
+def test_imported_vit_base_names_its_architecture(tmp_path):
+    config = dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, num_classes=2,
+                  global_pool='avg', moe_layers=[11], core_experts=1, univ_experts=1)
+    ours = timm.create_model('moejet_vit_base', num_classes=2, moe_blocks=(11,), num_core_experts=1,
+                             num_univ_experts=1)
+    model = timm_moejet.load_official(official_state_dict(ours.state_dict()), config)
+    save_hub_folder(model, tmp_path / "base")
+    saved = json.loads((tmp_path / 'base' / 'config.json').read_text())
+    assert saved['architecture'] == 'moejet_vit_base_patch16_224'
+    assert saved['model_args']['embed_dim'] == 768
+    # another geometry is the generic moejet_vit, its architecture all in model_args (never a size it is not)
+    from timm_moejet.official import _architecture_for, official_config_to_kwargs
+    assert _architecture_for(official_config_to_kwargs(dict(config, embed_dim=512, num_heads=8))) == 'moejet_vit'
+    assert _architecture_for(official_config_to_kwargs(dict(config, embed_dim=384, num_heads=6))) == \
+        'moejet_vit_small_patch16_224'

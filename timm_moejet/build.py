@@ -1,0 +1,270 @@
+""" Building models: registered names, Hub folders, and MoE models filled from named dense donors.
+
+This module stands above ``models`` (the architectures and their pretrained tags) and ``recycling`` (the state-dict
+transforms and timm's pretrained filter), and is the one place that puts them together:
+
+* :func:`create_moejet_from`: a MoE Jetpack ViT with the architecture of any dense timm ``VisionTransformer``
+  donor, recycled from it on load (through the pretrained filter, as every pretrained tag).
+* :func:`build_recycled_model`: a MoE model filled from donors named as :func:`timm_moejet.donors.load_donor`
+  takes them (the ``weights-tools recycle`` command).
+* :func:`build_selected_model`: a dense model initialised from a larger donor by Weight Selection.
+* :func:`load_model` / :func:`create_model`: a model to export, inspect or push, and ``timm.create_model`` with
+  an unknown kwarg worded as an ``InvalidArgument``.
+"""
+import contextlib
+import dataclasses
+import os
+from typing import Any, Dict, Optional, Tuple, Union
+
+import timm
+import torch
+import torch.nn as nn
+from timm.layers import to_2tuple
+from timm.models import PretrainedCfg
+
+from .donors import folder_weights, load_donor, locate_donor
+from .errors import InvalidArgument
+from .hub import STANDARD_CONFIG_KEYS, check_model_name, hub_errors_named, load_weights_into, read_folder_config
+from .layers import experts_to_be_loaded
+from .models.from_donor import check_vit_donor, vit_architecture
+from .naming import HF_HUB, LOCAL_DIR, WEIGHT_SUFFIXES, parse_source
+from .recycling import RECYCLE_KWARGS, RecyclingRecipe, recycle_into, resolve_inputs, select_state_dict
+from .recycling.families import family_of_model
+
+__all__ = ['create_model', 'load_model', 'create_moejet_from', 'build_recycled_model', 'build_selected_model',
+           'moejet_vit_kwargs']
+
+PathLike = Union[str, os.PathLike]
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    """``timm.create_model``, an unknown constructor kwarg reported as an ``InvalidArgument``."""
+    try:
+        return timm.create_model(name, **kwargs)
+    except TypeError as e:  # an unknown constructor kwarg reaches the model class
+        raise InvalidArgument(f'{name}: {e}') from e
+
+
+def load_model(
+        spec: str,
+        checkpoint: Optional[PathLike] = None,
+        pretrained: bool = False,
+        model_kwargs: Optional[Dict[str, Any]] = None,
+        ema: bool = False,
+) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Build a model from a registered name, a Hub folder, ``local-dir:``/``hf-hub:`` id, with optional weights.
+
+    Args:
+        spec: A timm model name (optionally with a tag), a folder holding ``config.json`` + weights, or a
+            ``local-dir:``/``hf-hub:`` name.
+        checkpoint: Weights for a named model (our key names; loaded strictly after a shape check).
+        pretrained: Load the name's pretrained weights (for MoE names: recycling from the dense donors).
+        model_kwargs: Extra ``create_model`` kwargs.
+        ema: Load the EMA weights of a training checkpoint (timm's train.py ``--model-ema``).
+
+    Returns:
+        The model and the extra top-level config entries of its source folder (e.g. ``imported_from``).
+    """
+    kwargs = dict(model_kwargs or {})
+    if spec.startswith((HF_HUB, LOCAL_DIR)) or os.path.isdir(spec):
+        source = parse_source(spec, 'model')
+        if checkpoint:
+            raise InvalidArgument(f'a weights file applies to a model name, not to the folder/Hub model {spec}.')
+        extra: Dict[str, Any] = {}
+        if source.kind == 'folder':
+            config = read_folder_config(source.path)
+            extra = {k: v for k, v in config.items() if k not in STANDARD_CONFIG_KEYS}
+            check_model_name(config['architecture'])
+            spec = f'local-dir:{source.path.resolve()}'
+        with hub_errors_named(f'model {spec!r}'):
+            return create_model(spec, pretrained=True, **kwargs), extra
+    if spec.endswith(WEIGHT_SUFFIXES) or os.path.isfile(spec):
+        raise InvalidArgument(f'{spec} is a weights file: give the architecture as the model name and the file as '
+                              f'the checkpoint (or use import-official for official MoE Jetpack checkpoints).')
+    check_model_name(spec)
+    with hub_errors_named(f'pretrained weights of {spec}'), \
+            experts_to_be_loaded() if checkpoint else contextlib.nullcontext():  # the checkpoint fills every expert
+        model = create_model(spec, pretrained=pretrained, **kwargs)
+    if checkpoint:
+        load_weights_into(model, checkpoint, ema=ema)
+    return model, {}
+
+
+def _donor_model(spec: str) -> nn.Module:
+    """The donor's architecture on the meta device (a timm name with or without tag, hf-hub: or local-dir:)."""
+    source = parse_source(spec, 'donor') if isinstance(spec, str) else None
+    if source is None or source.kind == 'file':
+        raise InvalidArgument(f'the architecture of donor {spec!r} is not known from its name: name it as a timm '
+                              f'model with its tag, hf-hub:ORG/REPO or local-dir:FOLDER, or give the MoE '
+                              f'architecture (--model).')
+    if source.kind == 'timm':
+        check_model_name(spec)
+    with hub_errors_named(f'config of donor {spec!r}'):
+        return create_model(source.timm_name(), pretrained=False, device='meta')
+
+
+def moejet_vit_kwargs(trunk: str, img_size: Any = None) -> Tuple[Dict[str, Any], nn.Module]:
+    """The ``moejet_vit`` kwargs for a trunk donor: its architecture plus the paper's MoE settings scaled to it.
+
+    Args:
+        trunk: The trunk donor, named as ``create_moejet_from`` takes it.
+        img_size: The MoE model's input size (int or (height, width)) when it differs from the donor's: the expert
+            counts scale with the tokens at this size (a DINOv2 donor is configured for 518 px: 1369 tokens).
+
+    Returns:
+        The kwargs and the donor built on the meta device.
+    """
+    donor = _donor_model(trunk)
+    args = vit_architecture(donor, trunk)
+    grid = donor.patch_embed.grid_size
+    if img_size is not None:
+        size = to_2tuple(img_size)
+        grid = tuple(s // p for s, p in zip(size, donor.patch_embed.patch_size))
+    tokens = grid[0] * grid[1]  # 196 for a 224 px ViT/16: the paper's 98 core + 196 universal
+    args.update(num_core_experts=max(1, tokens // 2), num_univ_experts=max(1, tokens))
+    return args, donor
+
+
+def _trunk_overlay(trunk: str, donor: nn.Module, cache_dir: Optional[str]) -> Dict[str, Any]:
+    """``pretrained_cfg_overlay`` that makes timm load the trunk donor's weights, with its data config."""
+    source = dict(donor.pretrained_cfg or {})
+    fields = {f.name for f in dataclasses.fields(PretrainedCfg)}
+    weights_keys = ('source', 'file', 'url', 'hf_hub_id', 'hf_hub_filename', 'state_dict', 'custom_load')
+    overlay = {k: v for k, v in source.items() if k in fields and k not in weights_keys + ('architecture', 'tag')}
+    locate_donor(trunk, cache_dir=cache_dir, role='trunk donor')  # fetched now, or named if missing
+    named = parse_source(trunk, 'trunk donor')
+    if named.kind == 'folder':
+        return dict(overlay, file=str(folder_weights(named.path)))
+    overlay['hf_hub_id'] = source.get('hf_hub_id') or named.location
+    if source.get('hf_hub_filename'):
+        overlay['hf_hub_filename'] = source['hf_hub_filename']
+    return overlay
+
+
+def create_moejet_from(
+        trunk: str,
+        experts: Optional[str] = None,
+        pretrained: bool = True,
+        *,
+        cache_dir: Optional[str] = None,
+        **kwargs: Any,
+) -> nn.Module:
+    """A MoE Jetpack ViT built from a dense timm ``VisionTransformer`` donor and recycled from it.
+
+    ``create_moejet_from('vit_small_patch14_reg4_dinov2.lvd142m')`` builds the donor's architecture on the meta
+    device (no weights fetched), refuses what the recycling cannot carry, reads its constructor arguments and creates
+    ``moejet_vit`` with them and the paper's MoE settings scaled to the donor (see ``models/from_donor.py``): MoE in
+    the second half, core experts = patch tokens / 2, universal experts = patch tokens. The weights are then recycled
+    on load, as for every pretrained tag.
+
+    Args:
+        trunk: The trunk donor: a timm name with its tag (``vit_small_patch14_reg4_dinov2.lvd142m``),
+            ``hf-hub:ORG/REPO`` or ``local-dir:FOLDER``. Its architecture becomes the MoE model's.
+        experts: A wider and/or deeper donor of the same family whose MLPs become the experts (any form
+            ``timm_moejet.donors.load_donor`` takes); None: the trunk donor.
+        pretrained: Recycle the donors into the model (else: the architecture only, randomly initialised).
+        cache_dir: Hugging Face cache folder.
+        **kwargs: ``moejet_vit`` kwargs overriding the derived ones: any MoE setting (``num_core_experts``,
+            ``moe_blocks``, ...), ``num_classes``, ``recycle_*`` options, ...
+
+    Raises:
+        DonorMismatch: If a donor is not a ViT with timm's ``Mlp`` blocks (decided before any weight is fetched).
+        NotFound: If a donor is neither cached nor downloadable.
+    """
+    args, donor = moejet_vit_kwargs(trunk, kwargs.get('img_size'))
+    if experts is not None:
+        if not isinstance(experts, str) or not experts:
+            raise InvalidArgument(f'experts must name a donor, got {experts!r}.')
+        if not experts.endswith(WEIGHT_SUFFIXES):
+            check_vit_donor(_donor_model(experts), experts)
+    args.update(kwargs)
+    if pretrained:
+        args.setdefault('recycle_experts', experts)
+        args['pretrained_cfg_overlay'] = _trunk_overlay(trunk, donor, cache_dir)
+    if cache_dir is not None:
+        args['cache_dir'] = cache_dir
+    return timm.create_model('moejet_vit', pretrained=pretrained, **args)
+
+
+def build_recycled_model(
+        model_name: Optional[str],
+        trunk: str,
+        recipe: Optional[RecyclingRecipe] = None,
+        *,
+        init_seed: Optional[int] = None,
+        cache_dir: Optional[str] = None,
+        **model_kwargs: Any,
+) -> nn.Module:
+    """Create a MoE model and fill it from donors named as :func:`timm_moejet.donors.load_donor` accepts.
+
+    The donors and the statistics are loaded and checked before the model is built.
+
+    Args:
+        model_name: A registered MoE architecture (``moejet_vit_tiny``, ...), or None: ``moejet_vit`` with the
+            trunk donor's architecture and the paper's MoE settings scaled to it (see :func:`create_moejet_from`).
+        trunk: The trunk donor (timm name with tag, ``ORG/REPO``, ``hf-hub:``, ``local-dir:``, folder or file).
+        recipe: How to recycle; ``recipe.experts`` names the expert donor (None: the trunk donor).
+        init_seed: Seed of the model's initial values (what is not recycled: head, slot queries); None leaves the
+            global RNG as it is.
+        cache_dir: Hugging Face cache folder.
+        **model_kwargs: ``create_model`` kwargs of the MoE model (not ``recycle_*``: those are the recipe's).
+
+    Returns:
+        The model, holding the recycled weights, its recipe recorded in ``pretrained_cfg['recycling']``.
+    """
+    given = sorted(k for k in model_kwargs if k in RECYCLE_KWARGS)
+    if given:  # create_model would take them for a recipe that is never used here
+        raise InvalidArgument(f'{", ".join(given)}: recycling settings belong to the recipe '
+                              f'(RecyclingRecipe({", ".join(RECYCLE_KWARGS[k] + "=..." for k in given)})).')
+    if model_name is None:
+        model_kwargs = dict(moejet_vit_kwargs(trunk, model_kwargs.get('img_size'))[0], **model_kwargs)
+        model_name = 'moejet_vit'
+    check_model_name(model_name)
+    recipe = recipe if recipe is not None else RecyclingRecipe()
+    inputs = resolve_inputs(recipe, cache_dir)
+    trunk_donor = load_donor(trunk, cache_dir=cache_dir, role='trunk donor')
+    with torch.random.fork_rng(devices=[]), experts_to_be_loaded():  # recycling fills every expert
+        if init_seed is not None:
+            torch.manual_seed(init_seed)
+        model = create_model(model_name, **model_kwargs)
+    if family_of_model(model) is None or not model.moe_layers():
+        raise InvalidArgument(f'{model_name} has no SpheroMoE layer; recycling builds MoE models (e.g. '
+                              f'moejet_vit_tiny).')
+    return recycle_into(model, trunk_donor.state_dict, inputs.experts, recipe, stats=inputs.stats,
+                        trunk_id=str(trunk), expert_id=str(recipe.experts or trunk))
+
+
+def build_selected_model(
+        model_name: str,
+        donor: str,
+        block_map: str = 'even',
+        *,
+        init_seed: Optional[int] = None,
+        cache_dir: Optional[str] = None,
+        **model_kwargs: Any,
+) -> nn.Module:
+    """A dense timm model initialised from a larger donor of its family by Weight Selection.
+
+    Args:
+        model_name: The smaller architecture (``vit_tiny_patch16_224``, ``convnext_femto``, ...).
+        donor: The larger donor, named as :func:`timm_moejet.donors.load_donor` takes it.
+        block_map: 'even' or 'first': which donor blocks a stage with fewer blocks takes.
+        init_seed: Seed of what the donor cannot give (a head for another number of classes); None leaves the
+            global RNG as it is.
+        cache_dir: Hugging Face cache folder.
+        **model_kwargs: ``create_model`` kwargs of the smaller model.
+
+    Returns:
+        The model, holding the selected weights (``pretrained_cfg['weight_selection']`` records the donor).
+    """
+    check_model_name(model_name)
+    weights = load_donor(donor, cache_dir=cache_dir, role='donor').state_dict
+    with torch.random.fork_rng(devices=[]):
+        if init_seed is not None:
+            torch.manual_seed(init_seed)
+        model = create_model(model_name, **model_kwargs)
+    state_dict = select_state_dict(model, weights, block_map=block_map, donor_name=str(donor))
+    model.load_state_dict(state_dict, strict=True)
+    model.pretrained_cfg = dict(model.pretrained_cfg or {}, weight_selection=dict(donor=str(donor),
+                                                                                  block_map=block_map))
+    return model
