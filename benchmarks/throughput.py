@@ -64,6 +64,7 @@ PAIRS: Dict[str, Pair] = {
     'layer_softmax': Pair('layer', (64,), moe_kwargs=dict(combine='softmax')),
     'tiny': Pair('model', (16, 64), moe='moejet_vit_tiny', dense='vit_tiny_patch16_224'),
     'small': Pair('model', (16,), moe='moejet_vit_small', dense='vit_small_patch16_224'),
+    'convnext_femto': Pair('model', (16,), moe='moejet_convnext_femto', dense='convnext_femto'),
 }
 DEFAULT_PAIRS = ('layer', 'layer_softmax', 'tiny')
 

@@ -32,7 +32,8 @@ import torch
 import torch.nn as nn
 
 __all__ = ['DenseDonor', 'build_hub_cache', 'add_repo_files', 'add_model_repo', 'dense_vit_state_dict',
-           'use_offline_hub', 'offline_hub', 'pretrained_tag_repos', 'build_pretrained_tag_cache', 'repo_snapshot']
+           'use_offline_hub', 'offline_hub', 'pretrained_tag_repos', 'build_pretrained_tag_cache', 'repo_snapshot',
+           'official_state_dict']
 
 PathLike = Union[str, os.PathLike]
 
@@ -235,3 +236,19 @@ def build_pretrained_tag_cache(root: PathLike, model_names: Optional[Iterable[st
     Sizes at full depth with a 10-class head: vit_tiny 22 MB, vit_small 87 MB, vit_base 345 MB.
     """
     return build_hub_cache(root, pretrained_tag_repos(model_names))
+
+
+def official_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A MoE ViT's state dict under the official MoE Jetpack key names (the inverse of the import's renaming)."""
+    official = {}
+    for key, value in state_dict.items():
+        for group in ('core', 'univ'):
+            key = key.replace(f'.mlp.{group}.fc', f'.mlp.{group}_experts.vit_fc')
+        if key.endswith('.slot_queries'):
+            official[key.replace('slot_queries', 'phi')] = value[None]
+        elif key.endswith('.log_temperature'):
+            official[key.replace('log_temperature', 'scales.0')] = value[0].exp()
+            official[key.replace('log_temperature', 'scales.1')] = value[1].exp()
+        else:
+            official[key] = value
+    return official

@@ -14,7 +14,7 @@ import safetensors
 import safetensors.torch
 import timm
 import torch
-from hub_cache import build_hub_cache, pretrained_tag_repos, repo_snapshot, use_offline_hub
+from hub_cache import build_hub_cache, official_state_dict, pretrained_tag_repos, repo_snapshot, use_offline_hub
 from safetensors.torch import load_file
 
 import timm_moejet
@@ -85,6 +85,7 @@ def test_a_recipe_is_a_value_and_its_inputs_are_checked_when_resolved(tmp_path):
     recipe = RecyclingRecipe(stats=tmp_path / 'missing.safetensors', experts='org/not-cached')
     assert recipe.stats == str(tmp_path / 'missing.safetensors')  # no file-system check in the constructor
     assert dataclasses.replace(recipe, experts=None).experts is None  # None: the trunk donor, no sentinel
+    assert RecyclingRecipe(experts=False).experts is None  # what create_model passes on (timm drops None)
     with pytest.raises(NotFound, match='missing.safetensors'):
         resolve_inputs(recipe)
     with pytest.raises(InvalidArgument, match='must be one of'):
@@ -162,28 +163,12 @@ def test_compiled_model_prefix_is_stripped(tmp_path):
     assert set(unwrap_state_dict(sd)) == {'blocks.0.mlp.fc1.weight', 'head.weight'}
 
 
-def _official(model: torch.nn.Module) -> dict:
-    """Our MoE ViT's state dict under the official key names."""
-    official = {}
-    for key, value in model.state_dict().items():
-        for group in ('core', 'univ'):
-            key = key.replace(f'.mlp.{group}.fc', f'.mlp.{group}_experts.vit_fc')
-        if key.endswith('.slot_queries'):
-            official[key.replace('slot_queries', 'phi')] = value[None]
-        elif key.endswith('.log_temperature'):
-            official[key.replace('log_temperature', 'scales.0')] = value[0].exp()
-            official[key.replace('log_temperature', 'scales.1')] = value[1].exp()
-        else:
-            official[key] = value
-    return official
-
-
 def test_imported_vit_base_names_its_architecture(tmp_path):
     config = dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, num_classes=2,
                   global_pool='avg', moe_layers=[11], core_experts=1, univ_experts=1)
     ours = timm.create_model('moejet_vit_base', num_classes=2, moe_blocks=(11,), num_core_experts=1,
                              num_univ_experts=1)
-    model = timm_moejet.load_official(_official(ours), config)
+    model = timm_moejet.load_official(official_state_dict(ours.state_dict()), config)
     save_hub_folder(model, tmp_path / "base")
     saved = json.loads((tmp_path / 'base' / 'config.json').read_text())
     assert saved['architecture'] == 'moejet_vit_base_patch16_224'

@@ -445,7 +445,7 @@ def test_official_config_values_are_checked():
 
 @pytest.mark.parametrize('argv, fragment', [
     (['recycle', '--trunk', '{donor}', '--seed', str(2 ** 70), '--output', '{out}'],
-     'argument --seed: must be an int in [0, 9223372036854775807], got 1180591620717411303424'),
+     'argument --seed: must be an int in [0, 9223372036854775807], got \'1180591620717411303424\''),
     (['calibrate', '--donor', '{donor}', '--donor-arch', 'vit_tiny_patch16_224', '--images', '{digits}',
       '--seed', str(2 ** 70), '--output', '{out}.safetensors'], 'argument --seed: must be an int in [0, 92233720'),
     (['export', 'moejet_vit_test', '--num-classes', '-5', '--output', '{out}'],

@@ -235,3 +235,23 @@ class TestTimmMlpCall:
         layer = small_layer().eval()
         x = torch.randn(2, 3, 4, 32)
         torch.testing.assert_close(layer(x), layer(x.reshape(2, 12, 32)).reshape(2, 3, 4, 32), rtol=0, atol=0)
+
+
+def test_routing_is_recorded_from_the_forward_itself():
+    from timm_moejet.layers import record_routing
+    torch.manual_seed(0)
+    layer = SpheroMoE(32, num_core=3, num_univ=5, slots_per_expert=2).eval()
+    x = torch.randn(2, 7, 32)
+    records = []
+    out_plain = layer(x)
+    with record_routing(layer, records.append):
+        out = layer(x)
+    layer(x)  # off again after the context
+    assert len(records) == 1
+    torch.testing.assert_close(out, out_plain, rtol=0, atol=0)
+    dispatch, combine = layer.route(x)
+    torch.testing.assert_close(records[0].dispatch, dispatch, rtol=0, atol=0)
+    torch.testing.assert_close(records[0].combine, combine, rtol=0, atol=0)
+    slots = torch.bmm(dispatch.transpose(1, 2), x)
+    norms = torch.linalg.vector_norm(torch.cat(layer.expert_outputs(slots), dim=1), dim=-1)
+    torch.testing.assert_close(records[0].slot_output_norm, norms, rtol=0, atol=1e-6)

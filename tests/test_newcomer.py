@@ -222,3 +222,23 @@ def test_demo_conclusions_check_its_own_curves():
     assert 'from scratch last: no' in fails and 'at epoch 4 of 4' in fails and 'claims: no' in fails, fails
     never = '\n'.join(conclusions({'moe_jetpack': [10., 20.], 'moe_scratch': [10., 30.], 'dense_donor': [5., 6.]}))
     assert 'did not reach' in never and 'claims: no' in never, never
+
+
+def _requirement_names(requirements):
+    return {re.split(r'[<>=!~\[; ]', r, maxsplit=1)[0].lower().replace('_', '-') for r in requirements}
+
+
+def test_the_first_install_command_brings_what_the_demo_imports():
+    import tomllib
+    first = _code_blocks(ROOT / 'README.md')[0].split('\n')
+    assert first[:2] == ['pip install -e .', 'python -m benchmarks.digits.demo'], first
+    base = _requirement_names(tomllib.loads((ROOT / 'pyproject.toml').read_text())['project']['dependencies'])
+    # the demo's data set (scikit-learn) and the files it writes (safetensors), besides torch, timm and numpy
+    assert {'scikit-learn', 'safetensors'} <= base, base
+
+
+def test_ci_runs_what_contributing_says():
+    setup = _code_blocks(ROOT / 'docs' / 'contributing.md')[0].strip().splitlines()
+    ci = (ROOT / '.ci' / 'run').read_text()
+    for line in setup[1:]:  # after creating the venv
+        assert line in ci or line.replace('pip install', 'python -m pip install') in ci, f'.ci/run does not run {line}'

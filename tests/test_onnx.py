@@ -1,8 +1,8 @@
 """ ONNX export (timm_moejet.onnx_export) checked in onnxruntime against eager PyTorch, with both of torch's exporters.
 
-The entmax-1.5 combine finds its threshold with Newton steps, more steps for rows that do not settle, and a sort for
-rows that still do not (eager), or a ``torch.cond`` sort fallback (torch.export). Inputs are chosen, and checked, to
-take every branch: rows that settle within the first three steps and rows that do not. Tolerances, absolute, float32:
+The entmax-1.5 combine finds its threshold with a fixed number of Newton steps and the closed form of the support they
+reach (straight-line ops in both eager code and torch.export). Inputs are chosen, and checked, to include rows that
+settle within the first three steps and rows that need the fourth. Tolerances, absolute, float32:
 1e-5 on entmax probabilities (the exported sort and the eager Newton steps are both exact and round differently:
 up to 3e-6 apart measured), 1e-4 on logits.
 """
@@ -24,7 +24,7 @@ from timm.layers import set_layer_config
 import timm_moejet.layers.entmax as entmax_module
 import timm_moejet.layers.sphero_moe as sphero_module
 from timm_moejet.errors import InvalidArgument, MissingExtra, OutputExists
-from timm_moejet.layers import entmax15_halved, entmax15_threshold, entmax15_threshold_newton
+from timm_moejet.layers import entmax15_halved, entmax15_settled, entmax15_threshold
 from timm_moejet.onnx_export import export_onnx, onnx_max_abs_error
 
 EXPORTERS = [pytest.param(False, id='torchscript'), pytest.param(True, id='dynamo')]
@@ -50,11 +50,8 @@ def sorts_recorded() -> Iterator[List[torch.Size]]:
 
 
 def unsettled_rows(z: torch.Tensor, num_steps: int = 3) -> int:
-    """Rows of ``z`` (last dim) whose threshold the first ``num_steps`` Newton steps do not settle: those the eager
-    code steps further and the compiled code sends to its sort branch (counted as the rows handed to the sort)."""
-    with sorts_recorded() as shapes:
-        entmax15_threshold_newton(z.reshape(-1, z.shape[-1]), -1, num_steps, num_steps)
-    return sum(shape[0] for shape in shapes)
+    """Rows of ``z`` (last dim) whose support the first ``num_steps`` Newton steps do not settle."""
+    return int((~entmax15_settled(z.reshape(-1, z.shape[-1]), -1, num_steps)).sum())
 
 
 class Entmax(nn.Module):
@@ -91,7 +88,8 @@ def test_entmax_exports_exactly_on_every_branch(tmp_path, dynamo):
         'ties and one dominant score': ties,
     }
     assert unsettled_rows(inputs['settles in three steps']) == 0
-    assert unsettled_rows(inputs['needs more steps']) > 0  # eager: more Newton steps; torch.cond: the sort branch
+    assert unsettled_rows(inputs['needs more steps']) > 0  # settled by the fourth step
+    assert unsettled_rows(inputs['needs more steps'], 4) == 0
     for name, z in inputs.items():
         got = _run(path, z)
         torch.testing.assert_close(got, entmax15_halved(z), rtol=0, atol=PROBS_ATOL, msg=name)
@@ -158,15 +156,15 @@ def test_moejet_vit_test_matches_eager_on_many_inputs(tmp_path):
 @pytest.mark.parametrize('dynamo', EXPORTERS)
 def test_wide_router_takes_both_entmax_branches_in_the_exported_model(tmp_path, dynamo):
     # 294 slots (the tiny models' count) at width 64 and a lower temperature: some batches settle within three
-    # Newton steps in every row, others not (eager steps further; the dynamo graph's If takes its sort branch)
+    # Newton steps in every row, others need the fourth
     torch.manual_seed(0)
     model = timm.create_model('moejet_vit_test', num_classes=10, num_core_experts=98, num_univ_experts=196,
                               moe_temperature_init=0.2)
     result = export_onnx(model, tmp_path / 'wide.onnx', dynamo=dynamo)
     assert result.max_abs_error <= LOGITS_ATOL
     ops = [n.op_type for n in onnx.load(str(result.path), load_external_data=False).graph.node]
-    # dynamo: a torch.cond (If) per MoE layer holds Newton and sort; TorchScript: the straight-line sort (TopK)
-    assert (ops.count('If'), 'TopK' in ops) == ((2, False) if dynamo else (0, True)), sorted(set(ops))
+    # dynamo: the straight-line Newton steps (no If, no sort); TorchScript: the straight-line sort (TopK)
+    assert (ops.count('If'), 'TopK' in ops) == ((0, False) if dynamo else (0, True)), sorted(set(ops))
     gen = torch.Generator().manual_seed(0)
     inputs = [torch.randn(b, 3, 64, 64, generator=gen) for b in (1, 2, 5)]
     counts = [unsettled_rows(z) for x in inputs for z in _entmax_inputs(model, x)]

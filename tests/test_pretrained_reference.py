@@ -31,7 +31,7 @@ CONFIGS = {
     'random': dict(recycle_strategy='random', recycle_seed=11),
     'graph_metis': dict(recycle_strategy='graph'),
     'graph_spectral': dict(recycle_strategy='graph', recycle_graph_method='spectral', recycle_graph_parts=8),
-    'upcycle': dict(recycle_strategy='upcycle', recycle_experts=None),
+    'upcycle': dict(recycle_strategy='upcycle', recycle_experts=False),
 }
 
 

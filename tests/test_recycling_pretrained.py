@@ -6,6 +6,7 @@ from hub_cache import (
     DenseDonor,
     build_hub_cache,
     dense_vit_state_dict,
+    official_state_dict,
     pretrained_tag_repos,
     use_offline_hub,
 )
@@ -215,17 +216,7 @@ def test_moe_checkpoints_pass_through_and_official_format(recycled_test_model):
     sd = recycled_test_model.state_dict()
     out = checkpoint_filter_fn(dict(sd), recycled_test_model)
     assert set(out) == set(sd) and all(torch.equal(out[k], v) for k, v in sd.items())
-    official = {}
-    for key, value in sd.items():
-        for group in ('core', 'univ'):
-            key = key.replace(f'.mlp.{group}.fc', f'.mlp.{group}_experts.vit_fc')
-        if key.endswith('.slot_queries'):
-            official[key.replace('slot_queries', 'phi')] = value[None]
-        elif key.endswith('.log_temperature'):
-            official[key.replace('log_temperature', 'scales.0')] = value[0].exp()
-            official[key.replace('log_temperature', 'scales.1')] = value[1].exp()
-        else:
-            official[key] = value
+    official = official_state_dict(sd)
     model = timm.create_model('moejet_vit_test', pretrained=True, num_classes=3,
                               pretrained_cfg_overlay=dict(state_dict=official, num_classes=3))
     for key, value in model.state_dict().items():

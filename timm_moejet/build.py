@@ -6,7 +6,7 @@ transforms and timm's pretrained filter), and is the one place that puts them to
 * :func:`create_moejet_from`: a MoE Jetpack ViT with the architecture of any dense timm ``VisionTransformer``
   donor, recycled from it on load (through the pretrained filter, as every pretrained tag).
 * :func:`build_recycled_model`: a MoE model filled from donors named as :func:`timm_moejet.donors.load_donor`
-  takes them (the ``weights_tools recycle`` command).
+  takes them (the ``weights-tools recycle`` command).
 * :func:`build_selected_model`: a dense model initialised from a larger donor by Weight Selection.
 * :func:`load_model` / :func:`create_model`: a model to export, inspect or push, and ``timm.create_model`` with
   an unknown kwarg worded as an ``InvalidArgument``.
@@ -20,14 +20,14 @@ import timm
 import torch
 import torch.nn as nn
 from timm.layers import to_2tuple
-from timm.models import PretrainedCfg
+from timm.models import PretrainedCfg, resolve_pretrained_cfg, split_model_name_tag
 
 from .donors import folder_weights, load_donor, locate_donor
 from .errors import InvalidArgument
-from .hub import STANDARD_CONFIG_KEYS, check_model_name, hub_errors_named, load_weights_into, read_folder_config
+from .hub import STANDARD_CONFIG_KEYS, check_weights_readable, hub_errors_named, load_weights_into, read_folder_config
 from .layers import experts_to_be_loaded
 from .models.from_donor import check_vit_donor, vit_architecture
-from .naming import HF_HUB, LOCAL_DIR, WEIGHT_SUFFIXES, parse_source
+from .naming import HF_HUB, LOCAL_DIR, WEIGHT_SUFFIXES, check_model_name, parse_source
 from .recycling import RECYCLE_KWARGS, RecyclingRecipe, recycle_into, resolve_inputs, select_state_dict
 from .recycling.families import family_of_model
 
@@ -75,6 +75,7 @@ def load_model(
             config = read_folder_config(source.path)
             extra = {k: v for k, v in config.items() if k not in STANDARD_CONFIG_KEYS}
             check_model_name(config['architecture'])
+            check_weights_readable(source.path)
             spec = f'local-dir:{source.path.resolve()}'
         with hub_errors_named(f'model {spec!r}'):
             return create_model(spec, pretrained=True, **kwargs), extra
@@ -99,6 +100,13 @@ def _donor_model(spec: str) -> nn.Module:
                               f'architecture (--model).')
     if source.kind == 'timm':
         check_model_name(spec)
+        arch, tag = split_model_name_tag(spec)
+        try:
+            resolve_pretrained_cfg(arch, pretrained_cfg=tag or None)
+        except RuntimeError as e:  # timm: 'Invalid pretrained tag (...) for ...'
+            raise InvalidArgument(f'{spec}: {e}') from e
+    if source.kind == 'folder':
+        read_folder_config(source.path)  # a folder's config.json is checked before timm reads it
     with hub_errors_named(f'config of donor {spec!r}'):
         return create_model(source.timm_name(), pretrained=False, device='meta')
 
@@ -263,8 +271,10 @@ def build_selected_model(
         if init_seed is not None:
             torch.manual_seed(init_seed)
         model = create_model(model_name, **model_kwargs)
-    state_dict = select_state_dict(model, weights, block_map=block_map, donor_name=str(donor))
+    dropped: Dict[str, str] = {}
+    state_dict = select_state_dict(model, weights, block_map=block_map, donor_name=str(donor), dropped=dropped)
     model.load_state_dict(state_dict, strict=True)
     model.pretrained_cfg = dict(model.pretrained_cfg or {}, weight_selection=dict(donor=str(donor),
-                                                                                  block_map=block_map))
+                                                                                  block_map=block_map,
+                                                                                  dropped=dropped))
     return model

@@ -25,8 +25,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from timm.models import clean_state_dict
 
-from .errors import InvalidCheckpoint, NotFound, OutputExists
-from .naming import LOCAL_DIR
+from .errors import InvalidCheckpoint, NotFound, OutputExists, OutputNotWritable
+from .naming import LOCAL_DIR, WEIGHT_SUFFIXES
 
 __all__ = ['load_state_dict_file', 'select_weights', 'unwrap_state_dict', 'check_state_dict_fits',
            'save_safetensors_atomic', 'atomic_write_bytes', 'atomic_output_dir', 'clean_stale_temporaries',
@@ -35,7 +35,7 @@ __all__ = ['load_state_dict_file', 'select_weights', 'unwrap_state_dict', 'check
 _logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
-TORCH_SUFFIXES = ('.pth', '.pt', '.bin', '.tar')
+TORCH_SUFFIXES = tuple(s for s in WEIGHT_SUFFIXES if s != '.safetensors')
 
 
 # training checkpoints keep the weights under one of these keys (timm's train.py, mmengine, DDP wrappers)
@@ -85,6 +85,14 @@ def select_weights(checkpoint: Mapping[str, Any], ema: bool = False, source: str
     return dict(checkpoint)
 
 
+def _utf8(path: Path) -> bool:
+    try:
+        os.fsdecode(path).encode('utf-8')
+        return True
+    except UnicodeEncodeError:  # a file name of other bytes (decoded with surrogate escapes)
+        return False
+
+
 def load_state_dict_file(path: PathLike, ema: bool = False) -> Dict[str, torch.Tensor]:
     """Read model weights from a safetensors file or a torch checkpoint.
 
@@ -105,11 +113,17 @@ def load_state_dict_file(path: PathLike, ema: bool = False) -> Dict[str, torch.T
     path = Path(path)
     if not path.is_file():
         raise NotFound(f'checkpoint file not found: {path}')
+    if not os.access(path, os.R_OK):
+        raise InvalidCheckpoint(f'{path} cannot be read: permission denied (mode '
+                                f'{oct(os.stat(path).st_mode & 0o777)[2:]:0>3}).')
     suffix = ''.join(path.suffixes[-2:]) if path.name.endswith('.pth.tar') else path.suffix
     if suffix == '.safetensors':
         if ema:
             raise InvalidCheckpoint(f'{path} is a safetensors file of plain weights: it has no EMA weights.')
         try:
+            if not _utf8(path):  # safetensors takes only UTF-8 paths: read the bytes through Python instead
+                from safetensors.torch import load as load_bytes
+                return load_bytes(path.read_bytes())
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
             raise InvalidCheckpoint(f'{path} is not a readable safetensors file ({e}).') from e
@@ -206,7 +220,8 @@ def _give_umask_modes(folder: Path) -> None:
 
 # Temporaries and moved-aside outputs are named '.<output name>.moejet-<kind>-<pid>-<random>', so a later run can
 # recognise the ones of a dead process (SIGKILL leaves them behind) and nothing else.
-_MARK = re.compile(r'^\.(?P<name>.+)\.moejet-(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-f]+(?:\.tmp)?$')
+_MARK = re.compile(r'^\.(?P<name>.+)\.moejet-(?P<kind>tmp|old)-(?P<pid>[1-9][0-9]{0,6})-[0-9a-f]{8}(?:\.tmp)?$')
+_MAX_PID = 1 << 22  # Linux's largest pid_max; a larger number is not a pid this module wrote
 
 
 def _hidden_name(path: Path, kind: str) -> Path:
@@ -218,7 +233,7 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's live process
+    except (PermissionError, OverflowError, ValueError):  # another user's live process; not a pid: not ours
         return True
     return True
 
@@ -239,7 +254,8 @@ def clean_stale_temporaries(path: PathLike) -> None:
         return
     for entry in path.parent.iterdir():
         m = _MARK.match(entry.name)
-        if m is None or m.group('name') != path.name or _alive(int(m.group('pid'))):
+        if m is None or m.group('name') != path.name or int(m.group('pid')) > _MAX_PID or \
+                _alive(int(m.group('pid'))):
             continue
         if m.group('kind') == 'old' and not os.path.lexists(path):
             _logger.warning('putting back %s, which an interrupted run had moved aside', path)
@@ -323,9 +339,40 @@ def refuse_existing(path: PathLike, overwrite: bool, what: str = '', how: str = 
     """
     if os.path.lexists(path) and not overwrite:
         raise OutputExists(f'{what + " " if what else ""}{path} already exists; pass {how} to replace it.')
+# what the file system answers when an output cannot be written where the user asked
+_NOT_WRITABLE = {errno.EROFS: 'the file system is read-only', errno.EACCES: 'permission denied',
+                 errno.EPERM: 'permission denied', errno.ENOSPC: 'no space left on the device',
+                 errno.EDQUOT: 'disk quota exceeded', errno.ENOTDIR: 'a parent of it is a file, not a folder',
+                 errno.EEXIST: 'a parent of it is a file, not a folder'}
+
+
+def _os_errno(e: BaseException) -> Optional[int]:
+    if isinstance(e, OSError) and e.errno is not None:
+        return e.errno
+    m = re.search(r'code: (\d+)', str(e)) if isinstance(e, SafetensorError) else None  # the Rust writer's io error
+    return int(m.group(1)) if m else None
+
+
+@contextlib.contextmanager
+def _naming_the_output(path: Path) -> Iterator[None]:
+    """An output the file system refuses is an ``OutputNotWritable`` naming the user's path (not the hidden
+    temporary beside it)."""
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        code = _os_errno(e)
+        if code in _NOT_WRITABLE and not isinstance(e, (OutputExists, NotFound)):
+            raise OutputNotWritable(f'cannot write {path}: {_NOT_WRITABLE[code]} ({os.strerror(code)}).') from e
+        raise
 
 
 def _atomic_write(path: PathLike, write: Callable[[str], None], overwrite: bool) -> Path:
+    path = Path(path)
+    with _naming_the_output(path):
+        return _atomic_write_unnamed(path, write, overwrite)
+
+
+def _atomic_write_unnamed(path: Path, write: Callable[[str], None], overwrite: bool) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place; on failure remove it."""
     path = Path(path)
     clean_stale_temporaries(path)
@@ -355,22 +402,27 @@ def atomic_output_dir(path: PathLike, overwrite: bool = False) -> Iterator[Path]
             and is not a folder.
     """
     path = Path(path)
-    clean_stale_temporaries(path)
-    refuse_existing(path, overwrite)
-    if os.path.lexists(path) and not path.is_dir():
-        raise OutputExists(f'{path} exists and is not a folder.')
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _hidden_name(path, 'tmp')
-    tmp.mkdir(mode=0o700)
+    with _naming_the_output(path):
+        clean_stale_temporaries(path)
+        refuse_existing(path, overwrite)
+        if os.path.lexists(path) and not path.is_dir():
+            raise OutputExists(f'{path} exists and is not a folder.')
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _hidden_name(path, 'tmp')
+        tmp.mkdir(mode=0o700)
     try:
         os.chmod(tmp, _umask_mode(directory=True))
         yield tmp
         _give_umask_modes(tmp)
         if os.path.lexists(path) and not overwrite:
             raise OutputExists(f'{path} appeared while it was being written; pass overwrite to replace it.')
-        _swap_into_place(tmp, path)
-    except BaseException:
+        with _naming_the_output(path):
+            _swap_into_place(tmp, path)
+    except BaseException as e:
         _remove(tmp)
+        if not isinstance(e, OutputNotWritable) and isinstance(e, OSError) and _os_errno(e) in _NOT_WRITABLE:
+            raise OutputNotWritable(f'cannot write {path}: {_NOT_WRITABLE[_os_errno(e)]} '
+                                    f'({os.strerror(_os_errno(e))}).') from e
         raise
 
 

@@ -18,10 +18,11 @@ Measured on a batch (or several) of images, per MoE layer:
   ``core_contribution`` and ``univ_contribution`` are the maxima over the core and over the universal experts,
   so a value below 1 means even the strongest expert of that group carries less than an even share.
 
-The routing weights come from ``SpheroMoE.route`` applied to each MoE layer's input (the block's ``norm2``
-output), captured with a forward pre-hook; the expert outputs are recomputed from them, in eval mode.
+Each MoE layer records its own routing during the model's normal forward (``record_routing``: dispatch, combine and
+the norm of every slot's expert output), in eval mode; nothing is recomputed.
 ``plot_diagnostics`` draws a per-layer heatmap of expert contribution and a bar chart of core vs universal share.
 """
+import contextlib
 import io
 import math
 import os
@@ -32,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from .errors import InvalidArgument
-from .layers import SpheroMoE
+from .layers import RoutingRecord, SpheroMoE, record_routing
 
 __all__ = ['LayerDiagnostics', 'router_diagnostics', 'format_diagnostics', 'plot_diagnostics', 'moe_layers',
            'active_parameters']
@@ -114,11 +115,9 @@ class _Accumulator:
         self.slot_mass = torch.zeros(layer.num_slots, dtype=torch.float64)
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor) -> None:
+    def update(self, record: RoutingRecord) -> None:
         layer = self.layer
-        x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        x = x.flatten(1, -2)  # channels-last feature maps: positions are tokens
-        dispatch, combine = layer.route(x)  # [B, N, S] each
+        dispatch, combine = record.dispatch.float(), record.combine.float()  # [B, N, S] each
         b, n, s = combine.shape
         self.num_tokens = n
         # dispatch: a distribution over tokens for every slot
@@ -133,9 +132,7 @@ class _Accumulator:
         self.core_active_sum += float(expert_used[..., :layer.num_core].sum())
         self.univ_active_sum += float(expert_used[..., layer.num_core:].sum())
         self.token_count += b * n
-        # expert outputs of every slot, by the layer's own expert path (eval: no dropout)
-        slots = torch.bmm(dispatch.transpose(1, 2), x)
-        out_norm = torch.linalg.vector_norm(torch.cat(layer.expert_outputs(slots), dim=1), dim=-1)  # [B, S]
+        out_norm = record.slot_output_norm.float()  # [B, S], the layer's own expert outputs (eval: no dropout)
         # sum over tokens of ||combine[n, s] * y_s|| = (sum_n combine[n, s]) * ||y_s||
         self.slot_mass += (combine.sum(dim=1) * out_norm).sum(dim=0).double().cpu()
 
@@ -184,10 +181,9 @@ def router_diagnostics(
     if device is None:
         device = next(model.parameters()).device
     accs = {i: _Accumulator(layer) for i, layer in layers.items()}
-    handles = [
-        layer.register_forward_pre_hook(lambda mod, args, acc=accs[i]: acc.update(args[0]))
-        for i, layer in layers.items()
-    ]
+    records = contextlib.ExitStack()
+    for i, layer in layers.items():
+        records.enter_context(record_routing(layer, accs[i].update))
     batches = [images] if isinstance(images, torch.Tensor) else images
     was_training = model.training
     model.eval()
@@ -200,8 +196,7 @@ def router_diagnostics(
             seen += batch.shape[0]
     finally:
         model.train(was_training)
-        for h in handles:
-            h.remove()
+        records.close()
     if seen == 0:
         raise InvalidArgument('router_diagnostics got no images (empty batch or loader).')
     return [accs[i].result(i) for i in sorted(accs)]

@@ -20,8 +20,15 @@ from timm.models import PretrainedCfg, load_state_dict_from_hf, resolve_pretrain
 
 from .checkpoint_io import load_state_dict_file, unwrap_state_dict
 from .errors import InvalidArgument, InvalidCheckpoint, NotFound
-from .hub import check_model_name, hub_errors_named, read_folder_config
-from .naming import FOLDER_WEIGHT_NAMES, WeightSource, parse_source, split_revision
+from .hub import check_timm_config, hub_errors_named, read_folder_config
+from .naming import (
+    FOLDER_WEIGHT_NAMES,
+    WEIGHT_SUFFIXES,
+    WeightSource,
+    check_model_name,
+    parse_source,
+    split_revision,
+)
 
 __all__ = ['Donor', 'load_donor', 'locate_donor', 'folder_weights']
 
@@ -40,9 +47,10 @@ def _hub_config(repo: str, cache_dir: Optional[PathLike]) -> Optional[Dict[str, 
     except NotFound:
         return None  # the weights download below names the repo if it is really missing
     try:
-        return json.loads(Path(path).read_text())
+        config = json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InvalidCheckpoint(f'config.json of Hub repository {repo!r} is not valid JSON ({e}).') from e
+    return check_timm_config(config, f'config.json of Hub repository {repo!r}', require_architecture=False)
 
 
 @dataclasses.dataclass
@@ -187,7 +195,7 @@ def folder_weights(folder: Path) -> Path:
     for fname in FOLDER_WEIGHT_NAMES:
         if (folder / fname).is_file():
             return folder / fname
-    for ext in ('.safetensors', '.pth', '.pth.tar', '.bin'):
+    for ext in WEIGHT_SUFFIXES:
         found = sorted(folder.glob(f'*{ext}'))
         if found:
             return found[0]

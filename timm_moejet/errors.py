@@ -8,7 +8,7 @@ line with exit status 2; anything else is a bug or an environment failure (statu
 
 __all__ = [
     'MoEJetError', 'InvalidArgument', 'InvalidArgumentType', 'InvalidCheckpoint', 'DonorMismatch', 'NotFound',
-    'OutputExists', 'MissingExtra', 'ExportMismatch',
+    'OutputExists', 'MissingExtra', 'ExportMismatch', 'OutputNotWritable', 'Unreachable',
 ]
 
 
@@ -46,3 +46,10 @@ class MissingExtra(MoEJetError, ImportError):
 
 class ExportMismatch(MoEJetError, RuntimeError):
     """An exported model does not compute what the eager model computes (checked right after the export)."""
+class OutputNotWritable(MoEJetError, OSError):
+    """An output cannot be written where the user asked: a read-only file system, a folder without write
+    permission, a full disk, a parent path that is a file. The message names the user's path."""
+
+
+class Unreachable(MoEJetError, ConnectionError):
+    """A remote service (the Hugging Face Hub) could not be reached: offline mode, no network or no DNS."""

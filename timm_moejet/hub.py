@@ -10,7 +10,6 @@ fit.
 """
 import contextlib
 import dataclasses
-import difflib
 import json
 import logging
 import os
@@ -29,10 +28,10 @@ from huggingface_hub.errors import (
 from timm.models import PretrainedCfg, split_model_name_tag
 
 from .checkpoint_io import atomic_output_dir, check_state_dict_fits, load_state_dict_file, unwrap_state_dict
-from .errors import InvalidArgument, InvalidCheckpoint, NotFound
+from .errors import InvalidArgument, InvalidCheckpoint, NotFound, Unreachable
 from .official import is_official_state_dict
 
-__all__ = ['check_model_name', 'load_weights_into', 'read_folder_config',
+__all__ = ['load_weights_into', 'read_folder_config', 'check_timm_config', 'check_weights_readable',
            'hub_export_config', 'save_hub_folder', 'push_to_hub', 'check_repo_id', 'hub_errors_named']
 
 _logger = logging.getLogger(__name__)
@@ -60,16 +59,6 @@ def hub_errors_named(what: str) -> Iterator[None]:
         raise NotFound(f'{what} has no weights file on the Hub ({type(e).__name__}).') from e
 
 
-def check_model_name(name: str) -> str:
-    """Refuse a model name timm does not know, suggesting close ones; returns the architecture (no tag)."""
-    arch = split_model_name_tag(name)[0]
-    if not timm.is_model(arch):
-        close = difflib.get_close_matches(arch, timm.list_models(), n=3)
-        hint = f'; did you mean {", ".join(close)}?' if close else '; see timm.list_models().'
-        raise InvalidArgument(f'unknown model name {name!r}{hint}')
-    return arch
-
-
 def read_folder_config(folder: PathLike) -> Dict[str, Any]:
     """The ``config.json`` of a timm Hub folder, with a clear error when it is missing or not a timm config."""
     path = Path(folder) / 'config.json'
@@ -80,9 +69,52 @@ def read_folder_config(folder: PathLike) -> Dict[str, Any]:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InvalidCheckpoint(f'{path} is not valid JSON ({e}).') from e
-    if not isinstance(config, dict) or 'architecture' not in config:
+    return check_timm_config(config, path)
+
+
+def check_timm_config(config: Any, path: PathLike, require_architecture: bool = True) -> Dict[str, Any]:
+    """Refuse a ``config.json`` whose entries are not of the types timm reads (a JSON list as ``model_args``
+    would fail deep inside timm), naming the file and the entry.
+
+    Raises:
+        InvalidCheckpoint: On a config that is not an object, lacks ``architecture``, or has an entry of another type.
+    """
+    if not isinstance(config, dict) or (require_architecture and 'architecture' not in config):
         raise InvalidCheckpoint(f'{path} has no "architecture" entry; it is not a timm model config.')
+    if 'architecture' in config and (not isinstance(config['architecture'], str) or not config['architecture']):
+        raise InvalidCheckpoint(f'{path}: "architecture" must be a timm model name, got '
+                                f'{json.dumps(config["architecture"])[:80]}.')
+    if 'architecture' in config:
+        if not timm.is_model(split_model_name_tag(config['architecture'])[0]):
+            raise InvalidCheckpoint(f'{path}: "architecture" names {config["architecture"]!r}, which timm does not '
+                                    f'know (is the package that registers it imported?).')
+    for key in ('model_args', 'pretrained_cfg'):
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            raise InvalidCheckpoint(f'{path}: "{key}" must be a JSON object, got {type(config[key]).__name__} '
+                                    f'{json.dumps(config[key])[:80]}.')
     return config
+
+
+def check_weights_readable(folder: PathLike) -> None:
+    """The safetensors weights of a Hub folder have a readable header that fits the file's size (checked without
+    reading the tensors), so a corrupt or truncated file is named here rather than failing inside timm's loader.
+
+    Raises:
+        InvalidCheckpoint: Naming the file.
+    """
+    from safetensors import safe_open
+
+    for name in ('model.safetensors',):
+        path = Path(folder) / name
+        if not path.is_file():
+            continue
+        try:
+            with safe_open(os.fspath(path), 'pt') as f:
+                for key in f.keys():
+                    f.get_slice(key).get_shape()
+        except Exception as e:  # safetensors raises several types on a bad header or a short file
+            raise InvalidCheckpoint(f'{path} is not a readable safetensors file ({type(e).__name__}: '
+                                    f'{str(e).splitlines()[0] if str(e) else ""}).') from e
 
 
 def load_weights_into(model: nn.Module, checkpoint: PathLike, ema: bool = False) -> None:
@@ -197,5 +229,18 @@ def push_to_hub(
         details={'Model Type': 'Image classification / feature backbone', 'Library': 'timm + timm-moejet'},
     )
     with hub_export_config(model, extra_config) as model_config:
-        return timm.models.push_to_hf_hub(model, repo_id, model_config=model_config, model_card=model_card,
-                              safe_serialization=True, **push_kwargs)
+        try:
+            return timm.models.push_to_hf_hub(model, repo_id, model_config=model_config, model_card=model_card,
+                                              safe_serialization=True, **push_kwargs)
+        except Exception as e:
+            if _is_network_error(e):
+                raise Unreachable(f'pushing {repo_id}: the Hugging Face Hub could not be reached ({type(e).__name__}; '
+                                  f'offline mode, no network or no DNS). Push again once online.') from e
+            raise
+
+
+def _is_network_error(e: BaseException) -> bool:
+    """Offline mode, refused connections, DNS failures and time-outs, whatever HTTP library raised them."""
+    names = {c.__name__ for c in type(e).__mro__}
+    return bool(names & {'OfflineModeIsEnabled', 'ConnectionError', 'ConnectError', 'Timeout', 'TimeoutException',
+                         'TimeoutError', 'NameResolutionError', 'NetworkError'})

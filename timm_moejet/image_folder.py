@@ -7,11 +7,11 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
-from .errors import InvalidArgument, NotFound
+from .errors import InvalidArgument, InvalidCheckpoint, NotFound
 
-__all__ = ['image_loader', 'balanced_indices']
+__all__ = ['image_loader', 'balanced_indices', 'find_images']
 
 
 def balanced_indices(targets: List[int], limit: Optional[int], seed: int) -> List[int]:
@@ -45,6 +45,77 @@ def balanced_indices(targets: List[int], limit: Optional[int], seed: int) -> Lis
     return out
 
 
+def find_images(root: str) -> Tuple[List[Tuple[str, int]], Dict[str, int]]:
+    """The images under ``root`` and their classes (the name of the folder holding each, as timm's image folder).
+
+    Unlike timm's walk, a folder reached again through a symbolic link (a loop such as ``ln -s .. a/up``) is not
+    entered twice, and a file reached through two links is listed once: the work is bounded by what is on disk.
+
+    Returns:
+        ``(path, class index)`` pairs sorted by path, and the class name -> index map.
+    """
+    from timm.data.readers.img_extensions import get_img_extensions
+    from timm.data.readers.reader_image_folder import natural_key
+
+    types = get_img_extensions(as_set=True)
+    seen_dirs, seen_files = set(), set()
+    found: List[Tuple[str, str]] = []
+    for folder, subdirs, files in os.walk(root, followlinks=True):
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen_dirs:
+            subdirs[:] = []
+            continue
+        seen_dirs.add((st.st_dev, st.st_ino))
+        subdirs.sort()
+        label = os.path.basename(os.path.relpath(folder, root)) if folder != root else ''
+        for name in sorted(files):
+            if os.path.splitext(name)[1].lower() not in types:
+                continue
+            path = os.path.join(folder, name)
+            real = os.path.realpath(path)
+            if real not in seen_files:
+                seen_files.add(real)
+                found.append((path, label))
+    class_to_idx = {c: i for i, c in enumerate(sorted({label for _, label in found}, key=natural_key))}
+    samples = sorted(((path, class_to_idx[label]) for path, label in found), key=lambda s: natural_key(s[0]))
+    return samples, class_to_idx
+
+
+class _ImageFiles(Dataset):
+    """Images and their classes; an image that cannot be decoded is an error naming it (timm's dataset would
+    silently give the next image instead, counting that one twice)."""
+
+    def __init__(self, samples: List[Tuple[str, int]], transform) -> None:
+        self.samples = samples
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def check_headers(self, indices: List[int]) -> None:
+        """Open every image of ``indices`` without decoding it, so an unreadable one or a decompression bomb is
+        named before any work."""
+        for i in indices:
+            self._read(self.samples[i][0], decode=False)
+
+    @staticmethod
+    def _read(path: str, decode: bool = True):
+        from PIL import Image
+
+        try:
+            with Image.open(path) as img:
+                return img.convert('RGB') if decode else None
+        except Image.DecompressionBombError as e:
+            raise InvalidCheckpoint(f'image {path} is too large to decode safely ({e}).') from e
+        except (OSError, ValueError, SyntaxError) as e:  # PIL: truncated, corrupt or not an image
+            raise InvalidCheckpoint(f'image {path} cannot be read ({type(e).__name__}: {e}); remove or replace '
+                                    f'it.') from e
+
+    def __getitem__(self, index: int):
+        path, target = self.samples[index]
+        return self.transform(self._read(path)), target
+
+
 def image_loader(
         folder: str,
         model: nn.Module,
@@ -73,7 +144,7 @@ def image_loader(
         NotFound: If the folder does not exist or holds no images.
         InvalidArgument: If limit or batch size are not positive.
     """
-    from timm.data import create_dataset, create_transform, resolve_data_config
+    from timm.data import create_transform, resolve_data_config
 
     if not os.path.isdir(folder):
         raise NotFound(f'image folder {folder} does not exist or is not a folder.')
@@ -81,17 +152,16 @@ def image_loader(
         raise InvalidArgument(f'limit must be a positive number of images, got {limit}.')
     if batch_size < 1:
         raise InvalidArgument(f'batch size must be >= 1, got {batch_size}.')
-    try:
-        dataset = create_dataset('', root=folder, split=split, is_training=False)
-    except RuntimeError as e:  # timm: 'Found 0 images in subfolders of ...'
-        raise NotFound(f'image folder {folder} holds no images ({e}).') from e
-    if len(dataset) == 0:
+    from timm.data.dataset_factory import _search_split
+
+    samples, _ = find_images(_search_split(folder, split))
+    if not samples:
         raise NotFound(f'image folder {folder} holds no images (supported: .png, .jpg, .jpeg).')
     data_config = resolve_data_config({}, model=model)
-    dataset.transform = create_transform(**data_config, is_training=False)
-    samples = getattr(getattr(dataset, 'reader', None), 'samples', None)
-    targets = [int(t) for _, t in samples] if samples is not None else [0] * len(dataset)
+    dataset = _ImageFiles(samples, create_transform(**data_config, is_training=False))
+    targets = [t for _, t in samples]
     indices = balanced_indices(targets, limit, seed)
+    dataset.check_headers(indices)
     subset = Subset(dataset, indices)
     loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=workers,
                         generator=torch.Generator().manual_seed(seed))

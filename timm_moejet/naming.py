@@ -1,4 +1,4 @@
-""" How weights are named: where they come from (weight sources) and which keys are experts.
+""" How weights are named: where they come from (weight sources), which timm names exist, which keys are experts.
 
 A weight source is named as timm names one (``timm.create_model`` and ``load_state_dict_from_hf``):
 
@@ -11,15 +11,19 @@ A weight source is named as timm names one (``timm.create_model`` and ``load_sta
 every reader of such names (donors, models, the command line) goes through it.
 """
 import dataclasses
+import difflib
 import os
 import re
 from pathlib import Path
 from typing import Optional, Tuple, Union
 
+import timm
+from timm.models import split_model_name_tag
+
 from .errors import InvalidArgument, NotFound
 
 __all__ = ['HF_HUB', 'LOCAL_DIR', 'WEIGHT_SUFFIXES', 'WeightSource', 'parse_source', 'split_revision',
-           'is_expert_key', 'is_moe_key']
+           'check_model_name', 'is_expert_key', 'is_moe_key']
 
 HF_HUB = 'hf-hub:'
 LOCAL_DIR = 'local-dir:'
@@ -33,6 +37,16 @@ PathLike = Union[str, os.PathLike]
 # the batched expert weights of a SpheroMoE layer: blocks.N.mlp.{core,univ}.fc{1,2}.{weight,bias}
 _EXPERT_KEY = re.compile(r'\.mlp\.(?:core|univ)\.fc[12]\.(?:weight|bias)$')
 _SLOT_QUERIES = '.mlp.slot_queries'
+
+
+def check_model_name(name: str) -> str:
+    """Refuse a model name timm does not know, suggesting close ones; returns the architecture (no tag)."""
+    arch = split_model_name_tag(name)[0]
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3)
+        hint = f'; did you mean {", ".join(close)}?' if close else '; see timm.list_models().'
+        raise InvalidArgument(f'unknown model name {name!r}{hint}')
+    return arch
 
 
 def is_expert_key(key: str) -> bool:

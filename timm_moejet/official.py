@@ -115,6 +115,10 @@ def official_config_to_kwargs(config: Mapping[str, Any]) -> Dict[str, Any]:
     core_hidden = int(cfg['embed_dim'] * cfg['mlp_ratio'] * cfg.get('compress_ratio', 1.0))
     kwargs[_MOE['core_hidden']] = core_hidden
     kwargs[_MOE['univ_hidden']] = int(round(core_hidden * cfg.get('univ_factor', 0.25)))
+    if kwargs[_MOE['univ_hidden']] < 1:
+        raise InvalidArgument(f'univ_factor {cfg.get("univ_factor", 0.25):g} gives universal experts of '
+                              f'{core_hidden} x {cfg.get("univ_factor", 0.25):g} < 1 hidden unit; the official '
+                              f'univ_factor must give at least one.')
     kwargs.setdefault(_MOE['num_univ'], int(round(cfg['core_experts'] / cfg.get('univ_factor', 0.25))))
     if cfg.get('add_noise', True):
         if 'noise_mult' in cfg:
@@ -254,6 +258,10 @@ def load_official(
         raise InvalidArgument('load_official needs the official VisionTransformerMoe kwargs (config).')
     kwargs = official_config_to_kwargs(config)
     state_dict = convert_official_state_dict(checkpoint)
+    # the config's architecture against the tensors' shapes on the meta device first: a 3 KB file declaring a
+    # 24-block, 8192-wide model is refused without allocating it
+    check_state_dict_fits(state_dict, timm.create_model(_architecture_for(kwargs), pretrained=False, device='meta',
+                                                        **kwargs), source)
     with experts_to_be_loaded():  # the checkpoint fills every expert (checked below, then loaded strictly)
         model = timm.create_model(_architecture_for(kwargs), pretrained=False, **kwargs)
     check_state_dict_fits(state_dict, model, source)

@@ -168,6 +168,11 @@ def export_onnx(
     if not output.parent.is_dir():
         raise NotFound(f'the folder of {output} does not exist.')
 
+    other = sorted({str(p.dtype).replace('torch.', '') for p in model.parameters() if p.dtype != torch.float32})
+    if other:
+        raise InvalidArgument(f'export_onnx needs a float32 model; {type(model).__name__} holds {", ".join(other)} '
+                              f'parameters (cast_experts keeps the experts in another dtype): undo it with '
+                              f'cast_experts(model, torch.float32), or model.float(), before exporting.')
     device = _device(model)
     gen = torch.Generator().manual_seed(0)
     example = torch.randn(batch_size, *size, generator=gen).to(device)

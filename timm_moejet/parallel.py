@@ -9,7 +9,8 @@ one of them a gradient in every step: DDP keeps the whole model, its gradients a
   is all-gathered just before its forward/backward and freed after, so at most a few units are ever whole at once;
 * expert tensors are sharded evenly: on the expert axis (dim 0) when the world size divides the number of experts,
   otherwise on the first axis it divides (e.g. 98 experts on 8 ranks: the hidden or output axis), so no rank holds
-  padding; when no axis divides, :func:`shard_model` refuses (``InvalidArgument``) before anything is sharded;
+  padding; when no axis of an expert weight divides, :func:`shard_model` refuses (``InvalidArgument``) before
+  anything is sharded;
 * mixed precision (``mixed_precision=True``): bf16 all-gathered parameters and compute, float32 gradient reductions
   and sharded float32 master weights; the routers stay float32 (their cosine logits feed the entmax threshold, see
   ``SpheroMoE``), run the forward under ``torch.autocast(dtype=torch.bfloat16)`` as timm's ``--amp`` does.
@@ -61,6 +62,14 @@ class ShardPlan:
         return sum(local_numel(p.shape, self.world_size, self.shard_dims.get(n, 0))
                    for n, p in model.named_parameters())
 
+    def largest_unit_numel(self, model: nn.Module) -> int:
+        """Elements of the largest unit, gathered whole while it runs (its own parameters, not its inner units')."""
+        sizes: Dict[str, int] = {}
+        for name, p in model.named_parameters():
+            owner = max((u for u in self.units if not u or name.startswith(u + '.')), key=len)
+            sizes[owner] = sizes.get(owner, 0) + p.numel()
+        return max(sizes.values())
+
 
 def fsdp_units(model: nn.Module) -> List[str]:
     """The module names that become FSDP units (innermost first; the root, '', is added last).
@@ -90,8 +99,9 @@ def plan_shards(model: nn.Module, world_size: int) -> ShardPlan:
     """The sharding of ``model`` over ``world_size`` ranks, checked before anything is changed.
 
     Raises:
-        InvalidArgument: ``world_size`` is not a positive int, or it divides no axis of some expert tensor (the
-            message names the layer and the world sizes that would work).
+        InvalidArgument: ``world_size`` is not a positive int, or it divides no axis of some expert weight (the
+            message names the layer and the world sizes that would work). Expert biases ([E, out], a thousandth of
+            the bytes) and the dense parameters are split on dim 0, padded by FSDP2 where it does not divide.
     """
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise InvalidArgument(f'world_size must be a positive int, got {world_size!r}.')
@@ -99,15 +109,17 @@ def plan_shards(model: nn.Module, world_size: int) -> ShardPlan:
     for name, module in model.named_modules():
         if not isinstance(module, BatchedLinear):
             continue
-        for pname, p in module.named_parameters(recurse=False):
-            dim = expert_shard_dim(p.shape, world_size)
-            if dim is None:
-                ok = sorted({d for size in p.shape for d in range(1, min(size, 1024) + 1) if size % d == 0})
-                raise InvalidArgument(
-                    f'{world_size} ranks cannot shard the experts of {name} evenly: {world_size} divides no axis '
-                    f'of its {pname} {tuple(p.shape)} (experts, out, in). World sizes that do: '
-                    f'{", ".join(map(str, ok[-12:]))} (and their divisors).')
-            shard_dims[f'{name}.{pname}'] = dim
+        weight = module.weight
+        dim = expert_shard_dim(weight.shape, world_size)
+        if dim is None:
+            ok = sorted({d for size in weight.shape for d in range(1, size + 1) if size % d == 0})
+            raise InvalidArgument(
+                f'{world_size} ranks cannot shard the experts of {name} evenly: {world_size} divides no axis of its '
+                f'weight {tuple(weight.shape)} (experts, out, in). World sizes that do: '
+                f'{", ".join(map(str, ok[-12:]))} (and their divisors).')
+        shard_dims[f'{name}.weight'] = dim
+        if module.bias is not None:  # [E, out]: a thousandth of the weight's bytes, padded if nothing divides
+            shard_dims[f'{name}.bias'] = expert_shard_dim(module.bias.shape, world_size) or 0
     return ShardPlan(world_size, fsdp_units(model) + [''], shard_dims)
 
 

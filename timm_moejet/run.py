@@ -122,6 +122,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                             f'https://github.com/huggingface/pytorch-image-models, not in the timm package')
     if not os.path.isfile(script):
         return _usage_error(f'{script} is not a file')
+    if not os.access(script, os.R_OK):
+        return _usage_error(f'{script} cannot be read: permission denied')
+    try:
+        with open(script, 'rb') as f:
+            f.read(1)
+    except OSError as e:
+        return _usage_error(f'{script} cannot be read ({e.strerror or e})')
     _note_shadowed_timm()
     return run_script(script, args)
 

@@ -7,13 +7,14 @@ when every rank has finished, so an interrupted save leaves the previous checkpo
 load: a checkpoint written by N processes resumes on M, or loads into one unsharded model for export.
 
 ``python -m timm_moejet.sharded_checkpoint CHECKPOINT OUTPUT`` writes ``model.safetensors`` + ``config.json``
-(timm's Hub layout, as ``weights_tools export`` writes it) from a checkpoint, in one process.
+(timm's Hub layout, as ``weights-tools export`` writes it) from a checkpoint, in one process.
 """
 import argparse
 import json
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -154,7 +155,9 @@ def export_checkpoint(checkpoint: os.PathLike, output: os.PathLike, overwrite: b
     record = read_record(path)
     model = build_model_from_record(record)
     state = {'model': model.state_dict()}
-    dcp.load(state, checkpoint_id=path, no_dist=True)
+    with warnings.catch_warnings():  # DCP warns that it loads in one process, which is the point here
+        warnings.filterwarnings('ignore', message='torch.distributed is disabled')
+        dcp.load(state, checkpoint_id=path, no_dist=True)
     model.load_state_dict(state['model'], strict=True)
     return save_hub_folder(model, output, overwrite=overwrite), model
 

@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -223,17 +224,24 @@ def train(args: argparse.Namespace) -> int:
     from .build import create_model
     from .parallel import init_device_mesh, plan_shards, shard_model
 
-    rss_start = _peak_rss()
-    device = _setup_distributed()
-    rank, world = dist.get_rank(), dist.get_world_size()
+    # FSDP2 warns of every unit returning a view; the MoE layers' outputs are only ever used out of place
+    warnings.filterwarnings('ignore', message='FSDP2-wrapped module .* returned a view tensor')
+    # bad input is refused before the process group, the model or any output exists
+    world = int(os.environ.get('WORLD_SIZE', 1))
     output_dir = Path(args.output or 'output/train') / (args.experiment or args.model.replace('/', '_'))
     _check_args(args, world, output_dir)
     fingerprint = _fingerprint(args, world)
     record = None
-    if args.resume:  # refuse another model's or recipe's checkpoint before building anything
+    if args.resume:
         record = ckpt.read_record(args.resume)
         ckpt.check_fingerprint(record, fingerprint, args.resume)
 
+    device = _setup_distributed()
+    rss_start = _peak_rss()  # the memory a process needs beyond torch, timm and the process group
+    rank = dist.get_rank()
+
+    from timm.utils import random_seed
+    random_seed(args.seed, 0)  # the same initial weights on every rank (each keeps its shard of them)
     model = create_model(args.model, pretrained=args.pretrained and record is None, num_classes=args.num_classes,
                          drop_rate=args.drop, drop_path_rate=args.drop_path, **args.model_kwargs)
     model.to(device)
@@ -306,26 +314,25 @@ def train(args: argparse.Namespace) -> int:
             optimizer.zero_grad(set_to_none=True)
             num_updates += 1
             scheduler.step_update(num_updates)
-            mean_loss = loss.detach().float().clone()
-            dist.all_reduce(mean_loss)
-            mean_loss = mean_loss.item() / world
-            if rank == 0:
+            loss_sum = torch.tensor([loss.item()], dtype=torch.float64)
+            peak = torch.tensor([_peak_rss() - rss_start], dtype=torch.float64)
+            dist.all_reduce(loss_sum)
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+            mean_loss = loss_sum.item() / world
+            if rank == 0:  # the loss of the global batch; the largest peak memory growth of any process
                 log.write(json.dumps(dict(step=num_updates, epoch=epoch, loss=mean_loss,
-                                          lr=optimizer.param_groups[0]['lr'], peak_rss=_peak_rss(),
-                                          peak_rss_growth=_peak_rss() - rss_start)) + '\n')
+                                          lr=optimizer.param_groups[0]['lr'],
+                                          peak_rss_growth=int(peak.item()))) + '\n')
                 log.flush()
                 if num_updates % args.log_interval == 0:
                     _logger.info(f'epoch {epoch} update {num_updates}: loss {mean_loss:.4f}')
         scheduler.step(epoch + 1)
-        peak = torch.tensor([_peak_rss() - rss_start], dtype=torch.float64)
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         saved = ckpt.save_checkpoint(output_dir / 'checkpoints', epoch + 1, model, optimizer,
                                      dict(model=args.model, model_kwargs=args.model_kwargs,
                                           num_classes=args.num_classes, fingerprint=fingerprint,
                                           num_updates=num_updates, world_size=world), keep=args.checkpoint_hist)
         if rank == 0:
-            _logger.info(f'epoch {epoch}: {time.time() - start:.1f} s, peak memory growth per process '
-                         f'{peak.item() / 2 ** 20:.0f} MiB, saved {saved}')
+            _logger.info(f'epoch {epoch}: {time.time() - start:.1f} s, saved {saved}')
     if rank == 0:
         log.close()
         if not args.no_export and num_epochs > start_epoch:

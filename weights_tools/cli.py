@@ -50,6 +50,23 @@ def _output_states(args: argparse.Namespace) -> dict:
     return states
 
 
+def _check_outputs_apart(args: argparse.Namespace) -> None:
+    """Refuse two outputs of one command naming the same path (however spelled), or one inside the other, before
+    any work: the second write would replace the first."""
+    from timm_moejet.errors import InvalidArgument
+
+    named = [(f'--{name}', os.path.realpath(getattr(args, name))) for name in _OUTPUT_ARGS
+             if isinstance(getattr(args, name, None), str)]
+    for i, (opt_a, a) in enumerate(named):
+        for opt_b, b in named[i + 1:]:
+            if a == b:
+                raise InvalidArgument(f'{opt_a} and {opt_b} name the same path {getattr(args, opt_b[2:])}; give each '
+                                      f'output its own path.')
+            if b.startswith(a + os.sep) or a.startswith(b + os.sep):
+                raise InvalidArgument(f'{opt_a} {getattr(args, opt_a[2:])} and {opt_b} {getattr(args, opt_b[2:])}: '
+                                      f'one output lies inside the other; give each output its own path.')
+
+
 def _is_input_error(e: BaseException) -> bool:
     from timm_moejet.errors import MoEJetError
 
@@ -148,6 +165,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         import timm_moejet  # noqa: F401  (registers the moejet_*/softmoe_* models with timm)
+        _check_outputs_apart(args)
         return int(args._run(args) or 0)
     except KeyboardInterrupt as e:
         what, sig = ('terminated', signal.SIGTERM) if isinstance(e, Terminated) else ('interrupted', signal.SIGINT)

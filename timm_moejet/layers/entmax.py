@@ -10,9 +10,10 @@ Two ways to find tau:
   ``f(tau) = sum([z - tau]_+^2)``, from a lower bound, then the closed-form tau of the support they reached.
   ``sqrt(f)`` is convex and decreasing, so the steps climb monotonically towards tau from below and the set
   ``{z > tau}`` shrinks towards the true support and stays on it; once there, the closed form is the exact
-  threshold. Five steps settle every row of the measured distributions (294 cosine routing scores and 294
-  Gaussian scores, each at scales 0.1 to 1000, i.e. temperatures 5 to 0.0005; four suffice for all of them), each
-  step a handful of passes over the scores against a full sort. No data-dependent branch: no host
+  threshold. Four steps settle every row of the measured distributions (4096 rows each of 294 cosine routing
+  scores and of 294 Gaussian scores, at scales 0.1 to 1000, i.e. temperatures 5 to 0.0005); after three, up to
+  10% of the rows had not settled and their threshold was within 2e-6 of the exact one. Each step is a handful of
+  passes over the scores, against a full sort. No data-dependent branch: no host
   synchronisation, and one straight-line graph for ``torch.compile`` and ``torch.export`` on every device.
 
 The gradient is the closed form of implicit differentiation: with r = [z - tau]_+, d out / d z applied to g is
@@ -93,7 +94,7 @@ def _compiling_eager() -> bool:
 
 def _newton_step(tau: torch.Tensor, s1: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
     # Newton on sqrt(f) - 1: (sqrt f)' = -s1 / sqrt(f); s1 > 0 while tau < max
-    return tau + (norm - 1.) * norm / s1.clamp(min=1e-30)
+    return torch.addcdiv(tau, torch.addcmul(-norm, norm, norm), s1.clamp(min=1e-30))
 
 
 def _support_size(root: torch.Tensor, dim: int) -> torch.Tensor:
@@ -109,7 +110,7 @@ def _closed_form(tau: torch.Tensor, s1: torch.Tensor, norm: torch.Tensor, k: tor
     return tau + mean_r - torch.sqrt(torch.clamp((1. - ss) / k, min=0.))
 
 
-NEWTON_STEPS = 5  # every row of the measured score distributions settles within four (docs/benchmarks.md)
+NEWTON_STEPS = 4  # every row of the measured score distributions settles within four (see the module docstring)
 
 
 def entmax15_threshold_newton(z: torch.Tensor, dim: int = -1, num_steps: int = NEWTON_STEPS,

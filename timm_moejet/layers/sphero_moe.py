@@ -10,9 +10,10 @@ over tokens, combine an entmax-1.5 (or softmax) over all slots. Slots belong to 
 Every setting is a field of :class:`SpheroMoESettings` (default, check, doc); defaults reproduce the released
 MoE Jetpack code, except where that code is buggy (see docs/deviations.md).
 """
+import contextlib
 import dataclasses
 import math
-from typing import List, Optional, Tuple, Type
+from typing import Callable, Iterator, List, NamedTuple, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
@@ -24,7 +25,7 @@ from ..settings import boolean, check_fields, choice, integer, optional, real, s
 from .entmax import entmax15_halved
 from .experts import BatchedExperts, autocast_dtype, fx_tracing
 
-__all__ = ['SpheroMoE', 'SpheroMoESettings', 'COMBINE_MODES']
+__all__ = ['SpheroMoE', 'SpheroMoESettings', 'COMBINE_MODES', 'RoutingRecord', 'record_routing']
 
 COMBINE_MODES = ('entmax15', 'softmax')
 
@@ -106,6 +107,13 @@ def routing_logits(x: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
     return _routing_logits_eager(x, queries)
 
 
+class RoutingRecord(NamedTuple):
+    """What one forward of a SpheroMoE layer routed (detached; see :func:`record_routing`)."""
+    dispatch: torch.Tensor  # [B, N, S]: a distribution over tokens for each slot
+    combine: torch.Tensor  # [B, N, S]: a distribution over slots for each token
+    slot_output_norm: torch.Tensor  # [B, S]: the 2-norm of each slot's expert output
+
+
 class SpheroMoE(nn.Module):
     """SpheroMoE layer (soft routing on the hypersphere, adaptive dual path).
 
@@ -118,6 +126,7 @@ class SpheroMoE(nn.Module):
     slots_per_expert: Final[int]
     noise_std: Final[float]
     eps: Final[float]
+    recording: bool
 
     def __init__(
             self,
@@ -186,6 +195,9 @@ class SpheroMoE(nn.Module):
         self.univ = BatchedExperts(cfg.num_univ, hidden_features=univ_hidden, **experts) if cfg.num_univ else None
         self.out_drop = nn.Dropout(drop) if drop > 0. else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        # routing records (record_routing): off, a constant False that compiled and scripted graphs fold away
+        self.recording = False
+        self.routing_sink: Optional[Callable[[RoutingRecord], None]] = None
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -263,6 +275,8 @@ class SpheroMoE(nn.Module):
         dispatch, combine = self.route(tokens)
         slots = torch.bmm(dispatch.transpose(1, 2), tokens)
         outs = self.expert_outputs(slots)
+        if self.recording:
+            self._record(dispatch, combine, outs)
         # combine group by group: a split of the weights instead of a concatenation of the expert outputs
         weights = combine.split(self.group_slots, dim=2)
         out = torch.bmm(weights[0], outs[0])
@@ -271,6 +285,24 @@ class SpheroMoE(nn.Module):
         # per-sample drop path on the expert outputs commutes with the (linear) combine
         return self.drop_path(self.out_drop(out)).reshape_as(x)
 
+    @torch.jit.unused
+    def _record(self, dispatch: torch.Tensor, combine: torch.Tensor, outs: List[torch.Tensor]) -> None:
+        if self.routing_sink is not None:
+            norm = torch.cat([torch.linalg.vector_norm(o.detach(), dim=-1) for o in outs], dim=1)
+            self.routing_sink(RoutingRecord(dispatch.detach(), combine.detach(), norm))
+
     def extra_repr(self) -> str:
         return f'dim={self.dim}, num_core={self.num_core}, num_univ={self.num_univ}, ' \
                f'slots_per_expert={self.slots_per_expert}, combine={self.combine!r}, noise_std={self.noise_std:.4g}'
+
+
+@contextlib.contextmanager
+def record_routing(layer: SpheroMoE, sink: Callable[[RoutingRecord], None]) -> Iterator[None]:
+    """Within: every forward of ``layer`` hands its :class:`RoutingRecord` to ``sink``, from the forward itself (no
+    second pass). Off by default; a layer compiled while off keeps its graph."""
+    previous = layer.recording, layer.routing_sink
+    layer.recording, layer.routing_sink = True, sink
+    try:
+        yield
+    finally:
+        layer.recording, layer.routing_sink = previous

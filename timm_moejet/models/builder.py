@@ -133,6 +133,9 @@ def build_moe_model(
             feature_cfg=feature_cfg,
             **kwargs,
         )
-    if record is not None:
+    # the record describes the weights the model holds: the filter's own when this load recycled dense weights; the
+    # config's when its MoE weights were loaded as they are; none without pretrained weights
+    recycled_now = 'recycling' in (getattr(model, 'pretrained_cfg', None) or {})
+    if record is not None and pretrained and not recycled_now:
         record_on(model, record)
     return model

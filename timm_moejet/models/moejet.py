@@ -8,7 +8,7 @@ everything timm's ViT offers (features, intermediates, grad checkpointing, dynam
 keeps working.
 """
 from functools import partial
-from typing import Any, Callable, Dict, Optional, Set
+from typing import Any, Callable, Dict, List, Optional, Set
 
 import torch
 import torch.nn as nn
@@ -31,6 +31,30 @@ def _block(*, depth: int, mlp_layer: Callable[..., nn.Module], moe_layers: Dict[
     """timm's ``Block``; its ``mlp_layer`` is a SpheroMoE ``partial`` when ``depth`` (the block index) is a MoE
     block."""
     return Block(depth=depth, mlp_layer=moe_layers.get(depth, mlp_layer), **kwargs)
+
+
+_MAX_HIDDEN = 1 << 24  # MLP hidden units: beyond any ViT, and where a typo such as mlp_ratio=1e300 is caught
+
+
+def _check_sizes(embed_dim: int, kwargs: Dict[str, Any]) -> None:
+    """``img_size``, ``patch_size`` and ``mlp_ratio`` as whole, usable sizes, before torch is asked to allocate."""
+    def pair(name: str, value: Any) -> List[int]:
+        values = list(value) if isinstance(value, (tuple, list)) else [value, value]
+        if len(values) != 2:
+            raise InvalidArgument(f'{name} must be an int or (height, width), got {value!r}.')
+        return [integer(1)(name, v) for v in values]
+
+    patch = pair('patch_size', kwargs.get('patch_size', 16))
+    if kwargs.get('img_size') is not None:
+        size = pair('img_size', kwargs['img_size'])
+        if any(s < p for s, p in zip(size, patch)) and not kwargs.get('dynamic_img_pad'):
+            raise InvalidArgument(f'img_size {kwargs["img_size"]} is smaller than the patch size '
+                                  f'{patch[0]}x{patch[1]}: the image would hold no patch.')
+    if kwargs.get('mlp_ratio') is not None:
+        ratio = real(0., min_open=True)('mlp_ratio', kwargs['mlp_ratio'])
+        if embed_dim * ratio > _MAX_HIDDEN:
+            raise InvalidArgument(f'mlp_ratio {ratio:g} gives {embed_dim} x {ratio:g} MLP hidden units, more than '
+                                  f'{_MAX_HIDDEN}.')
 
 
 class MoEVisionTransformer(VisionTransformer):
@@ -60,6 +84,7 @@ class MoEVisionTransformer(VisionTransformer):
                 raise InvalidArgument('give norm_eps or norm_layer, not both.')
             kwargs['norm_layer'] = partial(LayerNorm, eps=real(0., min_open=True)('norm_eps', norm_eps))
         integer(0)('num_classes', kwargs.get('num_classes', 0))
+        _check_sizes(embed_dim, kwargs)
         if embed_dim % num_heads:
             raise InvalidArgument(
                 f'embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads}); '

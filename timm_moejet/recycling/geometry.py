@@ -52,7 +52,12 @@ class DenseDonor:
 
     def width(self, block: int = 0) -> int:
         """Channels of block ``block`` (the size of the norm feeding its MLP)."""
-        return int(self.sd[f'{self.prefixes[block]}{self.family.mlp_input_norm}.weight'].shape[0])
+        key = f'{self.prefixes[block]}{self.family.mlp_input_norm}.weight'
+        norm = self.sd[key]
+        if norm.ndim != 1:
+            raise DonorMismatch(f'{self.role} donor {self.name}: tensor {key} has shape {tuple(norm.shape)}, expected '
+                                f'(width,): a norm weight is a vector.')
+        return int(norm.shape[0])
 
     def hidden(self, block: int = 0) -> int:
         """Hidden units of block ``block``'s MLP."""
@@ -90,7 +95,17 @@ class DenseDonor:
         missing = [p + n for n in MLP_KEYS if p + n not in self.sd]
         if missing:
             raise InvalidCheckpoint(f'{self.label()} lacks {missing}; its MLPs need fc1/fc2 weights and biases.')
-        return tuple(self.sd[p + n].detach() for n in MLP_KEYS)
+        tensors = tuple(self.sd[p + n].detach() for n in MLP_KEYS)
+        width, hidden = self.width(block), int(tensors[0].shape[0]) if tensors[0].ndim else 0
+        for name, value, expected in zip(MLP_KEYS, tensors, ((hidden, width), (hidden,), (width, hidden), (width,))):
+            shape = tuple(value.shape)
+            if len(shape) == len(expected) + 2 and shape[-2:] == (1, 1):  # a 1x1 convolution stands for a linear
+                shape = shape[:-2]
+            if shape != expected:
+                raise DonorMismatch(f'{self.label()}: tensor {p}{name} has shape {tuple(value.shape)}, expected '
+                                    f'{expected} (hidden {hidden}, width {width} from {p}{self.family.mlp_input_norm}'
+                                    f'.weight); the donor is damaged or of another layout.')
+        return tensors
 
 
 class RecyclingPlan:
@@ -104,10 +119,12 @@ class RecyclingPlan:
         trunk: Trunk donor.
         experts: Expert donor (may be the trunk donor).
         expert_blocks: Donor block of each MoE block.
+        dropped: Trunk donor tensors the model does not take, with the reason (recorded).
     """
 
     def __init__(self, model: nn.Module, family: Family, prefixes: List[str], layers: Dict[int, nn.Module],
-                 trunk: DenseDonor, experts: DenseDonor, expert_blocks: Dict[int, int], select_trunk: bool) -> None:
+                 trunk: DenseDonor, experts: DenseDonor, expert_blocks: Dict[int, int], select_trunk: bool,
+                 dropped: Optional[Dict[str, str]] = None) -> None:
         self.model = model
         self.family = family
         self.prefixes = prefixes
@@ -116,6 +133,7 @@ class RecyclingPlan:
         self.experts = experts
         self.expert_blocks = expert_blocks
         self.select_trunk = select_trunk
+        self.dropped = dict(dropped or {})  # trunk donor tensors not used -> why
         # the first convolution, whose input channels timm adapts to in_chans (ViT: patch_embed.proj.weight)
         first = (getattr(model, 'pretrained_cfg', None) or {}).get('first_conv') or 'patch_embed.proj'
         self.first_conv = f'{first}.weight'
@@ -189,4 +207,45 @@ def check_geometry(
                 f'{layer.core.hidden_features if layer.core is not None else "-"}; {experts.label()} has hidden '
                 f'{experts.hidden(j)}. Use the trunk as expert donor or another strategy.')
         experts.mlp(j)
-    return RecyclingPlan(model, family, prefixes, layers, trunk, experts, expert_blocks, select_trunk)
+    dropped = _account(model, family, prefixes, layers, trunk, experts, expert_blocks)
+    return RecyclingPlan(model, family, prefixes, layers, trunk, experts, expert_blocks, select_trunk, dropped)
+
+
+# parts of a ViT donor's head a MoE model may lack, replaced by its new head
+_VIT_HEAD_PARTS = {
+    'norm.': 'final norm: the model pools by average and normalises with its new fc_norm (MoE Jetpack recipe)',
+    'attn_pool.': 'attention-pool head the model does not use: its head starts fresh',
+}
+
+
+def _account(model: nn.Module, family: Family, prefixes: List[str], layers: Dict[int, nn.Module],
+             trunk: 'DenseDonor', experts: 'DenseDonor', expert_blocks: Dict[int, int]) -> Dict[str, str]:
+    """Every donor tensor used or dropped for a reason (returned); a component the model cannot hold refused."""
+    from .accounting import (
+        RECYCLE_HINT,
+        account_trunk,
+        check_expert_blocks,
+        components_of,
+        refuse_components,
+        vit_layout_problem,
+    )
+
+    model_keys = list(model.state_dict())
+    moe_prefixes = tuple(f'{prefixes[i]}mlp.' for i in layers)
+    expert_mlp = [f'{trunk.prefixes[j]}{n}' for j in expert_blocks.values() for n in MLP_KEYS] \
+        if experts is trunk else []
+    dropped, unheld = account_trunk(trunk.sd, model_keys, family.fresh_prefixes, moe_prefixes, expert_mlp,
+                                    _VIT_HEAD_PARTS if family.name == 'vit' else None)
+    components = components_of(unheld)
+    layout = vit_layout_problem(trunk.sd, model) if family.name == 'vit' else None
+    if layout:
+        components.append(layout)
+    hint = RECYCLE_HINT if family.name == 'vit' else 'create the MoE model with those settings (create_model ' \
+        'kwargs; weights_tools recycle --model-kwargs)'
+    model_name = type(model).__name__
+    refuse_components(trunk.label(), model_name, components, hint)
+    if experts is not trunk:
+        blocks = {prefixes[i]: experts.prefixes[j] for i, j in expert_blocks.items()}
+        refuse_components(experts.label(), model_name, components_of(check_expert_blocks(experts.sd, blocks,
+                                                                                          model_keys)), hint)
+    return dropped

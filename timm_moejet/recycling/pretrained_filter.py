@@ -87,6 +87,8 @@ def checkpoint_filter_fn(
             return _with_every_expert(family.prepare(convert_official_state_dict(raw), model), model)
         if is_moe_state_dict(raw):
             return _with_every_expert(family.prepare(raw, model), model)
+        if family.name == 'vit' and family.is_dense(raw):
+            _refuse_vit_layout(raw, model, _source_name(getattr(model, 'pretrained_cfg', None) or {}))
         trunk = family.prepare(raw, model)
         if not family.is_dense(trunk):
             raise InvalidCheckpoint(
@@ -112,3 +114,15 @@ def checkpoint_filter_fn(
     except TypeError as e:
         # timm retries a filter that raised TypeError with one argument, which would hide this message
         raise InvalidArgument(f'checkpoint recycling failed: {e}') from e
+
+
+def _refuse_vit_layout(raw: Mapping[str, torch.Tensor], model: nn.Module, name: str) -> None:
+    """A dense ViT donor of another class-token layout is refused before timm's filter resamples its position
+    embedding as if it had the model's layout (naming what else the model cannot hold)."""
+    from .accounting import RECYCLE_HINT, components_of, refuse_components, vit_layout_problem
+
+    layout = vit_layout_problem(raw, model)
+    if layout:
+        keys = set(model.state_dict())
+        named = [c for c in components_of([k for k in raw if k not in keys]) if not c.startswith('tensors')]
+        refuse_components(f'trunk donor {name}', type(model).__name__, named + [layout], RECYCLE_HINT)

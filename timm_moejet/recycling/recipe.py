@@ -23,16 +23,17 @@ TRUNK_FITS = ('copy', 'select')
 
 def _donor_spec() -> Check:
     def fn(label: str, value: Any) -> Optional[str]:
-        if value is None:
+        if value is None or value is False:  # False: what create_model passes on (timm drops None kwargs)
             return None
         if isinstance(value, os.PathLike):
             value = os.fspath(value)
         if not isinstance(value, str) or not value:
             raise InvalidArgumentType(f'{label} must be a Hub id, hf-hub:ORG/REPO, local-dir:FOLDER, a timm name '
-                                      f'with its tag, a checkpoint file, or None (the trunk donor), got {value!r}.')
+                                      f'with its tag, a checkpoint file, or None/False (the trunk donor), got '
+                                      f'{value!r}.')
         return value
-    return Check('a timm name.tag, ORG/REPO, hf-hub:ORG/REPO, local-dir:FOLDER or a weights file; None: the trunk '
-                 'donor', fn)
+    return Check('a timm name.tag, ORG/REPO, hf-hub:ORG/REPO, local-dir:FOLDER or a weights file; None (False in '
+                 'create_model, which drops None kwargs): the trunk donor', fn)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -66,7 +66,11 @@ def resolve_statistics(plan: RecyclingPlan, recipe: RecyclingRecipe,
                                        hub_id=experts.name, weights_hash_value=experts.hash)
     if not isinstance(stats, ActivationStats):
         raise InvalidArgumentType(f'stats must be an ActivationStats or None, got {type(stats).__name__}.')
-    if stats.weights_hash and stats.weights_hash != experts.hash:
+    if not stats.weights_hash:
+        raise DonorMismatch(
+            f'These activation statistics ({stats.describe()}) carry no donor weights hash, so they cannot be checked '
+            f'against the expert donor {experts.name or "given"}; collect them again with weights_tools calibrate.')
+    if stats.weights_hash != experts.hash:
         raise DonorMismatch(
             f'These activation statistics were made for donor {stats.describe()}, not for the expert donor '
             f'{experts.name or "given"} (weights sha256 {experts.hash[:12]}); collect statistics on the expert '
@@ -199,6 +203,8 @@ def recycling_record(
         trunk_id: Optional[str],
         expert_id: Optional[str],
         expert_blocks: Optional[Mapping[int, int]] = None,
+        dropped: Optional[Mapping[str, str]] = None,
+        separate_experts: bool = False,
 ) -> Dict[str, Any]:
     """Step 4: the JSON-serialisable record kept in ``model.pretrained_cfg['recycling']``.
 
@@ -211,6 +217,10 @@ def recycling_record(
     if expert_blocks and any(i != j for i, j in expert_blocks.items()):
         record['block_map'] = recipe.block_map
         record['expert_blocks'] = {str(i): j for i, j in sorted(expert_blocks.items())}
+    # every donor tensor is used or listed here with the reason it was not
+    record['dropped'] = dict(sorted((dropped or {}).items()))
+    if separate_experts and expert_blocks:
+        record['expert_donor_reads'] = f'the MLPs of blocks {sorted(set(expert_blocks.values()))} only'
     if recipe.strategy_obj.needs_stats:
         record['stats'] = stats.identity() if stats is not None else 'weights-proxy'
         if recipe.stats is not None:
@@ -280,7 +290,8 @@ def recycle_state_dict(
     missing = [k for k in model.state_dict() if k not in out]
     if missing:  # a layer variant this module does not know how to fill
         raise InvalidCheckpoint(f'recycling left model keys unfilled: {missing[:8]}.')
-    return RecyclingResult(out, indices, recycling_record(recipe, stats, trunk_id, expert_id, plan.expert_blocks))
+    return RecyclingResult(out, indices, recycling_record(recipe, stats, trunk_id, expert_id, plan.expert_blocks,
+                                                          plan.dropped, plan.experts is not plan.trunk))
 
 
 def record_on(model: nn.Module, record: Dict[str, Any]) -> None:

@@ -203,6 +203,20 @@ class ActivationStats:
             ident = json.loads(meta[FORMAT])['identity']
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise InvalidCheckpoint(f'{path}: unreadable donor identity in the metadata ({e}).') from e
+        if not isinstance(ident, dict):
+            raise InvalidCheckpoint(f'{path}: the donor identity in the metadata is not a JSON object.')
+        for key, kind in (('architecture', str), ('hub_id', str), ('weights_hash', str), ('source', str),
+                          ('num_tokens', int)):
+            value = ident.get(key)
+            if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+                raise InvalidCheckpoint(f'{path}: the metadata entry {key!r} is a {type(value).__name__}, not a '
+                                        f'{kind.__name__}; the file was altered.')
+        digest = ident.get('weights_hash') or ''
+        if digest and not re.fullmatch(r'[0-9a-f]{64}', digest):
+            raise InvalidCheckpoint(f'{path}: the metadata entry \'weights_hash\' is not a sha256 digest; the file '
+                                    f'was altered.')
+        if isinstance(ident.get('num_tokens'), int) and ident['num_tokens'] < 0:
+            raise InvalidCheckpoint(f'{path}: the metadata entry \'num_tokens\' is negative; the file was altered.')
         stats = cls(tensors, **{k: ident[k] for k in ('architecture', 'hub_id', 'weights_hash', 'num_tokens',
                                                         'source') if k in ident})
         if donor_model is not None:

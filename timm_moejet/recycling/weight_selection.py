@@ -6,17 +6,24 @@ that shrinks: a step of ``n // k`` where ``k`` divides ``n`` (so a residual chan
 take evenly spaced (or the first) donor blocks of that stage. This is the "Dense (21k)" baseline of MoE Jetpack's
 tables, and the trunk of C-JetMoE-F (``recycle_trunk_fit='select'``).
 """
-from typing import Any, Dict, List, Mapping
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 import torch.nn as nn
 
 from ..errors import DonorMismatch
+from .accounting import components_of, refuse_components, select_hint
 from .families import Family, family_of_state_dict
 from .geometry import DenseDonor
 from .selection import map_blocks, uniform_indices
 
 __all__ = ['evenly_spaced', 'select_tensor', 'select_state_dict']
+
+# parts of a ViT donor's head a model may lack (it pools otherwise), replaced by its own head
+_VIT_HEAD_PARTS = {
+    'norm.': 'final norm: the model pools by average and normalises with its own fc_norm',
+    'attn_pool.': 'attention-pool head the model does not use',
+}
 
 
 def evenly_spaced(n: int, k: int) -> torch.Tensor:
@@ -73,6 +80,7 @@ def select_state_dict(
         donor_state_dict: Mapping[str, Any],
         block_map: str = 'even',
         donor_name: str = 'donor',
+        dropped: Optional[Dict[str, str]] = None,
 ) -> Dict[str, torch.Tensor]:
     """A complete state dict for a dense timm ``model`` selected from a larger donor of its family.
 
@@ -82,13 +90,15 @@ def select_state_dict(
         donor_state_dict: The larger donor's weights.
         block_map: 'even' (evenly spaced blocks of each stage) or 'first' when the model has fewer blocks.
         donor_name: How to name the donor in messages.
+        dropped: Filled with the donor tensors the model does not take, each with the reason (blocks not selected,
+            a head for another number of classes).
 
     Returns:
         Every model key, in the model's dtype; loads with ``strict=True``.
 
     Raises:
-        DonorMismatch: If the donor is of another family, has fewer stages or blocks, or is narrower anywhere
-            (naming both sides).
+        DonorMismatch: If the donor is of another family, has fewer stages or blocks, is narrower anywhere
+            (naming both sides), or has components the model cannot hold (LayerScale, q/k norms, ...).
     """
     target = model.state_dict()
     family = family_of_state_dict(target, 'model', type(model).__name__)
@@ -97,12 +107,42 @@ def select_state_dict(
     if donor.family is not family:
         raise DonorMismatch(f'{donor.label()} is of family {donor.family.name}, the model {type(model).__name__} of '
                             f'family {family.name}.')
+    if family.name == 'vit':  # another class-token layout cannot be resampled into the model's
+        from .accounting import vit_layout_problem
+        layout = vit_layout_problem(donor.sd, model)
+        if layout:
+            lacks = [k for k in ('reg_token', 'cls_token') if k in target and k not in donor.sd]
+            refuse_components(donor.label(), type(model).__name__, [layout] + components_of(
+                [k for k in donor.sd if k not in target and k in ('reg_token', 'cls_token')]),
+                select_hint(type(model).__name__) + (f' (the model has {", ".join(lacks)}, the donor does not)'
+                                                     if lacks else ''))
     prepared = family.prepare(dict(donor.sd), model)  # the family's own conversions (position-embedding resampling)
     mapping = block_key_map(family, list(target), list(prepared), block_map)
-    out: Dict[str, torch.Tensor] = {}
+    plan = {}  # model key -> donor key
     for key, value in target.items():
         prefix = next((p for p in mapping if key.startswith(p)), None)
-        src_key = mapping[prefix] + key[len(prefix):] if prefix else key
+        plan[key] = mapping[prefix] + key[len(prefix):] if prefix else key
+    read = set(plan.values())
+    chosen = set(mapping.values())
+    why: Dict[str, str] = {}
+    unheld = []
+    for key in prepared:
+        block = next((p for p in family.block_prefixes([key])), None)
+        if key in read and not (key.startswith(family.fresh_prefixes) and key in target
+                                and prepared[key].shape[:1] != target[key].shape[:1]):
+            continue
+        if block is not None and block not in chosen:
+            why[key] = f'block {block.rstrip(".")} is not selected (block_map={block_map!r})'
+        elif key.startswith(family.fresh_prefixes):
+            why[key] = 'classifier head: the model has another number of classes (its own head is kept)'
+        elif family.name == 'vit' and key.startswith(tuple(_VIT_HEAD_PARTS)):
+            why[key] = next(r for p, r in _VIT_HEAD_PARTS.items() if key.startswith(p))
+        else:
+            unheld.append(key)
+    refuse_components(donor.label(), type(model).__name__, components_of(unheld), select_hint(type(model).__name__))
+    out: Dict[str, torch.Tensor] = {}
+    for key, value in target.items():
+        src_key = plan[key]
         src = prepared.get(src_key)
         fresh = key.startswith(family.fresh_prefixes)
         if src is None or (fresh and src.shape[0] != value.shape[0]):
@@ -111,4 +151,6 @@ def select_state_dict(
             out[key] = value.detach().clone()  # a new head (another number of classes): the model's own init
             continue
         out[key] = select_tensor(src.detach(), value.shape, key).to(value.dtype).contiguous()
+    if dropped is not None:
+        dropped.update(sorted(why.items()))
     return out

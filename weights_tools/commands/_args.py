@@ -78,6 +78,8 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError as e:
         raise InvalidArgument(f'--device {name!r} is not a torch device ({e}).') from e
+    if device.type == 'meta':
+        raise InvalidArgument(f'--device {name}: the meta device holds no values; use cpu or cuda.')
     if device.type == 'cuda':
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0 or (device.index is not None and device.index >= count):

@@ -2,6 +2,8 @@
 import argparse
 import textwrap
 
+from timm_moejet.cost import count_params
+
 from ._args import add_model_args, add_output_args, check_output_free, model_kwargs_from
 
 EXAMPLE = textwrap.dedent('''\
@@ -31,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
                       {'model': args.model, 'checkpoint': args.checkpoint})
     model, extra = load_model(args.model, args.checkpoint, args.pretrained, model_kwargs_from(args), ema=args.ema)
     out = save_hub_folder(model.eval(), args.output, args.overwrite, extra_config=extra)
-    n = sum(p.numel() for p in model.parameters())
+    n = count_params(model)['total']
     print(f'exported {args.model} ({type(model).__name__}, {n / 1e6:.2f}M parameters) to {out}/ '
           f'(model.safetensors + config.json)')
     return 0

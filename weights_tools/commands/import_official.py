@@ -5,6 +5,8 @@ import textwrap
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from timm_moejet.cost import count_params
+
 from ._args import add_output_args, check_output_free
 
 EXAMPLE = textwrap.dedent('''\
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     config = _parse_config(args.config)
     model = load_official(args.checkpoint, config).eval()
     out = save_hub_folder(model, args.output, args.overwrite)
-    n = sum(p.numel() for p in model.parameters())
+    n = count_params(model)['total']
     print(f'imported {args.checkpoint} ({model.pretrained_cfg["architecture"]}, {n / 1e6:.2f}M parameters, '
           f'MoE blocks {list(model.moe_blocks)}) to {out}/')
     return 0

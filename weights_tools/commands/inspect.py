@@ -1,6 +1,7 @@
 """ ``inspect``: parameters (total vs active), counted GMACs and per-layer router diagnostics of a MoE model. """
 import argparse
 import json
+import math
 import textwrap
 from pathlib import Path
 
@@ -40,6 +41,18 @@ def add_parser(subparsers, parent: argparse.ArgumentParser, formatter) -> argpar
 
 def _jsonable(value):
     return value.tolist() if isinstance(value, torch.Tensor) else str(value)
+
+
+def _undefined_as_null(value):
+    """NaN and infinities (a figure undefined for this model, e.g. the core/universal share of a single-path layer)
+    as JSON null: a bare NaN is not JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _undefined_as_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_undefined_as_null(v) for v in value]
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -103,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json is not None:
         record = dict(model=args.model, input_size=input_size, params=params, active_params=active, macs=macs,
                       images=source, layers=[dict(d.as_dict(), expert_share=d.expert_share) for d in diags])
-        atomic_write_bytes(json.dumps(record, indent=2, default=_jsonable).encode(), args.json, overwrite=True)
+        record = _undefined_as_null(json.loads(json.dumps(record, default=_jsonable)))
+        atomic_write_bytes(json.dumps(record, indent=2, allow_nan=False).encode(), args.json, overwrite=True)
         print(f'figures written to {args.json}')
     return 0

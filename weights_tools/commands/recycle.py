@@ -9,6 +9,7 @@ import textwrap
 from typing import Any, Callable, Dict
 
 from timm_moejet.build import build_recycled_model
+from timm_moejet.cost import count_params
 from timm_moejet.errors import InvalidArgument
 from timm_moejet.hub import save_hub_folder
 from timm_moejet.recycling import RECYCLE_KWARGS, STRATEGIES, RecyclingRecipe
@@ -38,11 +39,13 @@ def _arg_type(field: dataclasses.Field) -> Callable[[str], Any]:
     """Text to the field's type, checked by the field's own check (argparse reports 'argument --x: ...')."""
     check: Check = field.metadata['check']
 
+    number = isinstance(field.default, int)
+
     def convert(text: str) -> Any:
         try:
-            return check(_flag(field), int(text) if isinstance(field.default, int) else text)
-        except (ValueError, InvalidArgument):
-            raise argparse.ArgumentTypeError(f'must be {check.allowed}, got {text}') from None
+            return check(_flag(field), int(text) if number else text)
+        except (ValueError, InvalidArgument):  # numbers as written, names quoted (as the library words them)
+            raise argparse.ArgumentTypeError(f'must be {check.allowed}, got {text if number else repr(text)}') from None
     return convert
 
 
@@ -101,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     model = build_recycled_model(args.model, args.trunk, recipe, init_seed=recipe.seed, **model_kwargs)
     model.pretrained_cfg = dict(model.pretrained_cfg, tag='recycled')
     out = save_hub_folder(model.eval(), args.output, args.overwrite)
-    n = sum(p.numel() for p in model.parameters())
+    n = count_params(model)['total']
     print(f'recycled {model.pretrained_cfg["architecture"]} ({n / 1e6:.2f}M parameters, MoE blocks '
           f'{list(model.moe_layers())}) from trunk {args.trunk} and experts {recipe.experts or args.trunk} with '
           f'strategy {recipe.strategy!r}, seed {recipe.seed}{", statistics " + recipe.stats if recipe.stats else ""} '

@@ -2,6 +2,8 @@
 import argparse
 import textwrap
 
+from timm_moejet.cost import count_params
+
 from ._args import SEED_ARG, add_model_kwargs, add_output_args, check_file_output, model_kwargs_from
 
 EXAMPLE = textwrap.dedent('''\
@@ -43,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     model = build_selected_model(args.model, args.donor, args.block_map, init_seed=args.seed,
                                  **model_kwargs_from(args))
     save_safetensors_atomic(model.state_dict(), args.output, overwrite=args.overwrite)
-    n = sum(p.numel() for p in model.parameters())
+    n = count_params(model)['total']
     print(f'selected {args.model} ({n / 1e6:.2f}M parameters) from {args.donor} (blocks: {args.block_map}) to '
           f'{args.output}')
     return 0
