@@ -208,8 +208,20 @@ def _loader(args: argparse.Namespace, model: nn.Module, device: torch.device):
 
 
 def _peak_rss() -> int:
+    """The process's peak resident set in bytes.
+
+    Linux's ``VmHWM`` first: ``ru_maxrss`` carries over the parent's peak through ``fork``/``exec``, so a trainer
+    started by a large process (a test runner, a notebook) would report no growth at all.
+    """
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('VmHWM:'):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == 'darwin' else 1024)  # KiB
 
 
 def train(args: argparse.Namespace) -> int:
