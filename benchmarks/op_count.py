@@ -75,7 +75,7 @@ def layer_pair(width: int = 192, num_core: int = 98, num_univ: int = 196, device
     """The MoE layer and the timm Mlp it replaces (ViT-T shape by default), in train mode."""
     torch.manual_seed(0)
     return {
-        'SpheroMoE': SpheroMoE(width, num_core=num_core, num_univ=num_univ).to(device).train(),
+        'SpheroMoE': SpheroMoE(width, num_core_experts=num_core, num_univ_experts=num_univ).to(device).train(),
         'Mlp': Mlp(width, 4 * width).to(device).train(),
     }
 

@@ -61,7 +61,7 @@ class Pair:
 
 PAIRS: Dict[str, Pair] = {
     'layer': Pair('layer', (64,)),
-    'layer_softmax': Pair('layer', (64,), moe_kwargs=dict(combine='softmax')),
+    'layer_softmax': Pair('layer', (64,), moe_kwargs=dict(moe_combine='softmax')),
     'tiny': Pair('model', (16, 64), moe='moejet_vit_tiny', dense='vit_tiny_patch16_224'),
     'small': Pair('model', (16,), moe='moejet_vit_small', dense='vit_small_patch16_224'),
     'convnext_femto': Pair('model', (16,), moe='moejet_convnext_femto', dense='convnext_femto'),

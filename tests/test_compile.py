@@ -91,7 +91,7 @@ def test_explain_finds_one_graph_and_no_break():
     # torch._dynamo.explain counts graph breaks without compiling: train mode under bfloat16 autocast (the most
     # branches: noise, dropout, casts) on tokens, eval in float32 on a channels-last map (ConvNeXt's layout)
     torch.manual_seed(0)
-    layer = SpheroMoE(32, num_core=3, num_univ=5)
+    layer = SpheroMoE(32, num_core_experts=3, num_univ_experts=5)
     for x, train, amp in ((torch.randn(2, 9, 32), True, True), (torch.randn(2, 3, 3, 32), False, False)):
         torch._dynamo.reset()
         with torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp):

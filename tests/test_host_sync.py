@@ -65,7 +65,8 @@ def test_the_check_catches_a_host_value(monkeypatch):
 def test_layer_forward_backward_has_no_host_value(combine, amp, monkeypatch):
     # train mode with routing noise and expert dropout on, slots_per_expert 2: every branch of the layer
     torch.manual_seed(0)
-    layer = SpheroMoE(48, num_core=4, num_univ=8, slots_per_expert=2, combine=combine, drop=0.1, drop_path=0.1)
+    layer = SpheroMoE(48, num_core_experts=4, num_univ_experts=8, slots_per_expert=2, moe_combine=combine, drop=0.1,
+                      drop_path=0.1)
     x = torch.randn(3, 17, 48, requires_grad=True)
     for train in (True, False):
         layer.train(train)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from timm_moejet.layers import SpheroMoE, entmax15
+from timm_moejet.layers import SpheroMoE, SpheroMoESettings, entmax15
 
 
 def entmax15_reference(z: torch.Tensor) -> torch.Tensor:
@@ -33,7 +33,8 @@ def entmax15_reference(z: torch.Tensor) -> torch.Tensor:
 
 
 def small_layer(**kwargs) -> SpheroMoE:
-    args = dict(in_features=32, num_core=3, num_univ=6, core_hidden=64, univ_hidden=16, expert_drop=0.)
+    args = dict(in_features=32, num_core_experts=3, num_univ_experts=6, core_hidden=64, univ_hidden=16,
+                moe_expert_drop=0.)
     args.update(kwargs)
     return SpheroMoE(**args)
 
@@ -113,19 +114,19 @@ class TestSpheroMoE:
 
     def test_eval_is_deterministic_and_training_adds_noise(self):
         torch.manual_seed(0)
-        layer = small_layer(noise_std=0.1).eval()
+        layer = small_layer(moe_noise_std=0.1).eval()
         x = torch.randn(2, 9, 32)
         assert torch.equal(layer(x), layer(x))
         layer.train()
         assert not torch.allclose(layer(x), layer(x)), 'routing noise should act in training'
-        layer_no_noise = small_layer(noise_std=0.).train()
+        layer_no_noise = small_layer(moe_noise_std=0.).train()
         assert torch.equal(layer_no_noise(x), layer_no_noise(x))
 
     def test_default_noise_is_one_over_slots(self):
         assert small_layer().noise_std == pytest.approx(1 / 9)
 
     def test_temperatures_start_at_init_and_stay_positive(self):
-        layer = small_layer(temperature_init=0.5)
+        layer = small_layer(moe_temperature_init=0.5)
         assert torch.allclose(layer.log_temperature.exp(), torch.tensor([0.5, 0.5]))
         with torch.no_grad():
             layer.log_temperature.fill_(-50.)  # any real value is a positive temperature
@@ -135,8 +136,9 @@ class TestSpheroMoE:
     def test_entmax_combine_is_sparse_softmax_combine_is_dense(self):
         torch.manual_seed(0)
         x = torch.randn(2, 50, 32)
-        sparse = small_layer(num_core=30, num_univ=60, temperature_init=0.05).eval()
-        dense = small_layer(num_core=30, num_univ=60, combine='softmax', temperature_init=0.05).eval()
+        sparse = small_layer(num_core_experts=30, num_univ_experts=60, moe_temperature_init=0.05).eval()
+        dense = small_layer(num_core_experts=30, num_univ_experts=60, moe_combine='softmax',
+                            moe_temperature_init=0.05).eval()
         dense.load_state_dict(sparse.state_dict())
         _, c_sparse = sparse.route(x)
         _, c_dense = dense.route(x)
@@ -152,8 +154,9 @@ class TestSpheroMoE:
         torch.testing.assert_close(c_dense, torch.softmax(logits, -1), rtol=0, atol=1e-5)
 
     def test_soft_moe_mode(self):
-        layer = SpheroMoE(32, num_core=12, num_univ=0, combine='softmax', shared_temperature=True,
-                          temperature_init=1.0, slot_norm=False, expert_drop=0.).eval()
+        layer = SpheroMoE(32, num_core_experts=12, num_univ_experts=0, moe_combine='softmax',
+                          moe_shared_temperature=True, moe_temperature_init=1.0, moe_slot_norm=False,
+                          moe_expert_drop=0.).eval()
         assert layer.univ is None and layer.log_temperature.numel() == 1
         assert not any('slot_norm' in n for n, _ in layer.named_parameters())
         x = torch.randn(2, 7, 32)
@@ -168,7 +171,7 @@ class TestSpheroMoE:
 
     def test_gradients_reach_every_parameter(self):
         torch.manual_seed(0)
-        layer = small_layer(expert_drop=0.4, drop_path=0.1).train()
+        layer = small_layer(moe_expert_drop=0.4, drop_path=0.1).train()
         layer(torch.randn(4, 9, 32)).square().sum().backward()
         for name, p in layer.named_parameters():
             assert p.grad is not None and p.grad.abs().sum() > 0, f'no gradient for {name}'
@@ -180,13 +183,13 @@ class TestSpheroMoE:
         torch.testing.assert_close(scripted(x), layer(x), rtol=0, atol=1e-6)
 
     @pytest.mark.parametrize('kwargs, match', [
-        (dict(num_core=0, num_univ=0), 'at least one expert'),
+        (dict(num_core_experts=0, num_univ_experts=0), 'at least one expert'),
         (dict(core_hidden=0), 'core_hidden'),
         (dict(univ_hidden=-3), 'univ_hidden'),
-        (dict(combine='sparsemax'), "combine must be one of"),
+        (dict(moe_combine='sparsemax'), "combine must be one of"),
         (dict(slots_per_expert=0), 'slots_per_expert'),
-        (dict(temperature_init=0.), 'temperature_init'),
-        (dict(expert_drop=1.5), 'expert_drop'),
+        (dict(moe_temperature_init=0.), 'temperature_init'),
+        (dict(moe_expert_drop=1.5), 'expert_drop'),
     ])
     def test_bad_arguments(self, kwargs, match):
         with pytest.raises(ValueError, match=match):
@@ -194,7 +197,7 @@ class TestSpheroMoE:
 
     def test_bad_argument_type(self):
         with pytest.raises(TypeError, match='num_core'):
-            small_layer(num_core=2.5)
+            small_layer(num_core_experts=2.5)
 
 
 class TestTimmMlpCall:
@@ -205,14 +208,15 @@ class TestTimmMlpCall:
 
         from timm.models.vision_transformer import Block
 
-        block = Block(32, num_heads=2, mlp_ratio=2., mlp_layer=partial(SpheroMoE, num_core=2, num_univ=3))
+        block = Block(32, num_heads=2, mlp_ratio=2.,
+                      mlp_layer=partial(SpheroMoE, num_core_experts=2, num_univ_experts=3))
         assert isinstance(block.mlp, SpheroMoE)
         # hidden_features (dim x mlp_ratio) is the default core hidden size, a quarter of it the universal one
         assert (block.mlp.core.hidden_features, block.mlp.univ.hidden_features) == (64, 16)
         assert block(torch.randn(2, 5, 32)).shape == (2, 5, 32)
 
     def test_bias_and_drop_are_honoured(self):
-        layer = SpheroMoE(16, bias=False, drop=0.5, num_core=2, num_univ=2, expert_drop=0.)
+        layer = SpheroMoE(16, bias=False, drop=0.5, num_core_experts=2, num_univ_experts=2, moe_expert_drop=0.)
         assert layer.core.fc1.bias is None and not any(n.endswith('bias') and 'fc' in n
                                                        for n, _ in layer.named_parameters())
         x = torch.randn(2, 5, 16)
@@ -228,8 +232,22 @@ class TestTimmMlpCall:
             SpheroMoE(16, norm_layer=torch.nn.LayerNorm)
 
     def test_unknown_setting_named(self):
-        with pytest.raises(TypeError, match=r"unknown argument\(s\) \['experts'\].*num_core"):
+        with pytest.raises(TypeError, match=r"unknown argument 'experts'.*num_core_experts"):
             SpheroMoE(16, experts=3)
+
+    def test_old_setting_names_work_with_a_deprecation_warning(self):
+        with pytest.warns(DeprecationWarning, match='num_core.*num_core_experts'):
+            old = SpheroMoE(16, num_core=2, num_univ_experts=3, combine='softmax')
+        assert old.settings == SpheroMoESettings(num_core_experts=2, num_univ_experts=3, moe_combine='softmax')
+
+    def test_a_settings_object_is_taken_as_it_is(self, monkeypatch):
+        from timm_moejet import settings as settings_module
+        cfg = SpheroMoESettings(num_core_experts=2, num_univ_experts=3)
+        checks = []
+        monkeypatch.setattr(settings_module, 'check_fields', lambda obj: checks.append(obj))
+        layer = SpheroMoE(16, settings=cfg)
+        assert layer.settings is cfg and not checks  # validated once, when the object was made
+        assert SpheroMoE(16, settings=cfg, moe_combine='softmax').settings.moe_combine == 'softmax'
 
     def test_channels_last_maps(self):
         layer = small_layer().eval()
@@ -240,7 +258,7 @@ class TestTimmMlpCall:
 def test_routing_is_recorded_from_the_forward_itself():
     from timm_moejet.layers import record_routing
     torch.manual_seed(0)
-    layer = SpheroMoE(32, num_core=3, num_univ=5, slots_per_expert=2).eval()
+    layer = SpheroMoE(32, num_core_experts=3, num_univ_experts=5, slots_per_expert=2).eval()
     x = torch.randn(2, 7, 32)
     records = []
     out_plain = layer(x)

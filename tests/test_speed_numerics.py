@@ -62,8 +62,8 @@ def reference_layer_forward(layer: SpheroMoE, x: torch.Tensor) -> torch.Tensor:
 
 
 def make_layer(**kwargs) -> SpheroMoE:
-    args = dict(in_features=48, num_core=4, num_univ=8, core_hidden=96, univ_hidden=24, expert_drop=0.,
-                noise_std=0.)
+    args = dict(in_features=48, num_core_experts=4, num_univ_experts=8, core_hidden=96, univ_hidden=24,
+                moe_expert_drop=0., moe_noise_std=0.)
     args.update(kwargs)
     torch.manual_seed(0)
     layer = SpheroMoE(**args)
@@ -140,11 +140,11 @@ class TestLayerFastPaths:
 
     @pytest.mark.parametrize('kwargs', [
         dict(),
-        dict(combine='softmax'),
-        dict(combine='softmax', num_univ=0),
+        dict(moe_combine='softmax'),
+        dict(moe_combine='softmax', num_univ_experts=0),
         dict(slots_per_expert=2),
-        dict(combine='softmax', slots_per_expert=2, shared_temperature=True),
-        dict(num_core=0),
+        dict(moe_combine='softmax', slots_per_expert=2, moe_shared_temperature=True),
+        dict(num_core_experts=0),
     ])
     def test_forward_and_gradients_equal_plain_formulation(self, kwargs):
         layer = make_layer(**kwargs).double()
@@ -302,10 +302,12 @@ def test_compiled_train_graph_equals_eager():
 def test_fast_expert_backward_runs_under_autocast(monkeypatch):
     """Under autocast the experts still take the custom backward (weight gradient in the [E, out, in] layout), and
     its results equal autocast's own bmm path (bf16 operands; tolerance 2e-2 relative, bf16 has 8 bits)."""
+    from timm_moejet.layers import cpu_fast_path
     from timm_moejet.layers import experts as experts_module
+    from timm_moejet.layers.expert_ops import batched_linear_ops
 
     calls = []
-    original = experts_module._BatchedLinearFunction.apply
+    original = cpu_fast_path._WeightGradInLayout.apply
 
     def counting(*args):
         calls.append(args[1].dtype)
@@ -314,9 +316,9 @@ def test_fast_expert_backward_runs_under_autocast(monkeypatch):
     layer = experts_module.BatchedLinear(6, 32, 24)
     x = torch.randn(6, 10, 32, requires_grad=True)
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        plain = experts_module._batched_linear_ops(x, layer.weight, layer.bias)
+        plain = batched_linear_ops(x, layer.weight, layer.bias)
     grads_plain = torch.autograd.grad(plain.float().square().sum(), [x, layer.weight, layer.bias])
-    monkeypatch.setattr(experts_module._BatchedLinearFunction, 'apply', counting)
+    monkeypatch.setattr(cpu_fast_path._WeightGradInLayout, 'apply', counting)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         fast = layer(x)
     grads_fast = torch.autograd.grad(fast.float().square().sum(), [x, layer.weight, layer.bias])
@@ -403,3 +405,54 @@ class TestGradRecycler:
         torch.testing.assert_close(grad, self._reference_grad(layer, x, g), rtol=0, atol=1e-12)
         import copy
         assert not copy.deepcopy(layer).grad_recycler._storages
+
+
+class TestCpuFastPathSwitch:
+    """One switch turns every CPU fast path off; the plain path then computes the same train step."""
+
+    @staticmethod
+    def _step(enabled: bool, monkeypatch) -> tuple:
+        from timm_moejet.layers import cpu_fast_path
+        calls = []
+        original = cpu_fast_path._WeightGradInLayout.apply
+        monkeypatch.setattr(cpu_fast_path._WeightGradInLayout, 'apply', lambda *a: calls.append(1) or original(*a))
+        previous = cpu_fast_path.set_enabled(enabled)
+        try:
+            layer = make_layer().train()
+            x = torch.randn(3, 17, 48, generator=torch.Generator().manual_seed(1), requires_grad=True)
+            out = layer(x)
+            grads = torch.autograd.grad(out.square().sum(), [x] + list(layer.parameters()))
+        finally:
+            cpu_fast_path.set_enabled(previous)
+        return out, grads, len(calls)
+
+    def test_switched_off_the_plain_path_gives_the_same_step(self, monkeypatch):
+        out_fast, grads_fast, calls_fast = self._step(True, monkeypatch)
+        out_plain, grads_plain, calls_plain = self._step(False, monkeypatch)
+        assert calls_fast == 4 and calls_plain == 0  # fc1 and fc2 of both expert groups
+        torch.testing.assert_close(out_plain, out_fast, rtol=0, atol=1e-6)
+        for a, b in zip(grads_plain, grads_fast):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+    def test_switched_off_expert_dropout_is_torch_dropout(self):
+        from timm_moejet.layers import cpu_fast_path
+        x = torch.ones(1000)
+        previous = cpu_fast_path.set_enabled(False)
+        try:
+            torch.manual_seed(5)
+            off = ExpertDropout(0.4).train()(x)
+        finally:
+            cpu_fast_path.set_enabled(previous)
+        torch.manual_seed(5)
+        assert torch.equal(off, F.dropout(x, 0.4, True))
+        torch.manual_seed(5)
+        assert not torch.equal(ExpertDropout(0.4).train()(x), off)  # on: the lane generator, another stream
+
+    def test_environment_switch(self):
+        import subprocess
+        import sys
+        code = 'from timm_moejet.layers import cpu_fast_path; print(cpu_fast_path.enabled())'
+        for value, expected in (('0', 'False'), ('1', 'True')):
+            env = dict(os.environ, TIMM_MOEJET_CPU_FAST_PATH=value)
+            out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, check=True)
+            assert out.stdout.strip() == expected

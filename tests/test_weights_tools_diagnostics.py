@@ -36,8 +36,8 @@ class _OneLayer(nn.Module):
 
 def _layer(seed: int = 0, combine: str = 'entmax15') -> SpheroMoE:
     torch.manual_seed(seed)
-    layer = SpheroMoE(16, num_core=3, num_univ=5, core_hidden=32, univ_hidden=8, combine=combine,
-                      temperature_init=0.1, expert_drop=0.)
+    layer = SpheroMoE(16, num_core_experts=3, num_univ_experts=5, core_hidden=32, univ_hidden=8, moe_combine=combine,
+                      moe_temperature_init=0.1, moe_expert_drop=0.)
     for p in layer.parameters():  # move every parameter off its init, so biases are not all zero
         p.data.add_(torch.randn_like(p) * 0.1)
     return layer.eval()

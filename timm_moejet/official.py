@@ -16,15 +16,11 @@ from safetensors import SafetensorError, safe_open
 from .checkpoint_io import check_state_dict_fits, load_state_dict_file, unwrap_state_dict
 from .errors import InvalidArgument, InvalidArgumentType, InvalidCheckpoint
 from .layers import experts_to_be_loaded
-from .layers.sphero_moe import SpheroMoESettings
-from .settings import boolean, int_sequence, integer, kwarg_names, real
+from .settings import boolean, int_sequence, integer, real
 
 __all__ = ['load_official', 'official_config_to_kwargs', 'convert_official_state_dict', 'is_official_state_dict']
 
 _logger = logging.getLogger(__name__)
-
-# our create_model kwarg of a SpheroMoE setting, by field name
-_MOE = {field: kwarg for kwarg, field in kwarg_names(SpheroMoESettings).items()}
 
 # official kwarg -> ours (same meaning)
 _DIRECT = {
@@ -44,11 +40,11 @@ _DIRECT = {
     'attn_drop_rate': 'attn_drop_rate',
     'proj_drop_rate': 'proj_drop_rate',
     'drop_path_rate': 'drop_path_rate',
-    'slots_per_expert': _MOE['slots_per_expert'],
-    'core_experts': _MOE['num_core'],
-    'univ_experts': _MOE['num_univ'],
-    'slot_layernorm': _MOE['slot_norm'],
-    'moe_droprate': _MOE['expert_drop'],
+    'slots_per_expert': 'slots_per_expert',
+    'core_experts': 'num_core_experts',
+    'univ_experts': 'num_univ_experts',
+    'slot_layernorm': 'moe_slot_norm',
+    'moe_droprate': 'moe_expert_drop',
     'moe_drop_path_rate': 'moe_drop_path_rate',
 }
 # accepted and handled below, or accepted because they change nothing in the released forward
@@ -113,19 +109,19 @@ def official_config_to_kwargs(config: Mapping[str, Any]) -> Dict[str, Any]:
     kwargs = {ours: cfg[theirs] for theirs, ours in _DIRECT.items() if theirs in cfg}
     kwargs['moe_blocks'] = tuple(int(i) for i in cfg['moe_layers'])
     core_hidden = int(cfg['embed_dim'] * cfg['mlp_ratio'] * cfg.get('compress_ratio', 1.0))
-    kwargs[_MOE['core_hidden']] = core_hidden
-    kwargs[_MOE['univ_hidden']] = int(round(core_hidden * cfg.get('univ_factor', 0.25)))
-    if kwargs[_MOE['univ_hidden']] < 1:
+    kwargs['core_hidden'] = core_hidden
+    kwargs['univ_hidden'] = int(round(core_hidden * cfg.get('univ_factor', 0.25)))
+    if kwargs['univ_hidden'] < 1:
         raise InvalidArgument(f'univ_factor {cfg.get("univ_factor", 0.25):g} gives universal experts of '
                               f'{core_hidden} x {cfg.get("univ_factor", 0.25):g} < 1 hidden unit; the official '
                               f'univ_factor must give at least one.')
-    kwargs.setdefault(_MOE['num_univ'], int(round(cfg['core_experts'] / cfg.get('univ_factor', 0.25))))
+    kwargs.setdefault('num_univ_experts', int(round(cfg['core_experts'] / cfg.get('univ_factor', 0.25))))
     if cfg.get('add_noise', True):
         if 'noise_mult' in cfg:
-            kwargs[_MOE['noise_std']] = float(cfg['noise_mult'])
+            kwargs['moe_noise_std'] = float(cfg['noise_mult'])
     else:
-        kwargs[_MOE['noise_std']] = 0.
-    kwargs[_MOE['slot_norm_eps']] = 1e-5  # the official slot LayerNorm is a plain nn.LayerNorm(dim)
+        kwargs['moe_noise_std'] = 0.
+    kwargs['moe_slot_norm_eps'] = 1e-5  # the official slot LayerNorm is a plain nn.LayerNorm(dim)
     return kwargs
 
 

@@ -159,27 +159,22 @@ def kwarg_names(cls: Any) -> Dict[str, str]:
     return {(f.metadata['kwarg'] or f.name): f.name for f in _settings_fields(cls)}
 
 
-def check_fields(obj: Any, label_by: str = 'kwarg') -> None:
-    """Check (and normalise, on a frozen dataclass too) every setting of ``obj``; call from ``__post_init__``.
-
-    Args:
-        obj: The dataclass instance.
-        label_by: Name values in messages by their 'kwarg' or by their 'field' name.
-    """
+def check_fields(obj: Any) -> None:
+    """Check (and normalise, on a frozen dataclass too) every setting of ``obj``, naming each by its ``create_model``
+    kwarg in messages; call from ``__post_init__``."""
     for f in _settings_fields(obj):
-        label = (f.metadata['kwarg'] or f.name) if label_by == 'kwarg' else f.name
-        object.__setattr__(obj, f.name, f.metadata['check'](label, getattr(obj, f.name)))
+        object.__setattr__(obj, f.name, f.metadata['check'](f.metadata['kwarg'] or f.name, getattr(obj, f.name)))
 
 
 def from_kwargs(cls: Any, kwargs: Dict[str, Any], pop: bool = True) -> Any:
-    """Build ``cls`` from the ``create_model`` kwargs it owns (popped from ``kwargs`` unless ``pop`` is False); values
-    are checked under their kwarg names, so messages name what the caller wrote."""
+    """Build ``cls`` from the ``create_model`` kwargs it owns (popped from ``kwargs`` unless ``pop`` is False); its
+    constructor checks the values under their kwarg names, so messages name what the caller wrote."""
     values = {}
     for f in _settings_fields(cls):
         name = f.metadata['kwarg'] or f.name
         if name in kwargs:
-            values[f.name] = f.metadata['check'](name, kwargs.pop(name) if pop else kwargs[name])
-    return cls(**values)
+            values[f.name] = kwargs.pop(name) if pop else kwargs[name]
+    return cls(**values)  # its __post_init__ checks each value, once
 
 
 def unknown_kwargs_message(owner: str, unknown: Iterable[str], valid: Iterable[str]) -> str:

@@ -13,7 +13,8 @@ MoE Jetpack code, except where that code is buggy (see docs/deviations.md).
 import contextlib
 import dataclasses
 import math
-from typing import Callable, Iterator, List, NamedTuple, Optional, Tuple, Type
+import warnings
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
@@ -23,9 +24,10 @@ from torch.jit import Final
 from ..errors import InvalidArgument, InvalidArgumentType
 from ..settings import boolean, check_fields, choice, integer, optional, real, setting
 from .entmax import entmax15_halved
-from .experts import BatchedExperts, autocast_dtype, fx_tracing
+from .expert_ops import autocast_dtype, fx_tracing
+from .experts import BatchedExperts
 
-__all__ = ['SpheroMoE', 'SpheroMoESettings', 'COMBINE_MODES', 'RoutingRecord', 'record_routing']
+__all__ = ['SpheroMoE', 'SpheroMoESettings', 'COMBINE_MODES', 'RoutingRecord', 'record_routing', 'layer_settings']
 
 COMBINE_MODES = ('entmax15', 'softmax')
 
@@ -36,49 +38,73 @@ torch.fx.wrap('entmax15_halved')
 
 @dataclasses.dataclass(frozen=True)
 class SpheroMoESettings:
-    """The settings of a SpheroMoE layer. Field names are the layer's keyword arguments; each field also names the
-    ``create_model`` kwarg that sets it for every MoE layer of a model."""
-    num_core: int = setting(98, integer(0), 'Core experts per MoE layer (large hidden).', 'num_core_experts')
-    num_univ: int = setting(196, integer(0), 'Universal experts per MoE layer (small hidden); 0: a single path.',
-                            'num_univ_experts')
+    """The settings of a SpheroMoE layer, one name each from ``create_model`` to the layer.
+
+    A field's name is the ``create_model`` kwarg that sets it for every MoE layer of a model and the layer's keyword
+    argument. Expert counts and sizes name experts already; every other setting starts with ``moe_``, so that it
+    cannot be mistaken for a kwarg of the timm model around it. Constructing the object checks every value once;
+    the layer takes it as it is (``SpheroMoE(dim, settings=...)``).
+    """
+    num_core_experts: int = setting(98, integer(0), 'Core experts per MoE layer (large hidden).')
+    num_univ_experts: int = setting(196, integer(0),
+                                    'Universal experts per MoE layer (small hidden); 0: a single path.')
     core_hidden: Optional[int] = setting(
-        None, optional(integer(1)), "Hidden units of a core expert (None: the block's MLP hidden, e.g. 4 x width).",
-        'core_hidden')
+        None, optional(integer(1)), "Hidden units of a core expert (None: the block's MLP hidden, e.g. 4 x width).")
     univ_hidden: Optional[int] = setting(
-        None, optional(integer(1)), 'Hidden units of a universal expert (None: a quarter of core_hidden).',
-        'univ_hidden')
-    slots_per_expert: int = setting(1, integer(1), 'Slots per expert; slots = (core + universal) x this.',
-                                    'slots_per_expert')
-    combine: str = setting('entmax15', choice(lambda: COMBINE_MODES),
-                           'Combine over slots: entmax15 (sparse, released) or softmax (paper text, Soft MoE).',
-                           'moe_combine')
-    temperature_init: float = setting(0.5, real(0., min_open=True),
-                                      'Initial routing temperature (logits are divided by it); learned, kept > 0.',
-                                      'moe_temperature_init')
-    shared_temperature: bool = setting(False, boolean(), 'One temperature for dispatch and combine instead of two.',
-                                       'moe_shared_temperature')
-    noise_std: Optional[float] = setting(None, optional(real(0.)),
-                                         'Std of the Gaussian logit noise in training (None: 1 / slots; 0: off).',
-                                         'moe_noise_std')
-    slot_norm: bool = setting(True, boolean(), 'LayerNorm on the slot queries before the L2 normalisation.',
-                              'moe_slot_norm')
-    slot_norm_eps: float = setting(1e-5, real(0., min_open=True), 'Epsilon of the slot-query LayerNorm.',
-                                   'moe_slot_norm_eps')
-    expert_drop: float = setting(0.4, real(0., 1., max_open=True),
-                                 'Dropout inside every expert (after the activation and after fc2).', 'moe_expert_drop')
-    l2_eps: float = setting(1e-6, real(0., min_open=True), 'Epsilon of the L2 normalisation: x / (||x|| + eps).',
-                            'moe_l2_eps')
+        None, optional(integer(1)), 'Hidden units of a universal expert (None: a quarter of core_hidden).')
+    slots_per_expert: int = setting(1, integer(1), 'Slots per expert; slots = (core + universal) x this.')
+    moe_combine: str = setting('entmax15', choice(lambda: COMBINE_MODES),
+                               'Combine over slots: entmax15 (sparse, released) or softmax (paper text, Soft MoE).')
+    moe_temperature_init: float = setting(0.5, real(0., min_open=True),
+                                          'Initial routing temperature (logits are divided by it); learned, kept > 0.')
+    moe_shared_temperature: bool = setting(False, boolean(),
+                                           'One temperature for dispatch and combine instead of two.')
+    moe_noise_std: Optional[float] = setting(None, optional(real(0.)),
+                                             'Std of the Gaussian logit noise in training (None: 1 / slots; 0: off).')
+    moe_slot_norm: bool = setting(True, boolean(), 'LayerNorm on the slot queries before the L2 normalisation.')
+    moe_slot_norm_eps: float = setting(1e-5, real(0., min_open=True), 'Epsilon of the slot-query LayerNorm.')
+    moe_expert_drop: float = setting(0.4, real(0., 1., max_open=True),
+                                     'Dropout inside every expert (after the activation and after fc2).')
+    moe_l2_eps: float = setting(1e-6, real(0., min_open=True), 'Epsilon of the L2 normalisation: x / (||x|| + eps).')
 
     def __post_init__(self) -> None:
-        check_fields(self, label_by='field')
-        if self.num_core + self.num_univ == 0:
-            raise InvalidArgument('SpheroMoE needs at least one expert: num_core and num_univ (create_model: '
-                                  'num_core_experts, num_univ_experts) are both 0.')
+        check_fields(self)
+        if self.num_core_experts + self.num_univ_experts == 0:
+            raise InvalidArgument('SpheroMoE needs at least one expert: num_core_experts and num_univ_experts are '
+                                  'both 0.')
 
     def hidden_sizes(self, hidden_features: int) -> Tuple[int, int]:
         """Core and universal hidden sizes given the block's MLP hidden size."""
         core = self.core_hidden if self.core_hidden is not None else hidden_features
         return core, (self.univ_hidden if self.univ_hidden is not None else max(1, core // 4))
+
+
+# the layer's keyword names before settings took one name each: accepted for now, with a DeprecationWarning
+DEPRECATED_NAMES = {
+    'num_core': 'num_core_experts', 'num_univ': 'num_univ_experts', 'combine': 'moe_combine',
+    'temperature_init': 'moe_temperature_init', 'shared_temperature': 'moe_shared_temperature',
+    'noise_std': 'moe_noise_std', 'slot_norm': 'moe_slot_norm', 'slot_norm_eps': 'moe_slot_norm_eps',
+    'expert_drop': 'moe_expert_drop', 'l2_eps': 'moe_l2_eps',
+}
+
+
+def layer_settings(settings: Optional[SpheroMoESettings], kwargs: Dict[str, Any]) -> SpheroMoESettings:
+    """The layer's settings: ``settings`` (default: the defaults) with ``kwargs`` (setting names) applied."""
+    names = [f.name for f in dataclasses.fields(SpheroMoESettings)]
+    values = {}
+    for name, value in kwargs.items():
+        if name in DEPRECATED_NAMES:
+            warnings.warn(f'SpheroMoE({name}=...) is deprecated; the setting is named {DEPRECATED_NAMES[name]} '
+                          f'everywhere now (create_model, the layer, the docs).', DeprecationWarning, stacklevel=3)
+            name = DEPRECATED_NAMES[name]
+        if name not in names:
+            raise InvalidArgumentType(f'SpheroMoE got unknown argument {name!r}; its settings are {", ".join(names)}.')
+        values[name] = value
+    if settings is None:
+        return SpheroMoESettings(**values)
+    if not isinstance(settings, SpheroMoESettings):
+        raise InvalidArgumentType(f'SpheroMoE settings must be a SpheroMoESettings, got {type(settings).__name__}.')
+    return dataclasses.replace(settings, **values) if values else settings
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -117,7 +143,8 @@ class RoutingRecord(NamedTuple):
 class SpheroMoE(nn.Module):
     """SpheroMoE layer (soft routing on the hypersphere, adaptive dual path).
 
-    With ``num_univ=0, combine='softmax', shared_temperature=True, slot_norm=False, temperature_init=1.0`` the
+    With ``num_univ_experts=0, moe_combine='softmax', moe_shared_temperature=True, moe_slot_norm=False,
+    moe_temperature_init=1.0`` the
     same code is a Soft MoE layer (Puigcerver et al. 2024) with L2-normalised routing and one learnable scale.
     """
     sparse_combine: Final[bool]
@@ -139,7 +166,8 @@ class SpheroMoE(nn.Module):
             drop_path: float = 0.,
             device=None,
             dtype=None,
-            **settings,
+            settings: Optional[SpheroMoESettings] = None,
+            **kwargs: Any,
     ) -> None:
         """
         Args:
@@ -149,18 +177,14 @@ class SpheroMoE(nn.Module):
             norm_layer: timm's ``Mlp`` norm after the activation (``scale_mlp_norm``): not supported, must be None.
             bias: Biases in the experts.
             drop: Dropout on the layer output (timm's projection dropout); the experts' own dropout is the
-                ``expert_drop`` setting.
+                ``moe_expert_drop`` setting.
             drop_path: Per-sample drop path on the layer output (the released "MoE drop path").
-            **settings: Fields of :class:`SpheroMoESettings` (``num_core``, ``num_univ``, ``combine``, ...).
+            settings: The layer's checked settings (a model passes its own; default: the defaults).
+            **kwargs: Settings by name (``num_core_experts``, ``moe_combine``, ...), applied over ``settings``.
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        unknown = set(settings) - {f.name for f in dataclasses.fields(SpheroMoESettings)}
-        if unknown:
-            raise InvalidArgumentType(
-                f'SpheroMoE got unknown argument(s) {sorted(unknown)}; its settings are '
-                f'{", ".join(f.name for f in dataclasses.fields(SpheroMoESettings))}.')
-        cfg = SpheroMoESettings(**settings)
+        cfg = layer_settings(settings, kwargs)
         in_features = integer(1)('in_features', in_features)
         if norm_layer is not None:
             raise InvalidArgument(
@@ -171,28 +195,30 @@ class SpheroMoE(nn.Module):
         hidden = integer(1)('hidden_features', hidden_features) if hidden_features is not None else 4 * in_features
         core_hidden, univ_hidden = cfg.hidden_sizes(hidden)
 
+        # the settings as given, and the values the forward reads as plain attributes (TorchScript reads no dataclass)
         self.settings = cfg
         self.dim = in_features
-        self.num_core = cfg.num_core
-        self.num_univ = cfg.num_univ
+        self.num_core = cfg.num_core_experts
+        self.num_univ = cfg.num_univ_experts
         self.slots_per_expert = cfg.slots_per_expert
-        self.num_slots = (cfg.num_core + cfg.num_univ) * cfg.slots_per_expert
-        self.num_core_slots = cfg.num_core * cfg.slots_per_expert
-        self.group_slots = [n * cfg.slots_per_expert for n in (cfg.num_core, cfg.num_univ) if n]
-        self.combine = cfg.combine
-        self.sparse_combine = cfg.combine == 'entmax15'
-        self.noise_std = float(1. / self.num_slots if cfg.noise_std is None else cfg.noise_std)
-        self.eps = cfg.l2_eps
-        self.temperature_init = cfg.temperature_init
+        self.num_slots = (self.num_core + self.num_univ) * cfg.slots_per_expert
+        self.num_core_slots = self.num_core * cfg.slots_per_expert
+        self.group_slots = [n * cfg.slots_per_expert for n in (self.num_core, self.num_univ) if n]
+        self.combine = cfg.moe_combine
+        self.sparse_combine = cfg.moe_combine == 'entmax15'
+        self.noise_std = float(1. / self.num_slots if cfg.moe_noise_std is None else cfg.moe_noise_std)
+        self.eps = cfg.moe_l2_eps
+        self.temperature_init = cfg.moe_temperature_init
 
         self.slot_queries = nn.Parameter(torch.empty(self.num_slots, in_features, **dd))
-        self.slot_norm = nn.LayerNorm(in_features, eps=cfg.slot_norm_eps, **dd) if cfg.slot_norm else nn.Identity()
+        self.slot_norm = nn.LayerNorm(in_features, eps=cfg.moe_slot_norm_eps, **dd) if cfg.moe_slot_norm \
+            else nn.Identity()
         # log-parametrised so the temperature stays positive (the released scalars could reach 0 or flip sign)
-        self.log_temperature = nn.Parameter(torch.empty(1 if cfg.shared_temperature else 2, **dd))
+        self.log_temperature = nn.Parameter(torch.empty(1 if cfg.moe_shared_temperature else 2, **dd))
         experts = dict(dim=in_features, slots_per_expert=cfg.slots_per_expert, act_layer=act_layer,
-                       drop=cfg.expert_drop, bias=bias, **dd)
-        self.core = BatchedExperts(cfg.num_core, hidden_features=core_hidden, **experts) if cfg.num_core else None
-        self.univ = BatchedExperts(cfg.num_univ, hidden_features=univ_hidden, **experts) if cfg.num_univ else None
+                       drop=cfg.moe_expert_drop, bias=bias, **dd)
+        self.core = BatchedExperts(self.num_core, hidden_features=core_hidden, **experts) if self.num_core else None
+        self.univ = BatchedExperts(self.num_univ, hidden_features=univ_hidden, **experts) if self.num_univ else None
         self.out_drop = nn.Dropout(drop) if drop > 0. else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         # routing records (record_routing): off, a constant False that compiled and scripted graphs fold away

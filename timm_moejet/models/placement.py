@@ -1,8 +1,8 @@
 """ Where a MoE model puts its SpheroMoE layers, shared by the model families.
 
 A family's constructor pops its MoE kwargs with :func:`pop_moe_kwargs`: the placement (``moe_blocks``,
-``moe_drop_path_rate``) and the layer settings (every field of ``SpheroMoESettings`` under its ``create_model``
-name), each checked once by its settings class. :meth:`MoEPlacement.layer_factories` then gives, for every MoE
+``moe_drop_path_rate``) and the layer settings (every field of ``SpheroMoESettings``, by the same name), each
+checked once by its settings class. :meth:`MoEPlacement.layer_factories` then gives, for every MoE
 block, the ``functools.partial`` of ``SpheroMoE`` that timm's block calls as its ``mlp_layer`` (ViT), or that the
 family calls in place of a block's MLP (ConvNeXt, whose expert counts differ per stage: per-block overrides).
 """
@@ -14,7 +14,7 @@ from timm.layers import calculate_drop_path_rates
 
 from ..errors import InvalidArgument
 from ..layers import SpheroMoE, SpheroMoESettings
-from ..settings import check_fields, from_kwargs, int_sequence, kwarg_names, optional, real, setting
+from ..settings import check_fields, from_kwargs, int_sequence, optional, real, setting
 
 __all__ = ['MoEPlacement', 'pop_moe_kwargs']
 
@@ -47,22 +47,20 @@ class MoEPlacement:
             settings: SpheroMoESettings,
             overrides: Optional[Mapping[int, Mapping[str, Any]]] = None,
     ) -> Dict[int, Callable[..., SpheroMoE]]:
-        """Block index -> ``partial(SpheroMoE, drop_path=..., **settings)`` for every MoE block.
+        """Block index -> ``partial(SpheroMoE, drop_path=..., settings=...)`` for every MoE block.
 
         Args:
             depth: Blocks of the model (counted over all stages).
             settings: The layer settings shared by every MoE block.
-            overrides: Block index -> settings that differ in that block, by ``create_model`` kwarg name (e.g. a
-                stage's ``num_core_experts``); checked as the shared ones are.
+            overrides: Block index -> settings that differ in that block, by name (e.g. a stage's
+                ``num_core_experts``); checked as the shared ones are.
         """
         rates = calculate_drop_path_rates(self.moe_drop_path_rate, depth)
-        field_of = kwarg_names(SpheroMoESettings)
         factories = {}
         for i in self.blocks(depth):
-            changes = {field_of[k]: v for k, v in ((overrides or {}).get(i) or {}).items()}
+            changes = (overrides or {}).get(i)
             block_settings = dataclasses.replace(settings, **changes) if changes else settings
-            fields = {f.name: getattr(block_settings, f.name) for f in dataclasses.fields(SpheroMoESettings)}
-            factories[i] = partial(SpheroMoE, drop_path=rates[i], **fields)
+            factories[i] = partial(SpheroMoE, drop_path=rates[i], settings=block_settings)
         return factories
 
 
@@ -71,7 +69,7 @@ def pop_moe_kwargs(kwargs: Dict[str, Any], **defaults: Any) -> Tuple[MoEPlacemen
 
     Args:
         kwargs: The constructor kwargs (modified in place); what remains goes to the timm base class.
-        **defaults: Family defaults for layer settings, by ``create_model`` kwarg name.
+        **defaults: Family defaults for layer settings, by name.
     """
     placement = from_kwargs(MoEPlacement, kwargs)
     for name, value in defaults.items():

@@ -1,0 +1,159 @@
+""" CPU fast paths for eager training of the experts, behind one switch.
+
+Three costs of an eager train step on the CPU that a GPU does not have, each removed here:
+
+- **Weight gradient in the parameter's layout.** Autograd's ``bmm`` backward makes the gradient of ``W^T``
+  ([E, in, out]) and then copies it into W's [E, out, in] layout; a small ``autograd.Function`` computes it in place.
+- **Recycled gradient memory.** timm's ``train.py`` sets gradients to None before every step, so each backward
+  allocates the expert weight gradients afresh (174 MB per ViT-T MoE layer); glibc serves such blocks with ``mmap``
+  and every page faults on first touch (27 ms per 58 MB on a 2-core EPYC). A :class:`GradRecycler` hands the memory
+  back to the next backward. CUDA's caching allocator already does this.
+- **Lane-mask dropout.** The CPU generator runs on one core; drawing the expert dropout masks as 16-bit lanes of
+  64-bit random words (:func:`lane_dropout_scale`) makes about 6x fewer generator calls than ``torch.rand``.
+
+They apply to CPU tensors in eager mode only: never on other devices, under ``torch.compile``, torch.fx or
+TorchScript, where the plain ops in :mod:`.expert_ops` and ``F.dropout`` run. Set ``TIMM_MOEJET_CPU_FAST_PATH=0``
+in the environment, or call :func:`set_enabled`, to turn all three off (the plain path then runs on the CPU too).
+The figures that keep them are in docs/benchmarks.md ("CPU fast paths").
+"""
+import os
+from typing import Any, Dict, Optional
+
+import torch
+
+from .expert_ops import autocast_dtype, batched_linear_ops, fx_tracing
+
+__all__ = ['enabled', 'set_enabled', 'applies', 'batched_linear', 'dropout', 'lane_dropout_scale', 'GradRecycler']
+
+ENV_SWITCH = 'TIMM_MOEJET_CPU_FAST_PATH'
+_enabled = os.environ.get(ENV_SWITCH, '1').strip() not in ('0', 'false', 'False', 'off')
+
+
+def enabled() -> bool:
+    """Whether the CPU fast paths are on (the default; ``TIMM_MOEJET_CPU_FAST_PATH=0`` turns them off)."""
+    return _enabled
+
+
+def set_enabled(flag: bool) -> bool:
+    """Turn the CPU fast paths on or off for this process; returns the previous setting."""
+    global _enabled
+    previous, _enabled = _enabled, bool(flag)
+    return previous
+
+
+@torch.jit.unused
+def applies(x: torch.Tensor) -> bool:
+    """True where a fast path may run on ``x``: switched on, a CPU tensor, eager (not traced or compiled)."""
+    return _enabled and not fx_tracing(x) and x.device.type == 'cpu' and not torch.compiler.is_compiling()
+
+
+class GradRecycler:
+    """Keeps the memory of one weight's gradient between train steps, and hands it to the next backward.
+
+    The storage is reused only while nothing else holds it (``p.grad`` was set to None and no other tensor views it),
+    so a gradient a caller kept from an earlier step never changes. With ``p.grad`` present (gradient accumulation) a
+    second storage receives the new gradient, which autograd then adds into ``p.grad``. The owner calls
+    :meth:`clear` when it leaves training or moves.
+    """
+
+    def __init__(self) -> None:
+        self._storages: Dict[bool, torch.UntypedStorage] = {}
+
+    def clear(self) -> None:
+        self._storages.clear()
+
+    def buffer(self, weight: torch.Tensor) -> torch.Tensor:
+        """A tensor of ``weight``'s shape for its next gradient: recycled memory where free, else fresh."""
+        accumulating = weight.grad is not None
+        storage = self._storages.get(accumulating)
+        nbytes = weight.numel() * weight.element_size()
+        if (storage is not None and storage.nbytes() == nbytes and storage.device == weight.device
+                and torch._C._storage_Use_Count(storage._cdata) == 1):
+            return torch.empty(0, dtype=weight.dtype, device=weight.device).set_(storage, 0, weight.shape)
+        out = torch.empty_like(weight, memory_format=torch.contiguous_format)
+        self._storages[accumulating] = out.untyped_storage()
+        return out
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> 'GradRecycler':
+        return GradRecycler()  # memory, not state: a copy starts empty
+
+    def __getstate__(self) -> Dict[str, Any]:
+        return {'_storages': {}}
+
+
+# the use count of a storage is a private query: without it (another torch), gradients are fresh every step
+_RECYCLING = hasattr(torch._C, '_storage_Use_Count')
+
+
+class _WeightGradInLayout(torch.autograd.Function):
+    """x @ W^T + b per expert, with the weight gradient computed straight in W's [E, out, in] layout (into recycled
+    memory when a :class:`GradRecycler` is given)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                recycler: Optional[GradRecycler]) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        ctx.recycler = recycler
+        return batched_linear_ops(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            out = ctx.recycler.buffer(weight) if ctx.recycler is not None else None
+            grad_w = torch.bmm(grad.transpose(1, 2), x, out=out)
+        grad_b = grad.sum(1) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None
+
+
+@torch.jit.unused
+def batched_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                   recycler: Optional[GradRecycler] = None) -> torch.Tensor:
+    """The experts' linear layer for a CPU train step (call where :func:`applies`): the plain ops' values, with the
+    weight gradient in W's layout and, for a float32 leaf weight, in recycled memory."""
+    dtype = autocast_dtype(x)
+    if dtype is not None:
+        # cast as autocast would for bmm/baddbmm; the casts are ordinary ops, so the weight gradient reaches the
+        # float32 parameter as autocast's would
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return _WeightGradInLayout.apply(
+                x.to(dtype), weight.to(dtype), bias.to(dtype) if bias is not None else None, None)
+    if weight.dtype != x.dtype:
+        # experts kept in a lower precision (cast_experts): compute in theirs, answer in the caller's
+        return _WeightGradInLayout.apply(x.to(weight.dtype), weight, bias, None).to(x.dtype)
+    if not _RECYCLING or not weight.is_leaf:
+        recycler = None
+    return _WeightGradInLayout.apply(x, weight, bias, recycler)
+
+
+_LANE_VALUES = 1 << 16  # a keep decision per 16-bit lane: four per 64-bit random word
+
+
+@torch.jit.unused
+def dropout(x: torch.Tensor, p: float) -> Optional[torch.Tensor]:
+    """Lane-mask dropout of ``x`` in training; None where ``F.dropout`` applies instead (where no fast path
+    :func:`applies`, and for p beyond the lanes' resolution)."""
+    if not applies(x) or not 0 < round(p * _LANE_VALUES) < _LANE_VALUES:
+        return None
+    return x * lane_dropout_scale(x, p)
+
+
+@torch.jit.unused
+def lane_dropout_scale(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Dropout's multiplier for ``x``: 0 with probability ``p``, else the inverse of the keep probability.
+
+    Drawn as 16-bit lanes of 64-bit random words: each lane is uniform on 65536 values and drops below
+    ``round(p * 65536)``, so the drop probability is ``p`` to within 2**-17, and kept values are scaled by the inverse
+    of the exact keep probability (the expectation stays exact). The random stream differs from ``nn.Dropout``'s.
+    The multiplier is built in float (a bool mask is ~5x slower to multiply by here).
+    """
+    n = x.numel()
+    drop_below = round(p * _LANE_VALUES)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2 ** 63, None)
+    lanes = words.view(torch.int16)[:n].view(x.shape)
+    # compared in float32, which holds every lane exactly (bfloat16 would round them)
+    keep = lanes.float().ge_(drop_below - _LANE_VALUES // 2).mul_(_LANE_VALUES / (_LANE_VALUES - drop_below))
+    return keep if x.dtype == torch.float32 else keep.to(x.dtype)
