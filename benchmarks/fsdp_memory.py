@@ -22,6 +22,7 @@ import timm
 import torch
 
 import timm_moejet  # noqa: F401  (registers the models)
+from timm_moejet.cost import num_params
 from timm_moejet.parallel import plan_shards
 
 MODELS = ('moejet_vit_tiny', 'moejet_vit_small', 'moejet_vit_base', 'moejet_convnext_femto')
@@ -37,7 +38,7 @@ def rows(models: Sequence[str], ranks: Sequence[int]) -> List[List[str]]:
     for name in models:
         with torch.device('meta'):
             model = timm.create_model(name)
-        total = sum(p.numel() for p in model.parameters())
+        total = num_params(model)
         for n in ranks:
             plan = plan_shards(model, n)
             local = plan.local_numel(model)

@@ -44,6 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import timm_moejet  # noqa: F401  (registers the moejet_* models)
 from benchmarks.roofline import MachineRates, count_big_ops, measure_rates
 from timm_moejet.checkpoint_io import atomic_write_bytes
+from timm_moejet.cost import num_params
 from timm_moejet.layers import SpheroMoE
 
 LAYER_TOKENS, LAYER_DIM, LAYER_HIDDEN = 197, 192, 768
@@ -362,7 +363,7 @@ def measure_pair(name: str, args: argparse.Namespace, device: torch.device, rate
         for m in members:
             m.runner = torch.compile(m.module)
     result: Dict[str, Any] = dict(pair=name, members=[m.name for m in members],
-                                  params=[sum(p.numel() for p in m.module.parameters()) for m in members],
+                                  params=[num_params(m.module) for m in members],
                                   macs_per_image=[macs_per_image(m) for m in members], batches=[], skipped=[])
     per_image: Optional[float] = None
     for b in args.batch_sizes or PAIRS[name].batch_sizes:

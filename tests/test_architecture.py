@@ -178,3 +178,25 @@ def test_imported_vit_base_names_its_architecture(tmp_path):
     assert _architecture_for(official_config_to_kwargs(dict(config, embed_dim=512, num_heads=8))) == 'moejet_vit'
     assert _architecture_for(official_config_to_kwargs(dict(config, embed_dim=384, num_heads=6))) == \
         'moejet_vit_small_patch16_224'
+
+
+@pytest.mark.parametrize('training', [True, False])
+def test_eval_mode_restores_the_mode_on_every_exit(training):
+    from timm_moejet.modes import eval_mode
+    model = torch.nn.Sequential(torch.nn.Dropout(0.5)).train(training)
+    with eval_mode(model):
+        assert not model.training and not model[0].training
+    assert model.training == model[0].training == training
+    with pytest.raises(RuntimeError, match='inside'):
+        with eval_mode(model):
+            raise RuntimeError('inside')
+    assert model.training == model[0].training == training
+
+
+def test_one_place_restores_the_train_mode():
+    """Every switch to eval mode and back goes through ``eval_mode`` (no hand-written save and restore)."""
+    import pathlib
+    root = pathlib.Path(timm_moejet.__file__).parent
+    by_hand = [str(p.relative_to(root)) for p in root.rglob('*.py')
+               if 'was_training' in p.read_text() and p.name != 'modes.py']
+    assert by_hand == []

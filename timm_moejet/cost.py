@@ -7,8 +7,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from .layers import SpheroMoE
+from .modes import eval_mode
 
-__all__ = ['count_params', 'count_macs']
+__all__ = ['num_params', 'count_params', 'count_macs']
+
+
+def num_params(module: nn.Module) -> int:
+    """The number of parameter elements of ``module`` (meta tensors count too)."""
+    return sum(p.numel() for p in module.parameters())
 
 
 def count_params(model: nn.Module) -> Dict[str, int]:
@@ -18,13 +24,13 @@ def count_params(model: nn.Module) -> Dict[str, int]:
         ``total``; ``experts`` (in SpheroMoE expert groups); ``router`` (slot queries, slot norms, temperatures);
         ``dense`` (everything else).
     """
-    total = sum(p.numel() for p in model.parameters())
+    total = num_params(model)
     experts = router = 0
     for m in model.modules():
         if isinstance(m, SpheroMoE):
             for group in (m.core, m.univ):
                 if group is not None:
-                    experts += sum(p.numel() for p in group.parameters())
+                    experts += num_params(group)
             router += sum(p.numel() for n, p in m.named_parameters() if not n.startswith(('core.', 'univ.')))
     return dict(total=total, experts=experts, router=router, dense=total - experts - router)
 
@@ -54,15 +60,10 @@ def count_macs(
         input_size = getattr(model, 'pretrained_cfg', {}).get('input_size', (3, 224, 224))
     if device is None:
         device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        x = torch.randn(batch_size, *input_size, device=device)
-        counter = FlopCounterMode(display=False)
-        # the math backend decomposes attention into matmuls the counter sees (fused CPU kernels go uncounted)
-        with counter, sdpa_kernel(SDPBackend.MATH):
-            model(x)
-    finally:
-        model.train(was_training)
+    x = torch.randn(batch_size, *input_size, device=device)
+    counter = FlopCounterMode(display=False)
+    # the math backend decomposes attention into matmuls the counter sees (fused CPU kernels go uncounted)
+    with eval_mode(model), counter, sdpa_kernel(SDPBackend.MATH):
+        model(x)
     macs = counter.get_total_flops() / 2 / batch_size
     return dict(macs=macs, gmacs=macs / 1e9)

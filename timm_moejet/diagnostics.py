@@ -32,8 +32,10 @@ from typing import Dict, Iterable, List, Optional, Union
 import torch
 import torch.nn as nn
 
+from .cost import num_params
 from .errors import InvalidArgument
 from .layers import RoutingRecord, SpheroMoE, record_routing
+from .modes import eval_mode
 
 __all__ = ['LayerDiagnostics', 'router_diagnostics', 'format_diagnostics', 'plot_diagnostics', 'moe_layers',
            'active_parameters']
@@ -185,18 +187,13 @@ def router_diagnostics(
     for i, layer in layers.items():
         records.enter_context(record_routing(layer, accs[i].update))
     batches = [images] if isinstance(images, torch.Tensor) else images
-    was_training = model.training
-    model.eval()
     seen = 0
-    try:
+    with records, eval_mode(model):
         for batch in batches:
             if isinstance(batch, (tuple, list)):
                 batch = batch[0]
             model(batch.to(device))
             seen += batch.shape[0]
-    finally:
-        model.train(was_training)
-        records.close()
     if seen == 0:
         raise InvalidArgument('router_diagnostics got no images (empty batch or loader).')
     return [accs[i].result(i) for i in sorted(accs)]
@@ -212,15 +209,14 @@ def active_parameters(model: nn.Module, diagnostics: List[LayerDiagnostics]) -> 
     Returns:
         ``total``, ``per_image`` and ``per_token`` (a mean, hence a float).
     """
-    total = sum(p.numel() for p in model.parameters())
+    total = num_params(model)
     layers = moe_layers(model)
     per_token = float(total)
     for d in diagnostics:
         layer = layers[d.block]
         for group, active in ((layer.core, d.core_active), (layer.univ, d.univ_active)):
             if group is not None:
-                group_params = sum(p.numel() for p in group.parameters())
-                per_token -= group_params * (1. - active / group.num_experts)
+                per_token -= num_params(group) * (1. - active / group.num_experts)
     return dict(total=total, per_image=total, per_token=per_token)
 
 

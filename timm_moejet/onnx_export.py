@@ -20,6 +20,7 @@ import torch.nn as nn
 from .checkpoint_io import refuse_existing
 from .errors import ExportMismatch, InvalidArgument, NotFound
 from .extras import require
+from .modes import eval_mode
 from .settings import boolean, integer, optional, real
 
 __all__ = ['OnnxExport', 'export_onnx', 'onnx_max_abs_error']
@@ -73,20 +74,16 @@ def onnx_max_abs_error(onnx_file: PathLike, model: nn.Module, inputs: Sequence[t
     session = _ort_session(onnx_file)
     name = session.get_inputs()[0].name
     device = _device(model)
-    was_training = model.training
-    model.eval()
     worst = 0.
-    try:
+    with eval_mode(model):
         for x in inputs:
             with torch.no_grad():
                 expected = model(x.to(device=device, dtype=torch.float32)).float().cpu()
             got = torch.from_numpy(session.run(None, {name: x.float().cpu().numpy()})[0])
             if got.shape != expected.shape:
                 raise ExportMismatch(f'{onnx_file}: onnxruntime output shape {tuple(got.shape)} for input '
-                                   f'{tuple(x.shape)}, eager {tuple(expected.shape)}.')
+                                     f'{tuple(x.shape)}, eager {tuple(expected.shape)}.')
             worst = max(worst, float((got - expected).abs().max()))
-    finally:
-        model.train(was_training)
     return worst
 
 
@@ -177,23 +174,18 @@ def export_onnx(
     gen = torch.Generator().manual_seed(0)
     example = torch.randn(batch_size, *size, generator=gen).to(device)
     batch_sizes = tuple(sorted({*CHECK_BATCH_SIZES, batch_size + 4} - {batch_size})) if check else ()
-    was_training = model.training
-    model.eval()
-    try:
-        with tempfile.TemporaryDirectory(dir=output.parent, prefix=f'.{output.name}.') as tmp:
-            path = Path(tmp) / output.name
-            _export(model, example, path, opset, dynamo)
-            onnx.checker.check_model(os.fspath(path), full_check=True)
-            error = None
-            if check:
-                inputs = [torch.randn(b, *size, generator=gen) for b in batch_sizes]
-                error = onnx_max_abs_error(path, model, inputs)
-                if not error <= atol:
-                    raise ExportMismatch(f'{output.name}: onnxruntime differs from eager PyTorch by {error:.3g} '
-                                       f'(more than atol={atol:g}); the file was not written.')
-            # weights file (if any) first, the graph that names it last
-            for f in sorted(Path(tmp).iterdir(), key=lambda p: p.name == output.name):
-                os.replace(f, output.parent / f.name)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), tempfile.TemporaryDirectory(dir=output.parent, prefix=f'.{output.name}.') as tmp:
+        path = Path(tmp) / output.name
+        _export(model, example, path, opset, dynamo)
+        onnx.checker.check_model(os.fspath(path), full_check=True)
+        error = None
+        if check:
+            inputs = [torch.randn(b, *size, generator=gen) for b in batch_sizes]
+            error = onnx_max_abs_error(path, model, inputs)
+            if not error <= atol:
+                raise ExportMismatch(f'{output.name}: onnxruntime differs from eager PyTorch by {error:.3g} '
+                                     f'(more than atol={atol:g}); the file was not written.')
+        # weights file (if any) first, the graph that names it last
+        for f in sorted(Path(tmp).iterdir(), key=lambda p: p.name == output.name):
+            os.replace(f, output.parent / f.name)
     return OnnxExport(output, error, batch_sizes)

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import yaml
 
+from .cost import num_params
 from .errors import InvalidArgument, MoEJetError, OutputExists
 
 __all__ = ['main', 'parse_args', 'train', 'SyntheticImages']
@@ -297,7 +298,7 @@ def train(args: argparse.Namespace) -> int:
         output_dir.mkdir(parents=True, exist_ok=True)
         log = open(output_dir / 'steps.jsonl', 'a')
         (output_dir / 'args.yaml').write_text(yaml.safe_dump(vars(args), default_flow_style=False))
-        _logger.info(f'{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters sharded '
+        _logger.info(f'{args.model}: {num_params(model) / 1e6:.1f}M parameters sharded '
                      f'over {world} process(es), global batch {global_batch}, lr {args.lr:.3g}')
     for epoch in range(start_epoch, num_epochs):
         loader.sampler.set_epoch(epoch)

@@ -14,6 +14,8 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import dispatch_clip_grad
 
+from timm_moejet.modes import eval_mode
+
 __all__ = ['FinetuneConfig', 'train_classifier', 'evaluate', 'random_shift']
 
 
@@ -46,12 +48,10 @@ def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) ->
 @torch.no_grad()
 def evaluate(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, batch_size: int = 256) -> float:
     """Top-1 accuracy in percent."""
-    was_training = model.training
-    model.eval()
     correct = 0
-    for i in range(0, len(images), batch_size):
-        correct += (model(images[i:i + batch_size]).argmax(-1) == targets[i:i + batch_size]).sum().item()
-    model.train(was_training)
+    with eval_mode(model):
+        for i in range(0, len(images), batch_size):
+            correct += (model(images[i:i + batch_size]).argmax(-1) == targets[i:i + batch_size]).sum().item()
     return 100. * correct / max(1, len(images))
 
 

@@ -28,6 +28,7 @@ from safetensors import safe_open
 
 from ..checkpoint_io import save_safetensors_atomic
 from ..errors import DonorMismatch, InvalidArgument, InvalidCheckpoint, NotFound
+from ..modes import eval_mode
 from .families import family_of_state_dict
 
 __all__ = ['ActivationStats', 'collect_statistics', 'weights_hash', 'weight_proxy_statistics', 'METRICS']
@@ -316,16 +317,14 @@ def collect_statistics(
             acc = accs[f'blocks.{i}.{point}'] = _Accumulator(coact)
             handles.append(module.register_forward_hook(acc))
 
-    was_training = donor_model.training
     first = next(donor_model.parameters(), None)
     home = first.device if first is not None else torch.device('cpu')
-    donor_model.eval().to(device)
     num_batches = 0
     total = max_batches
     if total is None and hasattr(loader, '__len__'):
         total = len(loader)
     try:
-        with torch.no_grad():
+        with eval_mode(donor_model.to(device)), torch.no_grad():
             for batch in tqdm(loader, total=total, disable=not progress, desc='activation statistics'):
                 images = batch[0] if isinstance(batch, (tuple, list)) else batch
                 donor_model(images.to(device))
@@ -335,7 +334,7 @@ def collect_statistics(
     finally:
         for h in handles:
             h.remove()
-        donor_model.train(was_training).to(home)
+        donor_model.to(home)
     if num_batches == 0:
         raise InvalidArgument('the loader yielded no batches; activation statistics need at least one.')
 
