@@ -21,7 +21,7 @@ Inductor's FX graph and AOT autograd caches are off in these tests: a cache hit 
 decided and counted. No two cases share a graph, so the caches would only help a rerun; the compiled C++ kernels are
 still cached by source and shared between cases. Measured with a cold cache on a shared two-core CPU (load 2-4),
 the whole module in 3 min 40 s: the layer 21 s eval, 28 s train; ViT 19 s eval, 35 s train; ConvNeXt 34 s eval,
-77 s train (the four model cases 165 s; earlier runs under more load measured the layer at 78 s and 163 s).
+77 s train (the four model cases 165 s).
 """
 from typing import Callable, List, Tuple
 
