@@ -1,9 +1,7 @@
 """ CPU fast paths for eager training of the experts, behind one switch.
 
-Three costs of an eager train step on the CPU that a GPU does not have, each removed here:
+Two costs of an eager train step on the CPU that a GPU does not have, each removed here:
 
-- **Weight gradient in the parameter's layout.** Autograd's ``bmm`` backward makes the gradient of ``W^T``
-  ([E, in, out]) and then copies it into W's [E, out, in] layout; a small ``autograd.Function`` computes it in place.
 - **Recycled gradient memory.** timm's ``train.py`` sets gradients to None before every step, so each backward
   allocates the expert weight gradients afresh (174 MB per ViT-T MoE layer); glibc serves such blocks with ``mmap``
   and every page faults on first touch (27 ms per 58 MB on a 2-core EPYC). A :class:`GradRecycler` hands the memory
@@ -12,8 +10,8 @@ Three costs of an eager train step on the CPU that a GPU does not have, each rem
   64-bit random words (:func:`lane_dropout_scale`) makes about 6x fewer generator calls than ``torch.rand``.
 
 They apply to CPU tensors in eager mode only: never on other devices, under ``torch.compile``, torch.fx or
-TorchScript, where the plain ops in :mod:`.expert_ops` and ``F.dropout`` run. Set ``TIMM_MOEJET_CPU_FAST_PATH=0``
-in the environment, or call :func:`set_enabled`, to turn all three off (the plain path then runs on the CPU too).
+TorchScript, where fresh gradient memory and ``F.dropout`` serve. Set ``TIMM_MOEJET_CPU_FAST_PATH=0`` in the
+environment, or call :func:`set_enabled`, to turn both off (the CPU then runs what every other device runs).
 The figures that keep them are in docs/benchmarks.md ("CPU fast paths").
 """
 import os
@@ -21,9 +19,9 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .expert_ops import autocast_dtype, batched_linear_ops, fx_tracing
+from .expert_ops import autocast_dtype, fx_tracing
 
-__all__ = ['enabled', 'set_enabled', 'applies', 'batched_linear', 'dropout', 'lane_dropout_scale', 'GradRecycler']
+__all__ = ['enabled', 'set_enabled', 'applies', 'grad_recycler', 'dropout', 'lane_dropout_scale', 'GradRecycler']
 
 ENV_SWITCH = 'TIMM_MOEJET_CPU_FAST_PATH'
 _enabled = os.environ.get(ENV_SWITCH, '1').strip() not in ('0', 'false', 'False', 'off')
@@ -85,48 +83,14 @@ class GradRecycler:
 _RECYCLING = hasattr(torch._C, '_storage_Use_Count')
 
 
-class _WeightGradInLayout(torch.autograd.Function):
-    """x @ W^T + b per expert, with the weight gradient computed straight in W's [E, out, in] layout (into recycled
-    memory when a :class:`GradRecycler` is given)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                recycler: Optional[GradRecycler]) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        ctx.recycler = recycler
-        return batched_linear_ops(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        grad_x = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None
-        grad_w = None
-        if ctx.needs_input_grad[1]:
-            out = ctx.recycler.buffer(weight) if ctx.recycler is not None else None
-            grad_w = torch.bmm(grad.transpose(1, 2), x, out=out)
-        grad_b = grad.sum(1) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b, None
-
-
 @torch.jit.unused
-def batched_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                   recycler: Optional[GradRecycler] = None) -> torch.Tensor:
-    """The experts' linear layer for a CPU train step (call where :func:`applies`): the plain ops' values, with the
-    weight gradient in W's layout and, for a float32 leaf weight, in recycled memory."""
-    dtype = autocast_dtype(x)
-    if dtype is not None:
-        # cast as autocast would for bmm/baddbmm; the casts are ordinary ops, so the weight gradient reaches the
-        # float32 parameter as autocast's would
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            return _WeightGradInLayout.apply(
-                x.to(dtype), weight.to(dtype), bias.to(dtype) if bias is not None else None, None)
-    if weight.dtype != x.dtype:
-        # experts kept in a lower precision (cast_experts): compute in theirs, answer in the caller's
-        return _WeightGradInLayout.apply(x.to(weight.dtype), weight, bias, None).to(x.dtype)
-    if not _RECYCLING or not weight.is_leaf:
-        recycler = None
-    return _WeightGradInLayout.apply(x, weight, bias, recycler)
+def grad_recycler(x: torch.Tensor, weight: torch.Tensor, recycler: GradRecycler) -> Optional[GradRecycler]:
+    """``recycler`` where it may serve the weight gradient of this call (a fast path applies, the weight is a
+    float32-path leaf of ``x``'s dtype, outside autocast), else None."""
+    if (not _RECYCLING or not applies(x) or not weight.is_leaf or weight.dtype != x.dtype
+            or autocast_dtype(x) is not None):
+        return None
+    return recycler
 
 
 _LANE_VALUES = 1 << 16  # a keep decision per 16-bit lane: four per 64-bit random word

@@ -10,7 +10,7 @@ from timm.layers import trunc_normal_
 
 from ..errors import InvalidArgument
 from . import cpu_fast_path
-from .expert_ops import batched_linear_in_weight_dtype, batched_linear_ops, fx_tracing
+from .expert_ops import batched_linear_in_weight_dtype, batched_linear_ops, batched_linear_with_grad, fx_tracing
 
 __all__ = [
     'BatchedLinear', 'BatchedExperts', 'ExpertDropout', 'batched_linear', 'cast_experts', 'experts_to_be_loaded',
@@ -44,9 +44,9 @@ def _batched_linear_eager(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
                           recycler: Optional[cpu_fast_path.GradRecycler] = None) -> torch.Tensor:
     if fx_tracing(x):
         return batched_linear_ops(x, weight, bias)  # fx records plain ops (a dtype test would need a value)
-    if torch.is_grad_enabled() and cpu_fast_path.applies(x):
-        return cpu_fast_path.batched_linear(x, weight, bias, recycler)
-    return batched_linear_in_weight_dtype(x, weight, bias)
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return batched_linear_in_weight_dtype(x, weight, bias)  # no backward to shape, or Inductor shapes it
+    return batched_linear_with_grad(x, weight, bias, cpu_fast_path.grad_recycler(x, weight, recycler))
 
 
 class ExpertDropout(nn.Dropout):
