@@ -19,7 +19,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .expert_ops import autocast_dtype, fx_tracing
+from .expert_ops import fx_tracing
 
 __all__ = ['enabled', 'set_enabled', 'applies', 'grad_recycler', 'dropout', 'lane_dropout_scale', 'GradRecycler']
 
@@ -85,12 +85,10 @@ _RECYCLING = hasattr(torch._C, '_storage_Use_Count')
 
 @torch.jit.unused
 def grad_recycler(x: torch.Tensor, weight: torch.Tensor, recycler: GradRecycler) -> Optional[GradRecycler]:
-    """``recycler`` where it may serve the weight gradient of this call (a fast path applies, the weight is a
-    float32-path leaf of ``x``'s dtype, outside autocast), else None."""
-    if (not _RECYCLING or not applies(x) or not weight.is_leaf or weight.dtype != x.dtype
-            or autocast_dtype(x) is not None):
-        return None
-    return recycler
+    """``recycler`` where it may serve the weight gradient of this call (a fast path applies and the weight is a
+    leaf), else None. Under autocast or with experts in another dtype the gradient comes through a cast, and
+    ``batched_linear_with_grad`` leaves the recycler out itself."""
+    return recycler if _RECYCLING and weight.is_leaf and applies(x) else None
 
 
 _LANE_VALUES = 1 << 16  # a keep decision per 16-bit lane: four per 64-bit random word

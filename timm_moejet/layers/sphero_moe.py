@@ -144,8 +144,8 @@ class SpheroMoE(nn.Module):
     """SpheroMoE layer (soft routing on the hypersphere, adaptive dual path).
 
     With ``num_univ_experts=0, moe_combine='softmax', moe_shared_temperature=True, moe_slot_norm=False,
-    moe_temperature_init=1.0`` the
-    same code is a Soft MoE layer (Puigcerver et al. 2024) with L2-normalised routing and one learnable scale.
+    moe_temperature_init=1.0`` the same code is a Soft MoE layer (Puigcerver et al. 2024) with L2-normalised routing
+    and one learnable scale.
     """
     sparse_combine: Final[bool]
     num_core_slots: Final[int]
