@@ -71,6 +71,14 @@ def main() -> None:
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--threads', type=int, default=2)
     args = parser.parse_args()
+    for name in ('repeats', 'threads'):
+        if getattr(args, name) < 1:
+            parser.error(f'--{name} must be >= 1, got {getattr(args, name)}')
+    if any(b < 1 for b in args.batch_sizes):
+        parser.error(f'--batch-sizes must be >= 1, got {args.batch_sizes}')
+    for flag, name in (('--model', args.model), ('--dense', args.dense)):
+        if not timm.is_model(name):
+            parser.error(f'{flag}: no timm model named {name!r}')
     torch.set_num_threads(args.threads)
     print(f'{args.model} against {args.dense}, eager forward+backward, float32, {args.threads} threads, '
           f'median of {args.repeats} interleaved rounds (range)\n')
