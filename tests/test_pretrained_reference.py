@@ -5,6 +5,10 @@ e5f1ceb (before the construction was made fast), from donors whose values are in
 every CPU). Recycled tensors and the deterministic constants (temperatures, norms) must match bit for bit; the head
 and the slot queries are drawn from the global RNG at construction, whose order changed (experts are no longer
 initialised only to be overwritten), so they are checked for the distribution of that initialisation instead.
+
+The other paths (C-JetMoE recycled on load, Weight Selection of a ConvNeXt and a ViT, the command line's recycling
+with its seeded initial values, ``create_moejet_from`` a dense folder) were fingerprinted the same way by the code
+of commit 70aefd0, before the package was reorganised around its model families.
 """
 import hashlib
 import json
@@ -13,16 +17,18 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from hub_cache import DenseDonor, build_hub_cache, dense_vit_state_dict, use_offline_hub
+from hub_cache import DenseDonor, build_hub_cache, dense_vit_state_dict, repo_snapshot, use_offline_hub
 from scipy import stats as scipy_stats
 
-import timm_moejet  # noqa: F401
-from timm_moejet.recycling import weight_proxy_statistics
+import timm_moejet
+from timm_moejet.recycling import RecyclingRecipe, weight_proxy_statistics
 
 REFERENCE = json.loads((Path(__file__).parent / 'fixtures' / 'recycled_sha256.json').read_text())
 TINY, SMALL = 'timm/vit_tiny_patch16_224.augreg_in21k', 'timm/vit_small_patch16_224.augreg_in21k'
+CONVNEXT_T = 'timm/convnext_tiny.fb_in22k'
 DONORS = {TINY: DenseDonor('vit_tiny_patch16_224', seed=1, exact=True),
-          SMALL: DenseDonor('vit_small_patch16_224', seed=2, exact=True)}
+          SMALL: DenseDonor('vit_small_patch16_224', seed=2, exact=True),
+          CONVNEXT_T: DenseDonor('convnext_tiny', seed=3, exact=True)}
 REDUCED = dict(num_core_experts=3, num_univ_experts=5)
 CONFIGS = {
     'importance': dict(),
@@ -50,6 +56,25 @@ def _digests(model: torch.nn.Module) -> dict:
             for k, v in model.state_dict().items()}
 
 
+def _folder(hub, repo: str) -> str:
+    return str(repo_snapshot(hub, repo))
+
+
+# name -> the model built by that path (head and slot queries drawn from the global RNG are not in its reference)
+OTHER_PATHS = {
+    'convnext_femto': lambda hub: timm.create_model('moejet_convnext_femto', pretrained=True, **REDUCED),
+    'select_convnext_femto': lambda hub: timm_moejet.build_selected_model(
+        'convnext_femto', _folder(hub, CONVNEXT_T), init_seed=0),
+    'select_vit_tiny': lambda hub: timm_moejet.build_selected_model(
+        'vit_tiny_patch16_224', _folder(hub, SMALL), init_seed=0, num_classes=10),
+    'cli_vit_tiny': lambda hub: timm_moejet.build_recycled_model(
+        'moejet_vit_tiny', _folder(hub, TINY) + '/model.safetensors', RecyclingRecipe(experts=_folder(hub, SMALL)),
+        init_seed=3407, **REDUCED),
+    'from_vit_small': lambda hub: timm_moejet.create_moejet_from(
+        f'local-dir:{_folder(hub, SMALL)}', recycle_strategy='random', **REDUCED),
+}
+
+
 def _check_against_reference(model, name):
     got, expected = _digests(model), REFERENCE[name]
     assert set(expected) <= set(got)
@@ -64,6 +89,14 @@ def test_recycled_weights_equal_the_reference(name, exact_cache, monkeypatch):
     kwargs = {k: (v.format(stats=stats) if isinstance(v, str) else v) for k, v in CONFIGS[name].items()}
     torch.manual_seed(0)
     _check_against_reference(timm.create_model('moejet_vit_tiny', pretrained=True, **REDUCED, **kwargs), name)
+
+
+@pytest.mark.parametrize('name', OTHER_PATHS)
+def test_other_recycling_paths_equal_the_reference(name, exact_cache, monkeypatch):
+    root, _ = exact_cache
+    hub = use_offline_hub(monkeypatch, root / 'hub')
+    torch.manual_seed(0)
+    _check_against_reference(OTHER_PATHS[name](hub), name)
 
 
 def test_full_size_default_tag_equals_the_reference_and_keeps_the_init_distribution(exact_cache, monkeypatch):
