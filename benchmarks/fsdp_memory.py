@@ -3,7 +3,7 @@
     python -m benchmarks.fsdp_memory [--ranks 1 2 8 64] [--models ...]
 
 Every model is built on the meta device (no memory, no weights) and counted; FSDP2's shards are those
-``timm_moejet.parallel.plan_shards`` gives (the largest shard of every parameter). Per rank, AdamW in float32:
+``timm_moejet.training.plan_shards`` gives (the largest shard of every parameter). Per rank, AdamW in float32:
 
 * DDP: weights 4P + gradients 4P + AdamW moments 8P, plus DDP's gradient buckets 4P (timm's train.py leaves
   ``gradient_as_bucket_view`` off) = 20P bytes on every rank, whatever the number of ranks.
@@ -23,7 +23,7 @@ import torch
 
 import timm_moejet  # noqa: F401  (registers the models)
 from timm_moejet.cost import num_params
-from timm_moejet.parallel import plan_shards
+from timm_moejet.training import plan_shards
 
 MODELS = ('moejet_vit_tiny', 'moejet_vit_small', 'moejet_vit_base', 'moejet_convnext_femto')
 RANKS = (1, 2, 8, 64)

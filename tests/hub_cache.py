@@ -209,7 +209,7 @@ def pretrained_tag_repos(model_names: Optional[Iterable[str]] = None, seed: int 
     import timm
 
     import timm_moejet  # noqa: F401  (registers the models and their recipes)
-    from timm_moejet.models.moejet import _RECIPES
+    from timm_moejet.models.moejet_vit import _RECIPES
 
     names = list(model_names) if model_names is not None else timm.list_pretrained('moejet*')
     repos: Dict[str, DenseDonor] = {}

@@ -18,10 +18,10 @@ from hub_cache import build_hub_cache, official_state_dict, pretrained_tag_repos
 from safetensors.torch import load_file
 
 import timm_moejet
-from timm_moejet import donors
+from timm_moejet.checkpoint_io import donors
+from timm_moejet.checkpoint_io.hub import save_hub_folder
+from timm_moejet.checkpoint_io.names import WeightSource, is_expert_key, is_moe_key, parse_source
 from timm_moejet.errors import InvalidArgument, NotFound
-from timm_moejet.hub import save_hub_folder
-from timm_moejet.naming import WeightSource, is_expert_key, is_moe_key, parse_source
 from timm_moejet.recycling import (
     RecyclingRecipe,
     checkpoint_filter_fn,
@@ -174,7 +174,7 @@ def test_imported_vit_base_names_its_architecture(tmp_path):
     assert saved['architecture'] == 'moejet_vit_base_patch16_224'
     assert saved['model_args']['embed_dim'] == 768
     # another geometry is the generic moejet_vit, its architecture all in model_args (never a size it is not)
-    from timm_moejet.official import _architecture_for, official_config_to_kwargs
+    from timm_moejet.checkpoint_io.official import _architecture_for, official_config_to_kwargs
     assert _architecture_for(official_config_to_kwargs(dict(config, embed_dim=512, num_heads=8))) == 'moejet_vit'
     assert _architecture_for(official_config_to_kwargs(dict(config, embed_dim=384, num_heads=6))) == \
         'moejet_vit_small_patch16_224'

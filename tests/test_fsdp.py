@@ -1,4 +1,4 @@
-""" FSDP2 on the CPU with gloo: sharding (timm_moejet.parallel), the trainer (python -m timm_moejet.train) on one and
+""" FSDP2 on the CPU with gloo: sharding (timm_moejet.training), the trainer (python -m timm_moejet.train) on one and
 two processes, sharded checkpoints, their export, and the refusals.
 
 The training runs switch the model's randomness off (``moe_noise_std=0 moe_expert_drop=0 moe_drop_path_rate=0``,
@@ -179,7 +179,7 @@ def test_peak_memory_per_process_falls_with_two_processes(tmp_path):
     process, 467 on two, at half this size). The rest of the growth, 60-150 MiB from run to run, is torch's and
     gloo's (kernels, buffers, threads) and the activations: hence the tolerance on the fall.
     """
-    from timm_moejet.parallel import plan_shards
+    from timm_moejet.training import plan_shards
 
     kwargs = dict(embed_dim=128, moe_blocks=(0, 1, 2, 3), num_core_experts=64, num_univ_experts=128)
     with torch.device('meta'):
@@ -221,7 +221,7 @@ def gloo():
 def test_sharded_steps_equal_plain_model(gloo, name):
     """The FSDP2 units (experts, routers, blocks, stages, root) compute what the plain model computes: the same
     losses and weights after three AdamW steps, with activation checkpointing on."""
-    from timm_moejet.parallel import init_device_mesh, shard_model
+    from timm_moejet.training import init_device_mesh, shard_model
 
     kwargs = dict(img_size=32, num_classes=10, moe_noise_std=0., moe_expert_drop=0., moe_drop_path_rate=0.)
     torch.manual_seed(0)
@@ -244,7 +244,7 @@ def test_sharded_steps_equal_plain_model(gloo, name):
 
 
 def test_expert_shard_axes():
-    from timm_moejet.parallel import plan_shards
+    from timm_moejet.training import plan_shards
 
     model = timm.create_model('moejet_vit_test', num_core_experts=3)  # core [3, 256, 64], universal [8, 64, 64]
     plan = plan_shards(model, 2)
@@ -255,7 +255,7 @@ def test_expert_shard_axes():
 
 
 def test_world_size_that_cannot_shard_the_experts(gloo):
-    from timm_moejet.parallel import plan_shards
+    from timm_moejet.training import plan_shards
 
     model = timm.create_model('moejet_vit_test')  # experts [4, 256, 64] and [8, 64, 64]: 3 divides no axis
     with pytest.raises(InvalidArgument, match='3 ranks cannot shard the experts of blocks.2.mlp.core.fc1 evenly'):
@@ -265,7 +265,7 @@ def test_world_size_that_cannot_shard_the_experts(gloo):
 def test_mesh_on_another_device_is_refused_before_sharding(gloo):
     from torch.distributed.fsdp import FSDPModule
 
-    from timm_moejet.parallel import init_device_mesh, shard_model
+    from timm_moejet.training import init_device_mesh, shard_model
 
     model = timm.create_model('moejet_vit_test').to('meta')
     with pytest.raises(InvalidArgument, match='the model is on meta but the mesh is on cpu'):

@@ -214,7 +214,7 @@ def test_sigterm_is_handled_like_ctrl_c(tmp_path):
 
 
 def test_interrupt_after_the_output_is_in_place_says_so(tmp_path, monkeypatch, capsys):
-    from timm_moejet import hub
+    from timm_moejet.checkpoint_io import hub
     from weights_tools.cli import main
 
     real_save = hub.save_hub_folder
@@ -434,7 +434,7 @@ def test_bad_model_kwargs_are_named_with_the_value_given(kwargs, match):
 
 
 def test_official_config_values_are_checked():
-    from timm_moejet.official import official_config_to_kwargs
+    from timm_moejet.checkpoint_io.official import official_config_to_kwargs
 
     config = dict(embed_dim='64', depth=4, num_heads=2, moe_layers=[2, 3], core_experts=8)
     with pytest.raises(ValueError, match=r"embed_dim must be an int >= 1, got '64' \(str\)"):

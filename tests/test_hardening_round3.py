@@ -310,8 +310,8 @@ def test_an_unreadable_checkpoint_says_permission_denied(tmp_path, monkeypatch):
 
 
 def test_official_univ_factor_is_named_as_the_official_config_names_it():
+    from timm_moejet.checkpoint_io.official import official_config_to_kwargs
     from timm_moejet.errors import InvalidArgument
-    from timm_moejet.official import official_config_to_kwargs
 
     with pytest.raises(InvalidArgument, match='univ_factor'):
         official_config_to_kwargs(dict(moe_layers=[2, 3], core_experts=4, univ_factor=1e-9, embed_dim=64,

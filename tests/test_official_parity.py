@@ -8,7 +8,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from timm_moejet import load_official
-from timm_moejet.official import official_config_to_kwargs
+from timm_moejet.checkpoint_io.official import official_config_to_kwargs
 
 FIXTURE = OFFICIAL_FIXTURE
 TOL = 1e-5

@@ -163,7 +163,7 @@ def test_unsupported_donors_are_refused_before_any_weight_is_fetched(name, says,
 def test_export_round_trip_and_command_line(cache, monkeypatch, tmp_path, capsys):
     """A model made from a DINOv2 donor exports to a Hub folder that timm rebuilds alone; the command line recycles
     it without --model (the trunk's own architecture)."""
-    from timm_moejet.hub import save_hub_folder
+    from timm_moejet.checkpoint_io.hub import save_hub_folder
     from weights_tools.cli import main
 
     use_offline_hub(monkeypatch, cache)

@@ -22,12 +22,18 @@ import torch.nn as nn
 from timm.layers import to_2tuple
 from timm.models import PretrainedCfg, resolve_pretrained_cfg, split_model_name_tag
 
-from .donors import folder_weights, load_donor, locate_donor
+from .checkpoint_io.donors import folder_weights, load_donor, locate_donor
+from .checkpoint_io.hub import (
+    STANDARD_CONFIG_KEYS,
+    check_weights_readable,
+    hub_errors_named,
+    load_weights_into,
+    read_folder_config,
+)
+from .checkpoint_io.names import HF_HUB, LOCAL_DIR, WEIGHT_SUFFIXES, check_model_name, parse_source
 from .errors import InvalidArgument
-from .hub import STANDARD_CONFIG_KEYS, check_weights_readable, hub_errors_named, load_weights_into, read_folder_config
 from .layers import experts_to_be_loaded
 from .models.from_donor import check_vit_donor, vit_architecture
-from .naming import HF_HUB, LOCAL_DIR, WEIGHT_SUFFIXES, check_model_name, parse_source
 from .recycling import RECYCLE_KWARGS, RecyclingRecipe, recycle_into, resolve_inputs, select_state_dict
 from .recycling.families import family_of_model
 

@@ -1,4 +1,4 @@
-from .moejet import MoEVisionTransformer
 from .moejet_convnext import MoEConvNeXt
+from .moejet_vit import MoEVisionTransformer
 
 __all__ = ['MoEVisionTransformer', 'MoEConvNeXt']

@@ -13,11 +13,11 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Type
 import torch.nn as nn
 from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 
-from ..donors import locate_donor
+from ..checkpoint_io.donors import locate_donor
+from ..checkpoint_io.hub import hub_errors_named
+from ..checkpoint_io.names import HF_HUB
 from ..errors import InvalidArgument, InvalidArgumentType
-from ..hub import hub_errors_named
 from ..layers import experts_to_be_loaded
-from ..naming import HF_HUB
 from ..recycling import RECYCLE_KWARGS, RecyclingRecipe, checkpoint_filter_fn, resolve_inputs
 from ..recycling.recipe import NAMES_OTHER_SOURCES
 from ..recycling.recycle import record_on

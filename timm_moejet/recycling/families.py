@@ -11,8 +11,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from ..checkpoint_io.names import is_moe_key
 from ..errors import DonorMismatch
-from ..naming import is_moe_key
 
 __all__ = ['Family', 'FAMILIES', 'family_of_state_dict', 'family_of_model', 'is_moe_state_dict', 'MLP_KEYS']
 

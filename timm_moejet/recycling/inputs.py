@@ -10,7 +10,7 @@ from typing import Dict, Optional, Union
 
 import torch
 
-from ..donors import load_donor
+from ..checkpoint_io.donors import load_donor
 from .recipe import RecyclingRecipe
 from .statistics import ActivationStats
 

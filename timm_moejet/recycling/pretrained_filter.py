@@ -14,9 +14,9 @@ import torch
 import torch.nn as nn
 
 from ..checkpoint_io import unwrap_state_dict
+from ..checkpoint_io.names import is_expert_key
+from ..checkpoint_io.official import convert_official_state_dict, is_official_state_dict
 from ..errors import InvalidArgument, InvalidCheckpoint
-from ..naming import is_expert_key
-from ..official import convert_official_state_dict, is_official_state_dict
 from .families import family_of_model, is_moe_state_dict
 from .inputs import RecyclingInputs
 from .recipe import RecyclingRecipe

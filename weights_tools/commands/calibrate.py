@@ -39,7 +39,7 @@ def add_parser(subparsers, parent: argparse.ArgumentParser, formatter) -> argpar
 
 
 def run(args: argparse.Namespace) -> int:
-    from timm_moejet.donors import load_donor
+    from timm_moejet.checkpoint_io.donors import load_donor
     from timm_moejet.image_folder import image_loader
     from timm_moejet.recycling import collect_statistics
 

@@ -27,7 +27,7 @@ def add_parser(subparsers, parent: argparse.ArgumentParser, formatter) -> argpar
 
 def run(args: argparse.Namespace) -> int:
     from timm_moejet.build import load_model
-    from timm_moejet.hub import save_hub_folder
+    from timm_moejet.checkpoint_io.hub import save_hub_folder
 
     check_output_free(args.output, args.overwrite, 'output folder',
                       {'model': args.model, 'checkpoint': args.checkpoint})

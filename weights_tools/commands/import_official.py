@@ -55,8 +55,8 @@ def _parse_config(arg: Optional[str]) -> Optional[Dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from timm_moejet.hub import save_hub_folder
-    from timm_moejet.official import load_official
+    from timm_moejet.checkpoint_io.hub import save_hub_folder
+    from timm_moejet.checkpoint_io.official import load_official
 
     check_output_free(args.output, args.overwrite, 'output folder',
                       {'checkpoint': args.checkpoint, 'config': args.config})

@@ -29,7 +29,7 @@ def add_parser(subparsers, parent: argparse.ArgumentParser, formatter) -> argpar
 
 def run(args: argparse.Namespace) -> int:
     from timm_moejet.build import load_model
-    from timm_moejet.hub import check_repo_id, push_to_hub
+    from timm_moejet.checkpoint_io.hub import check_repo_id, push_to_hub
 
     check_repo_id(args.repo_id)  # before the model is built
     model, extra = load_model(args.model, args.checkpoint, args.pretrained, model_kwargs_from(args), ema=args.ema)

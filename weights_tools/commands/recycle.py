@@ -9,9 +9,9 @@ import textwrap
 from typing import Any, Callable, Dict
 
 from timm_moejet.build import build_recycled_model
+from timm_moejet.checkpoint_io.hub import save_hub_folder
 from timm_moejet.cost import count_params
 from timm_moejet.errors import InvalidArgument
-from timm_moejet.hub import save_hub_folder
 from timm_moejet.recycling import RECYCLE_KWARGS, STRATEGIES, RecyclingRecipe
 from timm_moejet.settings import Check
 

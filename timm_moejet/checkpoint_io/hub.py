@@ -27,9 +27,9 @@ from huggingface_hub.errors import (
 )
 from timm.models import PretrainedCfg, split_model_name_tag
 
-from .checkpoint_io import atomic_output_dir, check_state_dict_fits, load_state_dict_file, unwrap_state_dict
-from .errors import InvalidArgument, InvalidCheckpoint, NotFound, Unreachable
+from ..errors import InvalidArgument, InvalidCheckpoint, NotFound, Unreachable
 from .official import is_official_state_dict
+from .read import atomic_output_dir, check_state_dict_fits, load_state_dict_file, unwrap_state_dict
 
 __all__ = ['load_weights_into', 'read_folder_config', 'check_timm_config', 'check_weights_readable',
            'hub_export_config', 'save_hub_folder', 'push_to_hub', 'check_repo_id', 'hub_errors_named']

@@ -20,7 +20,7 @@ from typing import Optional, Tuple, Union
 import timm
 from timm.models import split_model_name_tag
 
-from .errors import InvalidArgument, NotFound
+from ..errors import InvalidArgument, NotFound
 
 __all__ = ['HF_HUB', 'LOCAL_DIR', 'WEIGHT_SUFFIXES', 'WeightSource', 'parse_source', 'split_revision',
            'check_model_name', 'is_expert_key', 'is_moe_key']

@@ -18,10 +18,9 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError
 from timm.models import PretrainedCfg, load_state_dict_from_hf, resolve_pretrained_cfg, split_model_name_tag
 
-from .checkpoint_io import load_state_dict_file, unwrap_state_dict
-from .errors import InvalidArgument, InvalidCheckpoint, NotFound
+from ..errors import InvalidArgument, InvalidCheckpoint, NotFound
 from .hub import check_timm_config, hub_errors_named, read_folder_config
-from .naming import (
+from .names import (
     FOLDER_WEIGHT_NAMES,
     WEIGHT_SUFFIXES,
     WeightSource,
@@ -29,6 +28,7 @@ from .naming import (
     parse_source,
     split_revision,
 )
+from .read import load_state_dict_file, unwrap_state_dict
 
 __all__ = ['Donor', 'load_donor', 'locate_donor', 'folder_weights']
 

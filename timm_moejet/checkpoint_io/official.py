@@ -13,10 +13,10 @@ import timm
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .checkpoint_io import check_state_dict_fits, load_state_dict_file, unwrap_state_dict
-from .errors import InvalidArgument, InvalidArgumentType, InvalidCheckpoint
-from .layers import experts_to_be_loaded
-from .settings import boolean, int_sequence, integer, real
+from ..errors import InvalidArgument, InvalidArgumentType, InvalidCheckpoint
+from ..layers import experts_to_be_loaded
+from ..settings import boolean, int_sequence, integer, real
+from .read import check_state_dict_fits, load_state_dict_file, unwrap_state_dict
 
 __all__ = ['load_official', 'official_config_to_kwargs', 'convert_official_state_dict', 'is_official_state_dict']
 

@@ -25,8 +25,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from timm.models import clean_state_dict
 
-from .errors import InvalidCheckpoint, NotFound, OutputExists, OutputNotWritable
-from .naming import LOCAL_DIR, WEIGHT_SUFFIXES
+from ..errors import InvalidCheckpoint, NotFound, OutputExists, OutputNotWritable
+from .names import LOCAL_DIR, WEIGHT_SUFFIXES
 
 __all__ = ['load_state_dict_file', 'select_weights', 'unwrap_state_dict', 'check_state_dict_fits',
            'save_safetensors_atomic', 'atomic_write_bytes', 'atomic_output_dir', 'clean_stale_temporaries',

@@ -21,9 +21,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .errors import InvalidArgument, InvalidArgumentType
-from .layers.experts import BatchedExperts, BatchedLinear
-from .layers.sphero_moe import SpheroMoE
+from ..errors import InvalidArgument, InvalidArgumentType
+from ..layers.experts import BatchedExperts, BatchedLinear
+from ..layers.sphero_moe import SpheroMoE
 
 __all__ = ['ShardPlan', 'shard_model', 'plan_shards', 'expert_shard_dim', 'fsdp_units', 'local_numel',
            'init_device_mesh']

@@ -1,0 +1,182 @@
+""" Sharded training checkpoints of FSDP2 models (``torch.distributed.checkpoint``), and their export to a Hub folder.
+
+A checkpoint is a folder ``epoch_N`` in which every rank writes its own shards (model and optimizer state, one
+DCP checkpoint) and rank 0 a ``moejet_train.json`` record: the model (name, kwargs, classes), the recipe fingerprint
+a resume must match, and the position (epoch, optimizer updates). It is written as ``.epoch_N.tmp`` and renamed
+when every rank has finished, so an interrupted save leaves the previous checkpoints as they were. DCP re-shards on
+load: a checkpoint written by N processes resumes on M, or loads into one unsharded model for export.
+
+``python -m timm_moejet.sharded_checkpoint CHECKPOINT OUTPUT`` writes ``model.safetensors`` + ``config.json``
+(timm's Hub layout, as ``weights-tools export`` writes it) from a checkpoint, in one process.
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..errors import InvalidCheckpoint, MoEJetError, NotFound, OutputExists
+
+__all__ = ['RECORD', 'save_checkpoint', 'load_checkpoint', 'read_record', 'resolve_checkpoint', 'check_fingerprint',
+           'build_model_from_record', 'export_checkpoint']
+
+RECORD = 'moejet_train.json'
+LATEST = 'latest'
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_checkpoint(root: Path, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    record: Dict[str, Any], keep: int = 10) -> Path:
+    """Save ``epoch_{epoch}`` under ``root`` (a collective: every rank calls it). Keeps the ``keep`` newest."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    root = Path(root)
+    final, tmp = root / f'epoch_{epoch}', root / f'.epoch_{epoch}.tmp'
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted save
+    _barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({'model': model_sd, 'optim': optim_sd}, checkpoint_id=tmp)
+    _barrier()  # every rank's shards are written
+    if _rank() == 0:
+        (tmp / RECORD).write_text(json.dumps(dict(record, epoch=epoch), indent=2))
+        if final.exists():  # an earlier run's epoch N, replaced only now that the new one is complete
+            old = root / f'.epoch_{epoch}.old'
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        pointer = root / f'.{LATEST}.tmp'
+        pointer.write_text(final.name)
+        os.replace(pointer, root / LATEST)
+        epochs = sorted((int(p.name[6:]) for p in root.glob('epoch_*') if p.name[6:].isdigit()), reverse=True)
+        for old_epoch in epochs[keep:]:
+            shutil.rmtree(root / f'epoch_{old_epoch}', ignore_errors=True)
+    _barrier()
+    return final
+
+
+def resolve_checkpoint(path: os.PathLike) -> Path:
+    """A checkpoint folder, or a folder of them (its ``latest``)."""
+    path = Path(path)
+    if (path / LATEST).is_file():
+        path = path / (path / LATEST).read_text().strip()
+    if not path.is_dir():
+        raise NotFound(f'checkpoint {path} does not exist.')
+    if not (path / RECORD).is_file() or not (path / '.metadata').is_file():
+        raise InvalidCheckpoint(f'{path} is not a sharded timm-moejet checkpoint (no {RECORD} and DCP .metadata); '
+                                f'a single-file checkpoint loads with --initial-checkpoint or --pretrained-path.')
+    return path
+
+
+def read_record(path: os.PathLike) -> Dict[str, Any]:
+    """The ``moejet_train.json`` of a checkpoint folder."""
+    path = resolve_checkpoint(path)
+    try:
+        record = json.loads((path / RECORD).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidCheckpoint(f'{path / RECORD} is not valid JSON ({e}).') from e
+    for key in ('model', 'model_kwargs', 'fingerprint', 'epoch', 'num_updates'):
+        if key not in record:
+            raise InvalidCheckpoint(f'{path / RECORD} has no {key!r} entry.')
+    return record
+
+
+def check_fingerprint(record: Dict[str, Any], fingerprint: Dict[str, Any], path: os.PathLike) -> None:
+    """Refuse to resume a checkpoint of another model or recipe, naming every difference."""
+    saved = record['fingerprint']
+    diffs = [f'{k}: checkpoint {saved.get(k)!r}, now {fingerprint.get(k)!r}'
+             for k in sorted(set(saved) | set(fingerprint)) if saved.get(k) != fingerprint.get(k)]
+    if diffs:
+        raise InvalidCheckpoint(f'{path} was written by another model or recipe, it cannot be resumed here ('
+                                + '; '.join(diffs) + '). Nothing was trained or written.')
+
+
+def load_checkpoint(path: os.PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> Dict[str, Any]:
+    """Load a checkpoint's shards into a sharded (or plain) model and optimizer, re-sharding as needed
+    (a collective under torch.distributed). Returns its record."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    path = resolve_checkpoint(path)
+    record = read_record(path)
+    model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
+    state = {'model': model_sd, 'optim': optim_sd} if optimizer is not None else {'model': model_sd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=state['model'],
+                   optim_state_dict=state.get('optim', {}))
+    return record
+
+
+def build_model_from_record(record: Dict[str, Any], device: Any = 'cpu') -> nn.Module:
+    """The (unsharded) model a checkpoint record describes, without pretrained weights (the checkpoint has them)."""
+    from ..build import create_model
+    from ..layers import experts_to_be_loaded
+
+    with experts_to_be_loaded():  # every expert is about to be loaded from the checkpoint
+        model = create_model(record['model'], num_classes=record['num_classes'], **record['model_kwargs'])
+    return model.to(device)
+
+
+def export_checkpoint(checkpoint: os.PathLike, output: os.PathLike, overwrite: bool = False) -> Tuple[Path, nn.Module]:
+    """Consolidate a sharded checkpoint into one ``model.safetensors`` + ``config.json`` (in this process only).
+
+    Raises:
+        OutputExists: ``output`` exists and not ``overwrite``.
+        InvalidCheckpoint / NotFound: not a checkpoint.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    from ..checkpoint_io.hub import save_hub_folder
+
+    path = resolve_checkpoint(checkpoint)
+    if os.path.lexists(output) and not overwrite:  # refused before the model is built
+        raise OutputExists(f'{output} exists; pass --overwrite (overwrite=True) to replace it.')
+    record = read_record(path)
+    model = build_model_from_record(record)
+    state = {'model': model.state_dict()}
+    with warnings.catch_warnings():  # DCP warns that it loads in one process, which is the point here
+        warnings.filterwarnings('ignore', message='torch.distributed is disabled')
+        dcp.load(state, checkpoint_id=path, no_dist=True)
+    model.load_state_dict(state['model'], strict=True)
+    return save_hub_folder(model, output, overwrite=overwrite), model
+
+
+def main(argv: Optional[list] = None) -> int:
+    parser = argparse.ArgumentParser(prog='python -m timm_moejet.sharded_checkpoint',
+                                     description='Export a sharded checkpoint as model.safetensors + config.json.')
+    parser.add_argument('checkpoint', help='a checkpoint folder (epoch_N) or the folder holding them (its latest)')
+    parser.add_argument('output', help='the Hub folder to write')
+    parser.add_argument('--overwrite', action='store_true', help='replace an existing output folder')
+    args = parser.parse_args(argv)
+    try:
+        out, _ = export_checkpoint(args.checkpoint, args.output, overwrite=args.overwrite)
+    except MoEJetError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    print(f'wrote {out}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
