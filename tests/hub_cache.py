@@ -33,14 +33,14 @@ import torch.nn as nn
 
 __all__ = ['DenseDonor', 'build_hub_cache', 'add_repo_files', 'add_model_repo', 'dense_vit_state_dict',
            'use_offline_hub', 'offline_hub', 'pretrained_tag_repos', 'build_pretrained_tag_cache', 'repo_snapshot',
-           'official_state_dict']
+           'official_state_dict', 'small_dense_vit']
 
 PathLike = Union[str, os.PathLike]
 
 
 @dataclasses.dataclass(frozen=True)
 class DenseDonor:
-    """A random-weight dense timm ViT in the real key layout.
+    """A random-weight dense timm model (a ViT unless ``architecture`` names another) in the real key layout.
 
     Attributes:
         architecture: timm model name, e.g. 'vit_small_patch16_224'.
@@ -50,6 +50,9 @@ class DenseDonor:
         model_kwargs: Further timm model kwargs (e.g. ``embed_dim``, ``img_size``) for reduced-size donors.
         exact: Draw every value from an integer RNG as ``k / 2**22`` (exactly representable, the same bits on every
             CPU), for references that are compared bit for bit across machines.
+        model_class: Build the weights with this timm model class (dotted path) instead of the ``architecture``'s
+            entrypoint, for reduced sizes an entrypoint does not take (timm's Mixer entrypoints fix their depth and
+            width); the config still names ``architecture``.
     """
     architecture: str = 'vit_tiny_patch16_224'
     depth: Optional[int] = None
@@ -57,6 +60,7 @@ class DenseDonor:
     seed: int = 0
     model_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     exact: bool = False
+    model_class: Optional[str] = None
 
     def kwargs(self) -> Dict[str, Any]:
         kw = dict(self.model_kwargs, num_classes=self.num_classes)
@@ -73,7 +77,13 @@ def dense_vit_state_dict(donor: DenseDonor) -> Dict[str, torch.Tensor]:
     """
     import timm
 
-    model = timm.create_model(donor.architecture, pretrained=False, device='meta', **donor.kwargs())
+    if donor.model_class:
+        import importlib
+
+        module, name = donor.model_class.rsplit('.', 1)
+        model = getattr(importlib.import_module(module), name)(device='meta', **donor.kwargs())
+    else:
+        model = timm.create_model(donor.architecture, pretrained=False, device='meta', **donor.kwargs())
     g = torch.Generator().manual_seed(donor.seed)
     out = {}
     for key, value in model.state_dict().items():
@@ -193,6 +203,9 @@ _ARCH_OF_REPO = {
     'timm/vit_small_patch16_224.augreg_in21k': ('vit_small_patch16_224', 1),
     'timm/vit_tiny_patch16_224.augreg_in21k': ('vit_tiny_patch16_224', 2),
     'timm/vit_large_patch16_224.augreg_in21k': ('vit_large_patch16_224', 3),
+    'timm/convnext_tiny.fb_in22k': ('convnext_tiny', 4),
+    'timm/mixer_b16_224.goog_in21k': ('mixer_b16_224', 5),
+    'timm/mixer_l16_224.goog_in21k': ('mixer_l16_224', 6),
 }
 
 
@@ -209,7 +222,7 @@ def pretrained_tag_repos(model_names: Optional[Iterable[str]] = None, seed: int 
     import timm
 
     import timm_moejet  # noqa: F401  (registers the models and their recipes)
-    from timm_moejet.models.moejet_vit import _RECIPES
+    from timm_moejet.family import FAMILIES
 
     names = list(model_names) if model_names is not None else timm.list_pretrained('moejet*')
     repos: Dict[str, DenseDonor] = {}
@@ -219,7 +232,7 @@ def pretrained_tag_repos(model_names: Optional[Iterable[str]] = None, seed: int 
             continue
         key = f'{cfg.architecture}.{cfg.tag}'
         wanted = [cfg.hf_hub_id]
-        recipe = _RECIPES.get(key)
+        recipe = next((f.recipes[key] for f in FAMILIES.values() if key in f.recipes), None)
         if recipe is not None and recipe.experts:
             wanted.append(recipe.experts)
         for repo in wanted:
@@ -252,3 +265,12 @@ def official_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, tor
         else:
             official[key] = value
     return official
+
+
+def small_dense_vit(seed: int = 0, **kwargs: Any) -> nn.Module:
+    """A small dense timm ViT (width 64, 4 blocks, 64 px, 3 classes) with seeded random weights, in eval mode."""
+    import timm
+
+    torch.manual_seed(seed)
+    return timm.create_model('vit_tiny_patch16_224', embed_dim=64, depth=4, num_heads=2, img_size=64,
+                             num_classes=3, **kwargs).eval()

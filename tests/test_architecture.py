@@ -20,9 +20,9 @@ from safetensors.torch import load_file
 import timm_moejet
 from timm_moejet.checkpoint_io import donors
 from timm_moejet.checkpoint_io.hub import save_hub_folder
-from timm_moejet.checkpoint_io.names import WeightSource, is_expert_key, is_moe_key, parse_source
 from timm_moejet.errors import InvalidArgument, NotFound
 from timm_moejet.recycling import (
+    PretrainedFilter,
     RecyclingRecipe,
     checkpoint_filter_fn,
     resolve_inputs,
@@ -71,14 +71,18 @@ def test_pretrained_filter_does_no_io(hub, tmp_path):
             mp.setattr(owner, name, _fail)
         with pytest.raises(AssertionError, match='file or Hub access'):  # the patches are in effect
             open(stats_file)
-        out = checkpoint_filter_fn(trunk, model, recipe=recipe, inputs=inputs)
+        cfg = dict(model.pretrained_cfg)
+        pretrained_filter = PretrainedFilter(recipe, inputs)
+        out = pretrained_filter(trunk, model)
     reference = expected.state_dict()
     assert set(out) == set(reference)
     for key, value in out.items():
         if not key.startswith('head.') and not key.endswith('slot_queries'):
             assert torch.equal(value, reference[key]), key
-    assert model.pretrained_cfg['recycling'] == expected.pretrained_cfg['recycling']
-    assert model.pretrained_cfg['recycling']['stats_file'] == 'stats.safetensors'
+    # the filter returns the record; the model's config is timm's to set
+    assert model.pretrained_cfg == cfg
+    assert pretrained_filter.record == expected.pretrained_cfg['recycling']
+    assert pretrained_filter.record['stats_file'] == 'stats.safetensors'
 
 
 def test_a_recipe_is_a_value_and_its_inputs_are_checked_when_resolved(tmp_path):
@@ -132,35 +136,6 @@ def test_a_recipe_field_given_twice_is_refused(hub, tmp_path, capsys):
     assert 'graph_parts is given twice' in capsys.readouterr().err
     with pytest.raises(InvalidArgument, match='belong to the recipe'):
         timm_moejet.build_recycled_model('moejet_vit_tiny', trunk, recycle_graph_parts=8)
-
-
-@pytest.mark.parametrize('name, kind, location', [
-    ('hf-hub:org/repo@v1', 'hub', 'org/repo@v1'),
-    ('org/repo', 'hub', 'org/repo'),
-    ('vit_small_patch16_224.augreg_in21k', 'timm', 'vit_small_patch16_224.augreg_in21k'),
-])
-def test_weight_sources_are_read_in_one_place(name, kind, location):
-    assert parse_source(name) == WeightSource(kind, location, name)
-
-
-def test_local_weight_sources_and_expert_keys(tmp_path):
-    (tmp_path / 'w.safetensors').write_bytes(b'')
-    assert parse_source(f'local-dir:{tmp_path}').kind == parse_source(tmp_path).kind == 'folder'
-    assert parse_source(tmp_path / 'w.safetensors').kind == 'file'
-    with pytest.raises(NotFound):
-        parse_source(tmp_path / 'missing.pth')
-    with pytest.raises(InvalidArgument, match='not a Hub repository id'):
-        parse_source('hf-hub:org/a/b')
-    assert is_expert_key('blocks.6.mlp.core.fc1.weight') and is_expert_key('stages.2.blocks.3.mlp.univ.fc2.bias')
-    assert not is_expert_key('blocks.6.mlp.slot_queries') and is_moe_key('blocks.6.mlp.slot_queries')
-    assert not is_moe_key('blocks.6.mlp.fc1.weight')
-
-
-def test_compiled_model_prefix_is_stripped(tmp_path):
-    from timm_moejet.checkpoint_io import unwrap_state_dict
-
-    sd = {'_orig_mod.module.blocks.0.mlp.fc1.weight': torch.zeros(1), 'model.head.weight': torch.zeros(1)}
-    assert set(unwrap_state_dict(sd)) == {'blocks.0.mlp.fc1.weight', 'head.weight'}
 
 
 def test_imported_vit_base_names_its_architecture(tmp_path):

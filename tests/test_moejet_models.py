@@ -18,7 +18,10 @@ def test_registry():
     for name in ('moejet_vit_tiny_patch16_224', 'moejet_vit_tiny', 'moejet_vit_small_patch16_224', 'moejet_vit_small'):
         assert name in names
     assert 'softmoe_vit_tiny_patch16_224' in timm.list_models('softmoe*')
-    assert timm.list_modules().count('moejet') == 1
+    # one timm module per family, each registered once
+    for module in ('moejet_vit', 'moejet_convnext', 'moejet_mixer'):
+        assert timm.list_modules().count(module) == 1
+    assert timm.list_models(module='moejet_mixer') == ['moejet_mixer_b16_224', 'moejet_mixer_test']
 
 
 @pytest.mark.parametrize('name, expected', [
@@ -122,4 +125,15 @@ def test_soft_moe_variant():
 ])
 def test_bad_construction_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=match):
+        timm.create_model('moejet_vit_test', **kwargs)
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(moe_blocks=2), r'moe_blocks must be a list of ints \(block indices\), got 2 \(int\)'),
+    (dict(num_core_experts='4'), r"num_core_experts must be an int >= 0, got '4' \(str\)"),
+    (dict(moe_drop_path_rate=2), r'moe_drop_path_rate must be a number in \[0, 1\), got 2\.'),
+    (dict(num_classes=-5), r'num_classes must be an int >= 0, got -5'),
+])
+def test_bad_model_kwargs_are_named_with_the_value_given(kwargs, match):
+    with pytest.raises(ValueError, match=match):
         timm.create_model('moejet_vit_test', **kwargs)

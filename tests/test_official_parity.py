@@ -109,3 +109,22 @@ def test_non_positive_temperature_is_refused(fixture):
     sd = dict(state_dict, **{'blocks.2.mlp.scales.1': torch.tensor(-0.5)})
     with pytest.raises(ValueError, match='non-positive temperature'):
         load_official(sd, config)
+
+
+def test_official_config_values_are_checked():
+    from timm_moejet.checkpoint_io.official import official_config_to_kwargs
+
+    config = dict(embed_dim='64', depth=4, num_heads=2, moe_layers=[2, 3], core_experts=8)
+    with pytest.raises(ValueError, match=r"embed_dim must be an int >= 1, got '64' \(str\)"):
+        official_config_to_kwargs(config)
+    with pytest.raises(ValueError, match=r'moe_layers must be a list of ints'):
+        official_config_to_kwargs(dict(config, embed_dim=64, moe_layers=3))
+
+
+def test_official_univ_factor_is_named_as_the_official_config_names_it():
+    from timm_moejet.checkpoint_io.official import official_config_to_kwargs
+    from timm_moejet.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match='univ_factor'):
+        official_config_to_kwargs(dict(moe_layers=[2, 3], core_experts=4, univ_factor=1e-9, embed_dim=64,
+                                       num_heads=2, depth=4))

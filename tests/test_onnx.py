@@ -231,3 +231,16 @@ def test_package_import_stays_light():
     env = dict(os.environ, PYTHONPATH=str(root))
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True, cwd=root, env=env)
     assert out.stdout.strip() == '[]', out.stdout
+
+
+def test_onnx_export_of_cast_experts_says_it_needs_float32(tmp_path):
+    pytest.importorskip('onnx')
+    from timm_moejet.errors import InvalidArgument
+    from timm_moejet.layers import cast_experts
+    from timm_moejet.onnx_export import export_onnx
+
+    model = timm.create_model('moejet_vit_test').eval()
+    cast_experts(model, torch.bfloat16)
+    with pytest.raises(InvalidArgument, match='float32'):
+        export_onnx(model, tmp_path / 'm.onnx', check=False)
+    assert list(tmp_path.iterdir()) == []

@@ -1,5 +1,9 @@
 """ Checkpoint recycling: strategies, statistics and bad input, on reduced-size donors (no Hub involved). """
+import hashlib
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -353,3 +357,34 @@ def test_a_registered_strategy_is_one_entry(donors):
         STRATEGIES.pop('last')
     with pytest.raises(ValueError, match="recycle_strategy must be one of .*; got 'last'"):
         RecyclingRecipe(strategy='last')
+
+
+def test_statistics_files_are_byte_identical_across_processes(tmp_path):
+    """Two separate processes writing the same statistics give the same bytes (metadata order included)."""
+    script = (
+        'import sys, torch; from timm_moejet.recycling import ActivationStats\n'
+        't = {f"blocks.{i}.hidden.l2": torch.arange(4.) + i for i in range(3)}\n'
+        'ActivationStats(t, architecture="vit_x", hub_id="org/x", weights_hash="ab" * 32, num_tokens=7)'
+        '.save(sys.argv[1])\n')
+    digests = set()
+    for i in range(3):  # the hash seed of each process differs; a dict-ordered header would vary with it
+        out = tmp_path / f's{i}.safetensors'
+        subprocess.run([sys.executable, '-c', script, str(out)], check=True, env={'PYTHONHASHSEED': str(i)},
+                       cwd=Path(__file__).resolve().parents[1])
+        digests.add(hashlib.sha256(out.read_bytes()).hexdigest())
+        assert ActivationStats.load(out).identity()['num_tokens'] == 7
+    assert len(digests) == 1
+
+
+def test_statistics_files_without_the_one_metadata_entry_are_refused(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from timm_moejet.errors import InvalidCheckpoint
+
+    # a layout no release wrote (two metadata entries): refused, naming what is missing
+    save_file({'blocks.0.hidden.l2': torch.ones(3)}, str(tmp_path / 'old.safetensors'),
+              metadata={'format': 'timm_moejet.activation_stats.v1', 'identity': json.dumps({'hub_id': 'org/x'})})
+    with pytest.raises(InvalidCheckpoint, match='not an activation statistics file'):
+        ActivationStats.load(tmp_path / 'old.safetensors')

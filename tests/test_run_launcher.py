@@ -145,3 +145,14 @@ def test_a_timm_folder_in_the_working_folder_is_pointed_out(tmp_path, monkeypatc
     assert main([str(script)]) == 0
     err = capsys.readouterr().err
     assert err.count('\n') == 1 and f'is imported from {tmp_path / "timm"} (the working folder)' in err
+
+
+def test_the_launcher_refuses_an_unreadable_script(tmp_path, capsys, monkeypatch):
+    from timm_moejet.run import main as run_main
+
+    script = tmp_path / 'train.py'
+    script.write_text('print("ran")\n')
+    monkeypatch.setattr(os, 'access', lambda path, mode: False)
+    assert run_main([str(script)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert 'cannot be read' in err and str(script) in err and len(err.splitlines()) == 1

@@ -12,6 +12,7 @@ from paths import OFFICIAL_FIXTURE
 from safetensors.torch import load_file, save_file
 
 import timm_moejet  # noqa: F401  (registers the models)
+from timm_moejet.checkpoint_io import read_state_dict
 from weights_tools.cli import main
 
 FIXTURE = OFFICIAL_FIXTURE
@@ -49,7 +50,6 @@ def test_end_to_end_calibrate_recycle_inspect_export(workspace, capsys, monkeypa
     from hub_cache import repo_snapshot, use_offline_hub
     from PIL import Image
 
-    from timm_moejet.checkpoint_io import load_state_dict_file
     from timm_moejet.layers import experts_to_be_loaded
     from timm_moejet.recycling import RecyclingRecipe, recycle_into
 
@@ -93,8 +93,8 @@ def test_end_to_end_calibrate_recycle_inspect_export(workspace, capsys, monkeypa
     with torch.random.fork_rng(), experts_to_be_loaded():
         torch.manual_seed(11)
         reference = timm.create_model('moejet_vit_test', num_classes=10)
-    recycle_into(reference, load_state_dict_file(root / 'trunk.safetensors'),
-                 load_state_dict_file(repo_snapshot(root / 'hf_cache', expert_donor[7:]) / 'model.safetensors'),
+    recycle_into(reference, read_state_dict(root / 'trunk.safetensors'),
+                 read_state_dict(repo_snapshot(root / 'hf_cache', expert_donor[7:]) / 'model.safetensors'),
                  RecyclingRecipe(stats=stats, seed=11))
     loaded = timm.create_model(f'local-dir:{export}', pretrained=True)
     assert loaded.pretrained_cfg['recycling'] == record  # the moejet entrypoint puts the recipe back
@@ -148,7 +148,7 @@ def test_import_official_reproduces_fixture_logits(tmp_path):
 
 
 class FakeHfApi:
-    """Records what timm's push_to_hf_hub would upload; nothing leaves the machine."""
+    """Records what a push would upload; nothing leaves the machine."""
     uploads = []
 
     def __init__(self, token=None, library_name=None, library_version=None):
@@ -171,9 +171,9 @@ class FakeHfApi:
 
 
 def test_push_uploads_safetensors_and_config(workspace, tmp_path, monkeypatch, capsys):
-    import timm.models._hub as hub
+    import huggingface_hub
 
-    monkeypatch.setattr(hub, 'HfApi', FakeHfApi)
+    monkeypatch.setattr(huggingface_hub, 'HfApi', FakeHfApi)
     FakeHfApi.uploads.clear()
     folder = tmp_path / 'moe'
     assert main(['recycle', '--model', 'moejet_vit_test', '--trunk', str(workspace / 'trunk.safetensors'),

@@ -1,11 +1,16 @@
 """ Router diagnostics (timm_moejet.diagnostics): output mass, shares, contribution, sparsity, plot. """
 import copy
 import io
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import timm
 import torch
 import torch.nn as nn
+from hub_cache import small_dense_vit
 
 import timm_moejet  # noqa: F401
 from timm_moejet.diagnostics import (
@@ -130,3 +135,23 @@ def test_balanced_subset_is_seeded_and_balanced():
     assert counts == [8, 7, 5]  # class 2 has only 5; the others share the rest evenly
     assert len(set(a)) == 20
     assert sorted(balanced_indices(targets, None, seed=0)) == list(range(85))
+
+
+def test_image_folders_with_symlink_loops_are_read_once(tmp_path):
+    from benchmarks.digits.data import write_digits_image_folder
+    from timm_moejet.image_folder import image_loader
+
+    write_digits_image_folder(str(tmp_path / 'imgs'), image_size=16)
+    model = small_dense_vit(0)
+    count = image_loader(str(tmp_path / 'imgs'), model)[1]['available']
+    first = sorted(p for p in (tmp_path / 'imgs' / 'validation').iterdir() if p.is_dir())[0]
+    os.symlink('..', first / 'loop')
+    _, summary = image_loader(str(tmp_path / 'imgs'), model)
+    assert summary['available'] == count
+    os.symlink('..', first / 'loop2')  # two loops: exponential before
+    script = ('import sys, timm; from timm_moejet.image_folder import image_loader\n'
+              'm = timm.create_model("vit_tiny_patch16_224", img_size=64, embed_dim=64, depth=1, num_heads=1)\n'
+              'print(image_loader(sys.argv[1], m)[1]["available"])')
+    done = subprocess.run([sys.executable, '-c', script, str(tmp_path / 'imgs')], capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0 and int(done.stdout.split()[-1]) == count, done.stderr[-500:]

@@ -1,5 +1,13 @@
-""" weights_tools on bad input: exit status 2, a one-line message naming the problem, and no output written. """
+""" weights_tools on bad input: exit status 2, a one-line message naming the problem, and no output written.
+
+Also: an output that is or holds an input is refused; two outputs of one command may not name one path; Ctrl-C and
+SIGTERM say whether the output was written; a missing optional package names its extra; long messages are cut.
+"""
+import hashlib
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -212,3 +220,226 @@ def test_more_bad_inputs(donors, tmp_path, capsys):
                         '--output', tmp_path / 's.safetensors'], capsys)
     _assert_failed(status, err, 'moejet_vit_test has no pretrained weights')
     assert sorted(os.listdir(tmp_path)) == ['broken']
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+_SIGTERM_RUN = '''
+import os, signal, sys
+from pathlib import Path
+import timm.models
+from weights_tools.cli import main
+
+def slow_save(model, save_directory, **kwargs):
+    (Path(save_directory) / 'model.safetensors').write_bytes(b'half')
+    os.kill(os.getpid(), signal.SIGTERM)
+    raise AssertionError('SIGTERM did not stop the write')
+
+timm.models.save_for_hf = slow_save
+sys.exit(main(['export', 'moejet_vit_test', '--output', sys.argv[1]]))
+'''
+
+
+def test_sigterm_is_handled_like_ctrl_c(tmp_path):
+    proc = subprocess.run([sys.executable, '-c', _SIGTERM_RUN, str(tmp_path / 'out')], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 143, (proc.returncode, proc.stderr[-2000:])
+    assert 'terminated' in proc.stderr and 'no output was written' in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupt_after_the_output_is_in_place_says_so(tmp_path, monkeypatch, capsys):
+    from timm_moejet.checkpoint_io import hub
+    from weights_tools.cli import main
+
+    real_save = hub.save_hub_folder
+
+    def save_then_interrupt(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(hub, 'save_hub_folder', save_then_interrupt)
+    assert main(['export', 'moejet_vit_test', '--output', str(tmp_path / 'out')]) == 130
+    err = capsys.readouterr().err
+    assert 'no output was written' not in err and f'{tmp_path / "out"} was written completely' in err, err
+    assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == ['config.json', 'model.safetensors']
+
+
+def _tree_digest(path: Path) -> dict:
+    return {str(p.relative_to(path)): _sha(p) for p in sorted(Path(path).rglob('*')) if p.is_file()}
+
+
+@pytest.mark.parametrize('argv, input_name', [
+    (['calibrate', '--donor', '{root}/donor', '--images', '{root}/digits', '--limit', '8',
+      '--output', '{root}/donor/model.safetensors', '--overwrite'], 'donor'),
+    (['recycle', '--model', 'moejet_vit_test', '--trunk', '{root}/donor', '--strategy', 'uniform',
+      '--output', '{root}/donor', '--overwrite'], 'donor'),
+    (['recycle', '--model', 'moejet_vit_test', '--trunk', '{root}/donor/model.safetensors', '--strategy', 'uniform',
+      '--output', '{root}', '--overwrite'], 'donor'),
+    (['export', 'local-dir:{root}/donor', '--output', '{root}/donor/export', '--overwrite'], 'donor'),
+    (['inspect', 'moejet_vit_test', '--images', '{root}/digits', '--limit', '4',
+      '--plot', '{root}/digits/train/0/p.png', '--overwrite'], 'digits'),
+])
+def test_no_output_overwrites_an_input(dense_folder, argv, input_name, capsys):
+    """An output that is, contains or lives inside one of the command's inputs is refused, --overwrite or not."""
+    from weights_tools.cli import main
+
+    before = _tree_digest(dense_folder)
+    status = main([a.format(root=dense_folder) for a in argv])
+    err = capsys.readouterr().err
+    assert status == 2 and any(w in err for w in ('is the', 'lies inside the', 'contains the')), err
+    assert str(dense_folder / input_name) in err, err
+    assert _tree_digest(dense_folder) == before
+
+
+@pytest.mark.parametrize('argv, fragment', [
+    (['recycle', '--trunk', '{donor}', '--seed', str(2 ** 70), '--output', '{out}'],
+     'argument --seed: must be an int in [0, 9223372036854775807], got'),
+    (['calibrate', '--donor', '{donor}', '--donor-arch', 'vit_tiny_patch16_224', '--images', '{digits}',
+      '--seed', str(2 ** 70), '--output', '{out}.safetensors'], 'argument --seed: must be an int in [0, 92233720'),
+    (['export', 'moejet_vit_test', '--num-classes', '-5', '--output', '{out}'],
+     'argument --num-classes: must be an int >= 0, got -5'),
+    (['inspect', 'moejet_vit_test', '--batch-size', '0'], 'argument --batch-size: must be an int >= 1, got 0'),
+    (['calibrate', '--donor', 'vit_small_patch16_224.augreg_in21k', '--images', '{digits}', '--output',
+      '{out}.safetensors'], "vit_small_patch16_224.augreg_in21k (Hub repository 'timm/vit_small_patch16_224."
+                            "augreg_in21k') is not in the local Hugging Face cache and the Hub was not reachable"),
+])
+def test_bad_arguments_get_one_clear_line(dense_folder, tmp_path, monkeypatch, capsys, argv, fragment):
+    from hub_cache import use_offline_hub
+
+    from weights_tools.cli import main
+
+    use_offline_hub(monkeypatch, tmp_path / 'empty_cache')
+    args = [a.format(donor=dense_folder / 'donor.safetensors', digits=dense_folder / 'digits', out=tmp_path / 'o')
+            for a in argv]
+    status = main(args)
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and fragment in err and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['empty_cache']
+
+
+def test_long_messages_are_cut_to_a_readable_line(tmp_path, capsys):
+    """A checkpoint of another model used to give a 4,500-character line."""
+    from safetensors.torch import save_file
+
+    from weights_tools.cli import main
+
+    save_file(timm.create_model('vit_tiny_patch16_224', depth=2).state_dict(), str(tmp_path / 'other.safetensors'))
+    status = main(['export', 'moejet_vit_test', '--checkpoint', str(tmp_path / 'other.safetensors'),
+                   '--output', str(tmp_path / 'out')])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and 'does not fit' in err and len(err.splitlines()) == 1 and len(err) <= 600, (len(err), err)
+    assert '--debug' in err
+
+
+@pytest.mark.parametrize('module, argv', [
+    ('pymetis', ['recycle', '--model', 'moejet_vit_test', '--trunk', '{donor}', '--strategy', 'graph',
+                 '--output', '{out}']),
+    ('matplotlib', ['inspect', 'moejet_vit_test', '--random-images', '2', '--plot', '{out}.png']),
+])
+def test_a_missing_optional_package_names_its_extra(dense_folder, tmp_path, monkeypatch, capsys, module, argv):
+    """pymetis and matplotlib are extras ([graph], [plot]): without them, one line says which extra to install."""
+    from weights_tools.cli import main
+
+    for name in list(sys.modules):
+        if name == module or name.startswith(module + '.'):
+            monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, module, None)  # import fails as if the package were not installed
+    status = main([a.format(donor=dense_folder / 'donor.safetensors', out=tmp_path / 'o') for a in argv])
+    err = capsys.readouterr().err.strip()
+    extra = 'graph' if module == 'pymetis' else 'plot'
+    assert status == 2 and f'needs {module}' in err and f'pip install "timm-moejet[{extra}]"' in err, err
+    assert len(err.splitlines()) == 1 and list(tmp_path.iterdir()) == []
+
+
+def _err(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and 'Traceback' not in err, err
+    return err
+
+
+def test_two_outputs_naming_one_path_are_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(['inspect', 'moejet_vit_test', '--random-images', '2', '--plot', 'out.png', '--json',
+                 'out.png']) == 2
+    err = _err(capsys)
+    assert 'out.png' in err and 'same path' in err
+    assert list(tmp_path.iterdir()) == []
+    # also through another spelling of the path
+    assert main(['inspect', 'moejet_vit_test', '--random-images', '2', '--plot', 'out.png', '--json',
+                 f'../{tmp_path.name}/out.png']) == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_declared_architecture_is_checked_before_a_model_is_built(tmp_path, capsys, monkeypatch):
+    sd = timm.create_model('moejet_vit_test').state_dict()
+    official_sd = {k.replace('.mlp.slot_queries', '.mlp.phi'): v for k, v in sd.items()}
+    config = dict(embed_dim=8192, depth=24, num_heads=8, moe_layers=[22, 23], core_experts=4, img_size=64)
+    save_file(official_sd, str(tmp_path / 'huge.safetensors'), metadata={'config': json.dumps(config)})
+    real = timm.create_model
+
+    def create_model(name, *args, **kwargs):
+        assert str(kwargs.get('device', '')) == 'meta', 'a model was built before the shapes were checked'
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(timm, 'create_model', create_model)
+    assert main(['import-official', str(tmp_path / 'huge.safetensors'), '--output', str(tmp_path / 'o')]) == 2
+    err = _err(capsys)
+    assert 'does not fit' in err and 'huge.safetensors' in err, err
+
+
+@pytest.fixture
+def bad_config_folder(donors, tmp_path):
+    folder = tmp_path / 'badcfg'
+    folder.mkdir()
+    (folder / 'model.safetensors').write_bytes((donors / 'a_folder' / 'model.safetensors').read_bytes())
+    config = json.loads((donors / 'a_folder' / 'config.json').read_text())
+    config['model_args'] = [1, 2]
+    (folder / 'config.json').write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize('command', [
+    ['export', '{f}', '--output', '{o}'],
+    ['recycle', '--trunk', '{f}', '--output', '{o}'],
+    ['recycle', '--model', 'moejet_vit_test', '--trunk', '{f}', '--output', '{o}'],
+    ['calibrate', '--donor', '{f}', '--images', '{t}', '--output', '{o}.safetensors'],
+])
+def test_config_with_model_args_not_a_mapping_is_an_input_error(bad_config_folder, tmp_path, capsys, command):
+    (tmp_path / 'imgs').mkdir()
+    argv = [a.format(f=bad_config_folder, o=tmp_path / 'o', t=tmp_path / 'imgs') for a in command]
+    assert main(argv) == 2
+    err = _err(capsys)
+    assert 'model_args' in err and 'config.json' in err, err
+
+
+def test_config_with_model_args_not_a_mapping_is_a_typed_error_from_the_api(bad_config_folder):
+    from timm_moejet.errors import InvalidCheckpoint
+
+    with pytest.raises(InvalidCheckpoint, match='model_args'):
+        timm_moejet.create_moejet_from(str(bad_config_folder))
+
+
+def test_inspect_json_writes_null_for_an_undefined_figure(tmp_path):
+    out = tmp_path / 'f.json'
+    assert main(['inspect', 'moejet_vit_test', '--model-kwargs', 'num_univ_experts=0', '--random-images', '1',
+                 '--json', str(out)]) == 0
+
+    def refuse(constant):
+        raise ValueError(f'{constant} is not JSON')
+
+    layers = json.loads(out.read_text(), parse_constant=refuse)['layers']
+    assert layers[0]['univ_contribution'] is None
+
+
+@pytest.mark.parametrize('call, error', [
+    (lambda: timm_moejet.create_moejet_from('vit_tiny_patch16_224.nonexistent_tag'), 'InvalidArgument'),
+    (lambda: timm.create_model('moejet_vit_test', img_size=8), 'InvalidArgument'),
+    (lambda: timm.create_model('moejet_vit_test', mlp_ratio=1e300), 'InvalidArgument'),
+])
+def test_the_python_api_raises_the_typed_errors_the_cli_words(call, error):
+    from timm_moejet import errors
+
+    with pytest.raises(getattr(errors, error)):
+        call()

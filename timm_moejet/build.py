@@ -22,7 +22,7 @@ import torch.nn as nn
 from timm.layers import to_2tuple
 from timm.models import PretrainedCfg, resolve_pretrained_cfg, split_model_name_tag
 
-from .checkpoint_io.donors import folder_weights, load_donor, locate_donor
+from .checkpoint_io.donors import load_donor, locate_donor
 from .checkpoint_io.hub import (
     STANDARD_CONFIG_KEYS,
     check_weights_readable,
@@ -31,11 +31,13 @@ from .checkpoint_io.hub import (
     read_folder_config,
 )
 from .checkpoint_io.names import HF_HUB, LOCAL_DIR, WEIGHT_SUFFIXES, check_model_name, parse_source
+from .checkpoint_io.read import folder_weights
 from .errors import InvalidArgument
+from .family import family_of_model
 from .layers import experts_to_be_loaded
-from .models.from_donor import check_vit_donor, vit_architecture
-from .recycling import RECYCLE_KWARGS, RecyclingRecipe, recycle_into, resolve_inputs, select_state_dict
-from .recycling.families import family_of_model
+from .models.moejet_vit import VIT, check_vit_donor, vit_architecture
+from .recycling import RECYCLE_KWARGS, RecyclingRecipe, recycle, resolve_inputs, select_state_dict
+from .recycling.recycle import record_on
 
 __all__ = ['create_model', 'load_model', 'create_moejet_from', 'build_recycled_model', 'build_selected_model',
            'moejet_vit_kwargs']
@@ -134,8 +136,8 @@ def moejet_vit_kwargs(trunk: str, img_size: Any = None) -> Tuple[Dict[str, Any],
     if img_size is not None:
         size = to_2tuple(img_size)
         grid = tuple(s // p for s, p in zip(size, donor.patch_embed.patch_size))
-    tokens = grid[0] * grid[1]  # 196 for a 224 px ViT/16: the paper's 98 core + 196 universal
-    args.update(num_core_experts=max(1, tokens // 2), num_univ_experts=max(1, tokens))
+    core, univ = VIT.expert_counts(grid[0] * grid[1])  # 196 tokens for a 224 px ViT/16: 98 core + 196 universal
+    args.update(num_core_experts=core, num_univ_experts=univ)
     return args, donor
 
 
@@ -244,8 +246,9 @@ def build_recycled_model(
     if family_of_model(model) is None or not model.moe_layers():
         raise InvalidArgument(f'{model_name} has no SpheroMoE layer; recycling builds MoE models (e.g. '
                               f'moejet_vit_tiny).')
-    return recycle_into(model, trunk_donor.state_dict, inputs.experts, recipe, stats=inputs.stats,
-                        trunk_id=str(trunk), expert_id=str(recipe.experts or trunk))
+    result = recycle(model, trunk_donor.state_dict, recipe, inputs, trunk_id=str(trunk))
+    model.load_state_dict(result.state_dict, strict=True)
+    return record_on(model, result.record)
 
 
 def build_selected_model(

@@ -6,6 +6,7 @@ import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from .checkpoint_io.names import MOE_KEYS
 from .layers import SpheroMoE
 from .modes import eval_mode
 
@@ -26,12 +27,14 @@ def count_params(model: nn.Module) -> Dict[str, int]:
     """
     total = num_params(model)
     experts = router = 0
+    groups = tuple(f'{g}.' for g in MOE_KEYS.groups)
     for m in model.modules():
         if isinstance(m, SpheroMoE):
-            for group in (m.core, m.univ):
-                if group is not None:
-                    experts += num_params(group)
-            router += sum(p.numel() for n, p in m.named_parameters() if not n.startswith(('core.', 'univ.')))
+            for name, p in m.named_parameters():
+                if name.startswith(groups):
+                    experts += p.numel()
+                else:
+                    router += p.numel()
     return dict(total=total, experts=experts, router=router, dense=total - experts - router)
 
 

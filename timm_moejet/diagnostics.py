@@ -34,6 +34,7 @@ import torch.nn as nn
 
 from .cost import num_params
 from .errors import InvalidArgument
+from .family import FAMILIES
 from .layers import RoutingRecord, SpheroMoE, record_routing
 from .modes import eval_mode
 
@@ -93,11 +94,20 @@ class LayerDiagnostics:
 
 
 def moe_layers(model: nn.Module) -> Dict[int, SpheroMoE]:
-    """SpheroMoE layers by block index (``model.moe_layers()`` when present, else found among ``blocks``)."""
-    if hasattr(model, 'moe_layers'):
+    """SpheroMoE layers by block index: the model's own (``moe_layers()``), else the blocks of a registered family
+    whose MLP is one (a timm model built with ``mlp_layer=SpheroMoE``)."""
+    if callable(getattr(model, 'moe_layers', None)):
         return dict(model.moe_layers())
-    blocks = getattr(model, 'blocks', [])
-    return {i: b.mlp for i, b in enumerate(blocks) if isinstance(getattr(b, 'mlp', None), SpheroMoE)}
+    for family in FAMILIES.values():
+        try:
+            blocks = family.block_modules(model)
+        except (AttributeError, TypeError):  # not a model of this family
+            continue
+        found = {i: getattr(b, family.mlp) for i, b in enumerate(blocks)
+                 if isinstance(getattr(b, family.mlp, None), SpheroMoE)}
+        if found:
+            return found
+    return {}
 
 
 class _Accumulator:

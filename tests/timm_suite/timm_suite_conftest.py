@@ -4,8 +4,9 @@ Copied next to the ``test_models.py`` taken from the timm sdist (never committed
 wraps ``timm.list_models``/``list_pretrained`` (bound by ``test_models.py`` at import) so that our models are
 treated like their timm families: the MoE ViTs like timm's ViTs (listed wherever ``vit_*`` is: NON_STD, token
 features; excluded wherever ``vit_*`` is; in the ``vision_transformer`` module group for forward_intermediates and
-pruning), the MoE ConvNeXts like timm's ConvNeXts (CNN features; in the ``convnext`` module group). Only our models
-are returned, so the run covers nothing else.
+pruning), the MoE ConvNeXts like timm's ConvNeXts (CNN features; in the ``convnext`` module group), the MoE
+MLP-Mixers like timm's Mixers (``*mixer_*``; the ``mlp_mixer`` module group). Only our models are returned, so the
+run covers nothing else.
 """
 import fnmatch
 import importlib
@@ -16,8 +17,9 @@ import timm
 PLUGIN = os.environ.get('PLUGIN_PKG', 'timm_moejet')
 # (our name patterns, the timm filter they stand beside, the timm module group they join, our module)
 FAMILIES = (
-    (['moejet_vit*', 'softmoe_*'], 'vit_*', 'vision_transformer', 'moejet'),
+    (['moejet_vit*', 'softmoe_*'], 'vit_*', 'vision_transformer', 'moejet_vit'),
     (['moejet_convnext*'], 'convnext*', 'convnext', 'moejet_convnext'),
+    (['moejet_mixer*'], '*mixer_*', 'mlp_mixer', 'moejet_mixer'),
 )
 PATTERNS = [p for patterns, *_ in FAMILIES for p in patterns]
 

@@ -6,9 +6,7 @@ A donor is named by a timm name with its tag (``vit_small_patch16_224.augreg_in2
 line and the Python API all load donors through :func:`load_donor`.
 """
 import dataclasses
-import json
 import os
-from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
 import timm
@@ -16,41 +14,16 @@ import torch
 import torch.nn as nn
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError
-from timm.models import PretrainedCfg, load_state_dict_from_hf, resolve_pretrained_cfg, split_model_name_tag
+from timm.models import PretrainedCfg, resolve_pretrained_cfg, split_model_name_tag
 
 from ..errors import InvalidArgument, InvalidCheckpoint, NotFound
-from .hub import check_timm_config, hub_errors_named, read_folder_config
-from .names import (
-    FOLDER_WEIGHT_NAMES,
-    WEIGHT_SUFFIXES,
-    WeightSource,
-    check_model_name,
-    parse_source,
-    split_revision,
-)
-from .read import load_state_dict_file, unwrap_state_dict
+from .hub import hub_errors_named, read_folder_config, read_hub_config
+from .names import FOLDER_WEIGHT_NAMES, WeightSource, check_model_name, parse_source, split_revision
+from .read import read_hub_state_dict, read_state_dict
 
-__all__ = ['Donor', 'load_donor', 'locate_donor', 'folder_weights']
+__all__ = ['Donor', 'load_donor', 'locate_donor']
 
 PathLike = Union[str, os.PathLike]
-
-
-def _hub_config(repo: str, cache_dir: Optional[PathLike]) -> Optional[Dict[str, Any]]:
-    """The config.json of a Hub repo, or None when it has none."""
-    repo_id, revision = split_revision(repo)
-    try:
-        with hub_errors_named(f'Hub repository {repo!r}'):
-            try:
-                path = hf_hub_download(repo_id, 'config.json', revision=revision, cache_dir=cache_dir)
-            except EntryNotFoundError:
-                return None
-    except NotFound:
-        return None  # the weights download below names the repo if it is really missing
-    try:
-        config = json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidCheckpoint(f'config.json of Hub repository {repo!r} is not valid JSON ({e}).') from e
-    return check_timm_config(config, f'config.json of Hub repository {repo!r}', require_architecture=False)
 
 
 @dataclasses.dataclass
@@ -59,7 +32,7 @@ class Donor:
 
     Attributes:
         name: How the donor was named (kept verbatim in records and messages).
-        state_dict: The weights, training wrappers removed.
+        state_dict: The weights, training wrappers removed (as every read leaves them).
         architecture: timm model name, when the source says it (a timm name, a folder's config.json).
         model_args: Constructor kwargs from the source's config.json.
         pretrained_cfg: The source's pretrained cfg (input size, mean, std, ...) from its config.json.
@@ -73,7 +46,7 @@ class Donor:
     @classmethod
     def from_config(cls, name: str, state_dict: Dict[str, torch.Tensor], config: Dict[str, Any]) -> 'Donor':
         """A donor whose architecture, kwargs and data cfg come from a timm ``config.json``."""
-        return cls(name, unwrap_state_dict(state_dict), config.get('architecture'),
+        return cls(name, state_dict, config.get('architecture'),
                    dict(config.get('model_args') or {}), dict(config.get('pretrained_cfg') or {}))
 
     def build_model(self, architecture: Optional[str] = None) -> nn.Module:
@@ -175,28 +148,13 @@ def load_donor(spec: PathLike, *, cache_dir: Optional[PathLike] = None, role: st
     located = _resolve(spec, role)
     source = located.source
     if source.kind == 'folder':
-        return Donor.from_config(name, load_state_dict_file(folder_weights(source.path)),
-                                 read_folder_config(source.path))
+        return Donor.from_config(name, read_state_dict(source.path), read_folder_config(source.path))
     if source.kind == 'file':
-        return Donor(name, unwrap_state_dict(load_state_dict_file(source.location)))
-    config = (_hub_config(source.location, cache_dir) or {}) if located.architecture is None else {}
+        return Donor(name, read_state_dict(source.location))
+    # a timm name's architecture is known from the name; a Hub repo's from its config.json, when it has one
+    config = (read_hub_config(source.location, cache_dir) or {}) if located.architecture is None else {}
     with hub_errors_named(located.what):
-        if located.filename:
-            state_dict = load_state_dict_from_hf(source.location, located.filename, cache_dir=cache_dir)
-        else:
-            state_dict = load_state_dict_from_hf(source.location, cache_dir=cache_dir)
+        state_dict = read_hub_state_dict(source.location, located.filename, cache_dir)
     if located.architecture is not None:
-        return Donor(name, unwrap_state_dict(state_dict), located.architecture)
+        return Donor(name, state_dict, located.architecture)
     return Donor.from_config(name, state_dict, config)
-
-
-def folder_weights(folder: Path) -> Path:
-    """The weights file of a Hub folder, in timm's order of preference."""
-    for fname in FOLDER_WEIGHT_NAMES:
-        if (folder / fname).is_file():
-            return folder / fname
-    for ext in WEIGHT_SUFFIXES:
-        found = sorted(folder.glob(f'*{ext}'))
-        if found:
-            return found[0]
-    raise NotFound(f'{folder} holds no weights file (model.safetensors, pytorch_model.bin, *.pth ...).')

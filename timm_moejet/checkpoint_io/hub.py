@@ -1,23 +1,21 @@
-""" Models to and from timm Hub folders and the Hub, and the errors of Hub access (donors: ``donors.py``).
+""" timm Hub folders and the Hugging Face Hub: their configs, their errors, writing and uploading models.
 
-* :func:`read_folder_config` / :func:`load_weights_into`: a Hub folder's config, a weights file into a model.
-* :func:`save_hub_folder` / :func:`push_to_hub`: timm's ``save_for_hf`` / ``push_to_hf_hub`` with the recycling
-  record kept and load-time options left out, written atomically.
-
-Errors are typed (``timm_moejet.errors``): ``NotFound`` for what cannot be found (naming the repo or path, and
-whether the Hub was reachable), ``InvalidArgument`` for a bad name, ``InvalidCheckpoint`` for weights that do not
-fit.
+* :func:`hub_errors_named`: huggingface_hub's "not cached / not reachable / no such repo" as a ``NotFound`` naming
+  what was looked for.
+* :func:`read_folder_config` / :func:`read_hub_config`: a model's ``config.json``, checked before timm builds from it.
+* :func:`load_weights_into`: a weights file into a model, strictly.
+* :func:`save_hub_folder` / :func:`push_to_hub`: timm's ``save_for_hf`` layout (``model.safetensors`` +
+  ``config.json``), written atomically or uploaded, with the recycling record kept and load-time options left out.
 """
 import contextlib
 import dataclasses
 import json
-import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Union
 
 import timm
-import torch
 import torch.nn as nn
 from huggingface_hub.errors import (
     EntryNotFoundError,
@@ -25,23 +23,26 @@ from huggingface_hub.errors import (
     OfflineModeIsEnabled,
     RepositoryNotFoundError,
 )
-from timm.models import PretrainedCfg, split_model_name_tag
+from timm.models import PretrainedCfg, filter_pretrained_cfg, load_model_config_from_hf, split_model_name_tag
 
 from ..errors import InvalidArgument, InvalidCheckpoint, NotFound, Unreachable
+from ..family import family_of_model
+from .atomic import atomic_output_dir
+from .names import is_repo_id
 from .official import is_official_state_dict
-from .read import atomic_output_dir, check_state_dict_fits, load_state_dict_file, unwrap_state_dict
+from .read import check_state_dict_fits, read_state_dict
 
-__all__ = ['load_weights_into', 'read_folder_config', 'check_timm_config', 'check_weights_readable',
-           'hub_export_config', 'save_hub_folder', 'push_to_hub', 'check_repo_id', 'hub_errors_named']
-
-_logger = logging.getLogger(__name__)
+__all__ = ['hub_errors_named', 'read_folder_config', 'read_hub_config', 'check_timm_config', 'check_weights_readable',
+           'load_weights_into', 'save_hub_folder', 'push_to_hub', 'check_repo_id', 'STANDARD_CONFIG_KEYS']
 
 PathLike = Union[str, os.PathLike]
 # config.json entries timm writes itself; anything else at its top level is ours (e.g. an import record)
 STANDARD_CONFIG_KEYS = {'architecture', 'num_classes', 'num_features', 'global_pool', 'model_args', 'pretrained_cfg',
-                         'label_names', 'label_descriptions'}
+                        'label_names', 'label_descriptions'}
 # pretrained_cfg entries timm's PretrainedCfg does not know but the MoE entrypoints take out and put back on load
 _MOE_CFG_RECORDS = ('recycling',)
+# create_model kwargs that configure loading (the dense->MoE filter), not the architecture: never in model_args
+_LOAD_TIME_KWARGS = 'recycle_'
 
 
 @contextlib.contextmanager
@@ -57,19 +58,6 @@ def hub_errors_named(what: str) -> Iterator[None]:
         raise NotFound(f'{what} does not exist on the Hub ({type(e).__name__}).') from e
     except EntryNotFoundError as e:
         raise NotFound(f'{what} has no weights file on the Hub ({type(e).__name__}).') from e
-
-
-def read_folder_config(folder: PathLike) -> Dict[str, Any]:
-    """The ``config.json`` of a timm Hub folder, with a clear error when it is missing or not a timm config."""
-    path = Path(folder) / 'config.json'
-    if not path.is_file():
-        raise InvalidCheckpoint(f'{folder} is a folder without config.json, not a timm Hub folder '
-                                f'(expected config.json + model.safetensors).')
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidCheckpoint(f'{path} is not valid JSON ({e}).') from e
-    return check_timm_config(config, path)
 
 
 def check_timm_config(config: Any, path: PathLike, require_architecture: bool = True) -> Dict[str, Any]:
@@ -95,6 +83,37 @@ def check_timm_config(config: Any, path: PathLike, require_architecture: bool = 
     return config
 
 
+def read_folder_config(folder: PathLike) -> Dict[str, Any]:
+    """The ``config.json`` of a timm Hub folder, checked (ours: timm's reader of local folders is not public)."""
+    path = Path(folder) / 'config.json'
+    if not path.is_file():
+        raise InvalidCheckpoint(f'{folder} is a folder without config.json, not a timm Hub folder '
+                                f'(expected config.json + model.safetensors).')
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidCheckpoint(f'{path} is not valid JSON ({e}).') from e
+    return check_timm_config(config, path)
+
+
+def read_hub_config(repo: str, cache_dir: Optional[PathLike] = None) -> Optional[Dict[str, Any]]:
+    """A Hub repository's ``config.json`` as timm's ``load_model_config_from_hf`` reads it (architecture,
+    model_args, pretrained_cfg), checked; None when the repository has none or cannot be reached (reading its
+    weights then names the repository)."""
+    what = f'config.json of Hub repository {repo!r}'
+    try:
+        with hub_errors_named(what):
+            pretrained_cfg, architecture, model_args = load_model_config_from_hf(repo, cache_dir=cache_dir)
+    except (NotFound, KeyError):  # none, or not a timm model's (no architecture): the weights alone
+        return None
+    except (ValueError, AttributeError, TypeError) as e:  # not JSON, or not the layout timm reads
+        raise InvalidCheckpoint(f'{what} is not a timm model config ({type(e).__name__}: {e}).') from e
+    # the source timm records (hf_hub_id, source) is where the weights were, not what a model built from them loads
+    pretrained_cfg = filter_pretrained_cfg(pretrained_cfg, remove_source=True, remove_null=False)
+    config = dict(architecture=architecture, model_args=model_args, pretrained_cfg=pretrained_cfg)
+    return check_timm_config(config, what, require_architecture=False)
+
+
 def check_weights_readable(folder: PathLike) -> None:
     """The safetensors weights of a Hub folder have a readable header that fits the file's size (checked without
     reading the tensors), so a corrupt or truncated file is named here rather than failing inside timm's loader.
@@ -104,23 +123,22 @@ def check_weights_readable(folder: PathLike) -> None:
     """
     from safetensors import safe_open
 
-    for name in ('model.safetensors',):
-        path = Path(folder) / name
-        if not path.is_file():
-            continue
-        try:
-            with safe_open(os.fspath(path), 'pt') as f:
-                for key in f.keys():
-                    f.get_slice(key).get_shape()
-        except Exception as e:  # safetensors raises several types on a bad header or a short file
-            raise InvalidCheckpoint(f'{path} is not a readable safetensors file ({type(e).__name__}: '
-                                    f'{str(e).splitlines()[0] if str(e) else ""}).') from e
+    path = Path(folder) / 'model.safetensors'
+    if not path.is_file():
+        return
+    try:
+        with safe_open(os.fspath(path), 'pt') as f:
+            for key in f.keys():
+                f.get_slice(key).get_shape()
+    except Exception as e:  # safetensors raises several types on a bad header or a short file
+        raise InvalidCheckpoint(f'{path} is not a readable safetensors file ({type(e).__name__}: '
+                                f'{str(e).splitlines()[0] if str(e) else ""}).') from e
 
 
 def load_weights_into(model: nn.Module, checkpoint: PathLike, ema: bool = False) -> None:
     """Strictly load a weights file (or a training checkpoint's weights, its EMA weights with ``ema``) into
     ``model``, naming every missing/unexpected/mismatched key first."""
-    state_dict = unwrap_state_dict(load_state_dict_file(checkpoint, ema=ema))
+    state_dict = read_state_dict(checkpoint, ema=ema)
     if is_official_state_dict(state_dict):
         raise InvalidCheckpoint(f'{checkpoint} holds official MoE Jetpack key names; convert it with '
                                 f'weights-tools import-official (timm_moejet.load_official).')
@@ -128,53 +146,24 @@ def load_weights_into(model: nn.Module, checkpoint: PathLike, ema: bool = False)
     model.load_state_dict(state_dict, strict=True)
 
 
-def _json_safe(value: Any) -> Any:
-    """Tuples to lists, tensors to lists/numbers, paths to strings: what ``json.dump`` accepts."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
-
-
-@contextlib.contextmanager
-def hub_export_config(model: nn.Module, extra_config: Optional[Dict[str, Any]] = None) -> Iterator[Dict[str, Any]]:
-    """Make ``model`` exportable with timm's ``save_for_hf`` for the duration; yield the extra top-level entries.
-
-    * timm rebuilds ``PretrainedCfg(**config['pretrained_cfg'])`` when loading a Hub folder, which fails on keys it
-      does not know. The ``recycling`` record of a MoE model stays in ``pretrained_cfg`` (the MoE entrypoints take
-      it out before timm sees it and put it back on the model); any other unknown key goes to the top level of
-      ``config.json``, where timm's loader ignores it.
-    * ``recycle_*`` factory kwargs are load-time options of the dense->MoE filter, not architecture: they are left
-      out of ``model_args`` (a ``recycle_stats`` path would not exist where the folder is loaded).
-    """
-    cfg = dict(getattr(model, 'pretrained_cfg', None) or {})
-    extra = dict(extra_config or {})
-    keep = {f.name for f in dataclasses.fields(PretrainedCfg)}
-    if getattr(model, 'recycling_family', None):
-        keep.update(_MOE_CFG_RECORDS)
-        for key in _MOE_CFG_RECORDS:
-            if key in extra and key not in cfg:
-                cfg[key] = extra.pop(key)
+def _portable_config(config: Dict[str, Any], moe: bool) -> Dict[str, Any]:
+    """timm's ``config.json`` made loadable as it is: timm rebuilds ``PretrainedCfg(**pretrained_cfg)`` on load,
+    which fails on keys it does not know, so those go to the top level (where timm's loader ignores them), except the
+    ``recycling`` record of a MoE model (the MoE entrypoints take it out before timm sees it); and ``recycle_*``
+    kwargs, options of loading rather than architecture (a ``recycle_stats`` path would not exist elsewhere), are
+    left out of ``model_args``."""
+    config = dict(config)
+    cfg = dict(config.get('pretrained_cfg') or {})
+    keep = {f.name for f in dataclasses.fields(PretrainedCfg)} | (set(_MOE_CFG_RECORDS) if moe else set())
+    for key in _MOE_CFG_RECORDS if moe else ():
+        if key in config and key not in cfg:
+            cfg[key] = config.pop(key)
     for key in [k for k in cfg if k not in keep]:
-        extra[key] = cfg.pop(key)
-    had_args = hasattr(model, '_model_args')
-    original_cfg, original_args = model.pretrained_cfg, getattr(model, '_model_args', None)
-    model.pretrained_cfg = _json_safe(cfg)
-    if had_args:
-        model._model_args = {k: v for k, v in original_args.items() if not k.startswith('recycle_')}
-    try:
-        yield _json_safe(extra)
-    finally:
-        model.pretrained_cfg = original_cfg
-        if had_args:
-            model._model_args = original_args
+        config[key] = cfg.pop(key)
+    config['pretrained_cfg'] = cfg
+    if 'model_args' in config:
+        config['model_args'] = {k: v for k, v in config['model_args'].items() if not k.startswith(_LOAD_TIME_KWARGS)}
+    return config
 
 
 def save_hub_folder(
@@ -183,60 +172,92 @@ def save_hub_folder(
         overwrite: bool = False,
         extra_config: Optional[Dict[str, Any]] = None,
 ) -> Path:
-    """Write ``model.safetensors`` + ``config.json`` (timm's Hub layout) atomically into the folder ``output``.
+    """Write ``model.safetensors`` + ``config.json`` (timm's ``save_for_hf``) atomically into the folder ``output``.
+
+    Args:
+        model: The model.
+        output: The folder.
+        overwrite: Replace an existing folder.
+        extra_config: Extra top-level ``config.json`` entries (e.g. an import record of the source folder).
 
     Raises:
         OutputExists: If ``output`` exists and not ``overwrite``.
     """
-    with atomic_output_dir(output, overwrite) as tmp, hub_export_config(model, extra_config) as model_config:
-        timm.models.save_for_hf(model, str(tmp), model_config=model_config, safe_serialization=True)
+    with atomic_output_dir(output, overwrite) as tmp:
+        timm.models.save_for_hf(model, os.fspath(tmp), model_config=dict(extra_config or {}), safe_serialization=True)
+        path = tmp / 'config.json'
+        config = _portable_config(json.loads(path.read_text()), moe=family_of_model(model) is not None)
+        path.write_text(json.dumps(config, indent=2))  # inside the temporary folder: atomic with it
     return Path(output)
 
 
 def check_repo_id(repo_id: str) -> str:
-    """Refuse a Hub repository id that is not ``ORG/NAME`` or ``NAME``."""
-    parts = repo_id.split('/') if isinstance(repo_id, str) else []
-    if not 1 <= len(parts) <= 2 or not all(parts) or any(c.isspace() for c in repo_id):
+    """Refuse a Hub repository id to push to that is not ``ORG/NAME`` or ``NAME``."""
+    if not isinstance(repo_id, str) or '@' in repo_id or not is_repo_id(repo_id, org_required=False):
         raise InvalidArgument(f'the Hub repository must look like ORG/NAME (or NAME), got {repo_id!r}.')
     return repo_id
+
+
+def _model_card(model: nn.Module, repo_id: str, record: bool) -> str:
+    """A README.md for the Hub (timm's card generator is not public)."""
+    description = f'{type(model).__name__} exported with timm-moejet.'
+    if record:
+        description += ' Recycled from dense checkpoints; recipe in config.json, pretrained_cfg.recycling.'
+    return (f'---\ntags:\n- image-classification\n- timm\n- timm-moejet\nlibrary_name: timm\nlicense: apache-2.0\n'
+            f'---\n# Model card for {repo_id.split("/")[-1]}\n\n{description}\n\n## Model Details\n'
+            f'- **Model Type:** Image classification / feature backbone\n- **Library:** timm + timm-moejet\n\n'
+            f'## Model Usage\n```python\nimport timm, timm_moejet\n'
+            f"model = timm.create_model('hf-hub:{repo_id}', pretrained=True)\n```\n")
 
 
 def push_to_hub(
         model: nn.Module,
         repo_id: str,
         extra_config: Optional[Dict[str, Any]] = None,
-        **push_kwargs: Any,
+        *,
+        commit_message: str = 'Add model',
+        token: Optional[str] = None,
+        revision: Optional[str] = None,
+        private: bool = False,
+        create_pr: bool = False,
 ) -> str:
-    """Upload ``model`` with timm's ``push_to_hf_hub`` (safetensors only, config.json, a model card).
+    """Upload ``model`` as :func:`save_hub_folder` writes it (safetensors only, config.json) with a model card.
+
+    timm's ``push_to_hf_hub`` would write the load-time ``recycle_*`` kwargs into ``model_args``, so the folder is
+    written here and uploaded with huggingface_hub.
 
     Args:
         model: The model.
         repo_id: ``ORG/NAME`` or ``NAME``.
         extra_config: Extra top-level config entries (e.g. the source folder's).
-        **push_kwargs: ``commit_message``, ``token``, ``revision``, ``private``, ``create_pr`` of timm's function.
+        commit_message: The commit message.
+        token: Hub token (default: the logged-in token or HF_TOKEN).
+        revision: Branch to push to.
+        private: Create the repository as private.
+        create_pr: Open a pull request instead of committing.
 
     Returns:
         What the Hub answered (the commit URL).
     """
+    from huggingface_hub import HfApi
+
     check_repo_id(repo_id)
-    description = f'{type(model).__name__} exported with timm-moejet.'
-    if (model.pretrained_cfg or {}).get('recycling') or (extra_config or {}).get('recycling'):
-        description += ' Recycled from dense checkpoints; recipe in config.json, pretrained_cfg.recycling.'
-    model_card = dict(
-        description=description,
-        usage='```python\nimport timm, timm_moejet\n'
-              f"model = timm.create_model('hf-hub:{repo_id}', pretrained=True)\n```",
-        details={'Model Type': 'Image classification / feature backbone', 'Library': 'timm + timm-moejet'},
-    )
-    with hub_export_config(model, extra_config) as model_config:
-        try:
-            return timm.models.push_to_hf_hub(model, repo_id, model_config=model_config, model_card=model_card,
-                                              safe_serialization=True, **push_kwargs)
-        except Exception as e:
-            if _is_network_error(e):
-                raise Unreachable(f'pushing {repo_id}: the Hugging Face Hub could not be reached ({type(e).__name__}; '
-                                  f'offline mode, no network or no DNS). Push again once online.') from e
-            raise
+    api = HfApi(token=token, library_name='timm', library_version=timm.__version__)
+    record = bool((model.pretrained_cfg or {}).get('recycling') or (extra_config or {}).get('recycling'))
+    try:
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        has_card = api.file_exists(repo_id=repo_id, filename='README.md', revision=revision)
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = save_hub_folder(model, Path(tmp) / 'model', extra_config=extra_config)
+            if not has_card:
+                (folder / 'README.md').write_text(_model_card(model, repo_id, record), encoding='utf-8')
+            return api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, create_pr=create_pr,
+                                     commit_message=commit_message)
+    except Exception as e:
+        if _is_network_error(e):
+            raise Unreachable(f'pushing {repo_id}: the Hugging Face Hub could not be reached ({type(e).__name__}; '
+                              f'offline mode, no network or no DNS). Push again once online.') from e
+        raise
 
 
 def _is_network_error(e: BaseException) -> bool:
@@ -244,3 +265,4 @@ def _is_network_error(e: BaseException) -> bool:
     names = {c.__name__ for c in type(e).__mro__}
     return bool(names & {'OfflineModeIsEnabled', 'ConnectionError', 'ConnectError', 'Timeout', 'TimeoutException',
                          'TimeoutError', 'NameResolutionError', 'NetworkError'})
+

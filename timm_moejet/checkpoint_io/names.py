@@ -1,4 +1,5 @@
-""" How weights are named: where they come from (weight sources), which timm names exist, which keys are experts.
+""" How weights are named: where they come from (weight sources), which timm names exist, and the key names of a
+SpheroMoE layer's own tensors (:data:`MOE_KEYS`, the one place they are named outside ``layers/``).
 
 A weight source is named as timm names one (``timm.create_model`` and ``load_state_dict_from_hf``):
 
@@ -15,15 +16,16 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import Mapping, Optional, Tuple, Union
 
 import timm
 from timm.models import split_model_name_tag
 
 from ..errors import InvalidArgument, NotFound
 
-__all__ = ['HF_HUB', 'LOCAL_DIR', 'WEIGHT_SUFFIXES', 'WeightSource', 'parse_source', 'split_revision',
-           'check_model_name', 'is_expert_key', 'is_moe_key']
+__all__ = ['HF_HUB', 'LOCAL_DIR', 'WEIGHT_SUFFIXES', 'FOLDER_WEIGHT_NAMES', 'MOE_KEYS', 'MoEKeys', 'WeightSource',
+           'parse_source', 'split_revision', 'is_repo_id', 'check_model_name', 'is_expert_key', 'is_moe_key',
+           'is_moe_state_dict']
 
 HF_HUB = 'hf-hub:'
 LOCAL_DIR = 'local-dir:'
@@ -34,9 +36,29 @@ FOLDER_WEIGHT_NAMES = ('model.safetensors', 'pytorch_model.bin', 'pytorch_model.
 
 PathLike = Union[str, os.PathLike]
 
-# the batched expert weights of a SpheroMoE layer: blocks.N.mlp.{core,univ}.fc{1,2}.{weight,bias}
-_EXPERT_KEY = re.compile(r'\.mlp\.(?:core|univ)\.fc[12]\.(?:weight|bias)$')
-_SLOT_QUERIES = '.mlp.slot_queries'
+
+@dataclasses.dataclass(frozen=True)
+class MoEKeys:
+    """The names of a SpheroMoE layer's tensors below its own prefix (``blocks.6.mlp.``), as ``layers/`` makes them.
+
+    Attributes:
+        groups: The expert groups (core, universal), each a ``BatchedExperts``.
+        expert_tensors: The tensors of a group, batched over its experts.
+        slot_queries: The router's slot queries.
+        slot_norm: The router's slot norm (a module: ``.weight``, ``.bias``).
+        temperature: The router's log-temperatures.
+    """
+    groups: Tuple[str, ...] = ('core', 'univ')
+    expert_tensors: Tuple[str, ...] = ('fc1.weight', 'fc1.bias', 'fc2.weight', 'fc2.bias')
+    slot_queries: str = 'slot_queries'
+    slot_norm: str = 'slot_norm'
+    temperature: str = 'log_temperature'
+
+
+MOE_KEYS = MoEKeys()
+# the batched expert weights of a SpheroMoE layer under any block MLP: blocks.N.<mlp>.{core,univ}.fc{1,2}.{weight,bias}
+_EXPERT_KEY = re.compile(rf'\.(?:{"|".join(MOE_KEYS.groups)})\.'
+                         rf'(?:{"|".join(re.escape(t) for t in MOE_KEYS.expert_tensors)})$')
 
 
 def check_model_name(name: str) -> str:
@@ -56,7 +78,12 @@ def is_expert_key(key: str) -> bool:
 
 def is_moe_key(key: str) -> bool:
     """True for a key only a SpheroMoE layer has (expert weights or slot queries): a MoE checkpoint holds one."""
-    return key.endswith(_SLOT_QUERIES) or is_expert_key(key)
+    return key.endswith(f'.{MOE_KEYS.slot_queries}') or is_expert_key(key)
+
+
+def is_moe_state_dict(state_dict: Mapping[str, object]) -> bool:
+    """True for our MoE layout (slot queries or batched expert weights under some block's MLP)."""
+    return any(is_moe_key(k) for k in state_dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,9 +120,12 @@ def split_revision(repo: str) -> Tuple[str, Optional[str]]:
     return repo_id, revision or None
 
 
-def _is_repo_id(name: str) -> bool:
-    repo_id = split_revision(name)[0]
-    return repo_id.count('/') == 1 and all(repo_id.split('/'))
+def is_repo_id(name: str, org_required: bool = True) -> bool:
+    """``ORG/REPO`` (or a bare ``REPO`` when not ``org_required``), optionally ``@REVISION``, without blanks."""
+    repo_id = split_revision(name)[0] if isinstance(name, str) else ''
+    parts = repo_id.split('/')
+    return (len(parts) == 2 or (len(parts) == 1 and not org_required)) and all(parts) and \
+        not any(c.isspace() for c in repo_id)
 
 
 def parse_source(spec: PathLike, role: str = 'weights') -> WeightSource:
@@ -114,7 +144,7 @@ def parse_source(spec: PathLike, role: str = 'weights') -> WeightSource:
         raise InvalidArgument(f'{role} must be a name or a path, got {spec!r}.')
     if name.startswith(HF_HUB):
         repo = name[len(HF_HUB):]
-        if not _is_repo_id(repo):
+        if not is_repo_id(repo):
             raise InvalidArgument(f'{role} {name!r} is not a Hub repository id (ORG/REPO).')
         return WeightSource('hub', repo, name)
     if name.startswith(LOCAL_DIR):
@@ -129,7 +159,7 @@ def parse_source(spec: PathLike, role: str = 'weights') -> WeightSource:
     if name.endswith(WEIGHT_SUFFIXES) or name.startswith(('/', '.', '~')):
         raise NotFound(f'{role} file {name} does not exist.')
     if name.count('/') == 1:
-        if not _is_repo_id(name):
+        if not is_repo_id(name):
             raise InvalidArgument(f'{role} {name!r} is not a Hub repository id (ORG/REPO).')
         return WeightSource('hub', name, name)
     if '/' in name or os.sep in name:

@@ -16,7 +16,8 @@ from safetensors import SafetensorError, safe_open
 from ..errors import InvalidArgument, InvalidArgumentType, InvalidCheckpoint
 from ..layers import experts_to_be_loaded
 from ..settings import boolean, int_sequence, integer, real
-from .read import check_state_dict_fits, load_state_dict_file, unwrap_state_dict
+from .names import MOE_KEYS
+from .read import check_state_dict_fits, read_state_dict, strip_wrappers
 
 __all__ = ['load_official', 'official_config_to_kwargs', 'convert_official_state_dict', 'is_official_state_dict']
 
@@ -125,6 +126,8 @@ def official_config_to_kwargs(config: Mapping[str, Any]) -> Dict[str, Any]:
     return kwargs
 
 
+# official expert groups -> ours
+_GROUPS = dict(zip(('core', 'univ'), MOE_KEYS.groups))
 _MOE_KEY = re.compile(r'^(blocks\.\d+\.mlp)\.(phi|scales\.[01]|slot_norm\.(?:weight|bias)|'
                       r'(core|univ)_experts\.vit_(fc[12])\.(weight|bias))$')
 
@@ -140,7 +143,7 @@ def convert_official_state_dict(state_dict: Mapping[str, Any]) -> Dict[str, torc
     Raises:
         InvalidCheckpoint: If a temperature is not positive (it cannot be represented by a positive temperature).
     """
-    state_dict = unwrap_state_dict(state_dict)
+    state_dict = strip_wrappers(state_dict)
     out: Dict[str, torch.Tensor] = {}
     scales: Dict[str, Dict[int, torch.Tensor]] = {}
     for key, value in state_dict.items():
@@ -150,13 +153,13 @@ def convert_official_state_dict(state_dict: Mapping[str, Any]) -> Dict[str, torc
             continue
         prefix, name = m.group(1), m.group(2)
         if name == 'phi':
-            out[f'{prefix}.slot_queries'] = value.reshape(-1, value.shape[-1])
+            out[f'{prefix}.{MOE_KEYS.slot_queries}'] = value.reshape(-1, value.shape[-1])
         elif name.startswith('scales'):
             scales.setdefault(prefix, {})[int(name[-1])] = value
         elif name.startswith('slot_norm'):
-            out[f'{prefix}.{name}'] = value
+            out[f'{prefix}.{MOE_KEYS.slot_norm}.{name.split(".")[-1]}'] = value
         else:
-            out[f'{prefix}.{m.group(3)}.{m.group(4)}.{m.group(5)}'] = value
+            out[f'{prefix}.{_GROUPS[m.group(3)]}.{m.group(4)}.{m.group(5)}'] = value
     for prefix, pair in scales.items():
         if set(pair) != {0, 1}:
             raise InvalidCheckpoint(f'{prefix}.scales needs both entries 0 (dispatch) and 1 (combine), got '
@@ -165,7 +168,7 @@ def convert_official_state_dict(state_dict: Mapping[str, Any]) -> Dict[str, torc
         if not bool((temps > 0).all()):
             raise InvalidCheckpoint(f'{prefix}.scales holds a non-positive temperature {temps.tolist()}; '
                                     f'this project keeps temperatures positive and cannot represent it.')
-        out[f'{prefix}.log_temperature'] = torch.log(temps).to(pair[0].dtype)
+        out[f'{prefix}.{MOE_KEYS.temperature}'] = torch.log(temps).to(pair[0].dtype)
     return out
 
 
@@ -205,15 +208,6 @@ def _config_from_metadata(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     return config
 
 
-def _flattened(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
-    """``state_dict.<key>`` tensors (a wrapper flattened into one safetensors file, as in reference files) ->
-    ``<key>``."""
-    prefix = 'state_dict.'
-    if any(k.startswith(prefix) for k in state_dict):
-        return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    return state_dict
-
-
 def load_official(
         checkpoint: Union[str, os.PathLike, Mapping[str, Any]],
         config: Optional[Mapping[str, Any]] = None,
@@ -243,10 +237,10 @@ def load_official(
                 raise InvalidArgument(f'{source}: the official VisionTransformerMoe kwargs are needed for a .pth/.pt '
                                       f'checkpoint (a JSON object of them).')
             config = _config_from_metadata(source)
-        checkpoint = load_state_dict_file(checkpoint)
+        checkpoint = read_state_dict(checkpoint)
     if not isinstance(checkpoint, Mapping):
         raise InvalidArgumentType(f'checkpoint must be a state dict or a file path, got {type(checkpoint).__name__}.')
-    checkpoint = unwrap_state_dict(_flattened(checkpoint))
+    checkpoint = strip_wrappers(checkpoint)
     if not is_official_state_dict(checkpoint):
         raise InvalidCheckpoint(f'{source} holds no official SpheroMoE keys (blocks.N.mlp.phi); it is not an official '
                                 f'MoE Jetpack checkpoint (our own checkpoints load with timm.create_model).')

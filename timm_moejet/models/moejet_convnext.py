@@ -11,23 +11,49 @@ the stage's channels-last feature map, the layer before the block's layer scale;
 core and twice as many universal (the paper's [98, 24] and [196, 48]). Each choice is a ``create_model`` kwarg.
 
 ``MoEConvNeXt`` subclasses timm's ``ConvNeXt`` and swaps only those MLPs, so features, intermediates, grad
-checkpointing and the classifier reset of timm's ConvNeXt keep working.
+checkpointing and the classifier reset of timm's ConvNeXt keep working. The family in one module: the model, what
+recycling knows of a ConvNeXt (:class:`ConvNeXtFamily`), the pretrained tag and the entrypoints.
 """
-from typing import Any, Dict, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 from timm.models import generate_default_cfgs, register_model
-from timm.models.convnext import ConvNeXt
+from timm.models.convnext import ConvNeXt, checkpoint_filter_fn
 
 from ..errors import InvalidArgument, InvalidArgumentType
-from ..layers import SpheroMoE
+from ..family import Family, register_family
 from ..recycling import RecyclingRecipe
 from ..settings import integer
 from .builder import PAPER_CFG, build_moe_model
-from .placement import pop_moe_kwargs
+from .placement import MoEModelMixin, pop_moe_kwargs, replace_mlps
 
-__all__ = ['MoEConvNeXt']
+__all__ = ['MoEConvNeXt', 'ConvNeXtFamily', 'CONVNEXT']
+
+
+class ConvNeXtFamily(Family):
+    """timm's ``ConvNeXt``: blocks ``stages.S.blocks.J``, counted over all stages in forward order (C-JetMoE-F's "MoE
+    layers 10:18" are flat indices 9..17), the channels-last MLP fed by ``norm``. The head's norm is part of the
+    trunk; only its classifier is new."""
+    name = 'convnext'
+    title = 'timm ConvNeXt'
+    block_pattern = r'^stages\.(\d+)\.blocks\.(\d+)\.'
+    mlp_input_norm = 'norm'
+    new_head = ('head.fc.',)
+
+    def block_modules(self, model: nn.Module) -> List[nn.Module]:
+        return [b for stage in model.stages for b in stage.blocks]
+
+    def timm_filter(self, state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+        return checkpoint_filter_fn(state_dict, model)
+
+    def fsdp_units(self, model: nn.Module) -> List[str]:
+        """Every block, then its stage (which holds the downsample layer)."""
+        return [name for i, stage in enumerate(model.stages)
+                for name in [f'stages.{i}.blocks.{j}' for j in range(len(stage.blocks))] + [f'stages.{i}']]
+
+
+CONVNEXT = register_family(ConvNeXtFamily())
 
 PerStage = Union[None, int, Sequence[int]]
 
@@ -52,14 +78,15 @@ def _per_stage(name: str, value: PerStage, num_stages: int) -> Tuple[Optional[in
                               f'{num_stages} ints (one per stage), got {value!r}.')
 
 
-class MoEConvNeXt(ConvNeXt):
+class MoEConvNeXt(MoEModelMixin, ConvNeXt):
     """ConvNeXt with SpheroMoE layers (C-JetMoE).
 
     Takes every ``ConvNeXt`` argument (``conv_mlp`` must stay False: the MoE layer works on the channels-last
     path), plus the MoE placement (``moe_blocks`` counted over all stages, ``moe_drop_path_rate``), the SpheroMoE
     settings under their ``create_model`` names, and the per-stage expert counts below.
     """
-    recycling_family = 'convnext'
+    family = CONVNEXT
+    no_weight_decay_extra = ('*.gamma',)
 
     def __init__(
             self,
@@ -78,9 +105,10 @@ class MoEConvNeXt(ConvNeXt):
             patch_size: Stem patch size (the stride of stage 1's feature map).
             img_size: Input size (int, or (height, width)) the expert counts are scaled for: a stage's tokens are
                 the positions of its feature map at this size (the layers accept any size).
-            num_core_experts: Core experts per MoE layer: None (tokens of the stage // 2), an int, or one per stage.
-            num_univ_experts: Universal experts per MoE layer: None (twice the core experts), an int, or one per
-                stage.
+            num_core_experts: Core experts per MoE layer: None (the family's rule: tokens of the stage // 2), an int,
+                or one per stage.
+            num_univ_experts: Universal experts per MoE layer: None (the family's rule: twice the core experts), an
+                int, or one per stage.
             **kwargs: MoE placement and layer settings, and ``ConvNeXt`` arguments.
         """
         if kwargs.get('conv_mlp'):
@@ -108,46 +136,11 @@ class MoEConvNeXt(ConvNeXt):
             s = stage_of[i]
             stride = patch_size * 2 ** s
             tokens = max(1, (img_size[0] // stride) * (img_size[1] // stride))
-            core = cores[s] if cores[s] is not None else max(1, tokens // 2)
-            overrides[i] = dict(num_core_experts=core, num_univ_experts=univs[s] if univs[s] is not None else 2 * core)
+            core, univ = self.family.expert_counts(tokens, cores[s])
+            overrides[i] = dict(num_core_experts=core, num_univ_experts=univs[s] if univs[s] is not None else univ)
         layers = placement.layer_factories(len(stage_of), settings, overrides)
-        blocks = self.flat_blocks()
-        for i, layer in layers.items():
-            dense = blocks[i].mlp
-            # built with the factory kwargs the block's own MLP got (device, dtype), through timm's Mlp call
-            p = next(dense.parameters())
-            blocks[i].mlp = layer(dims[stage_of[i]], dense.fc1.out_features, act_layer=type(dense.act),
-                                  device=p.device, dtype=p.dtype)
+        replace_mlps(self, layers, {i: dims[stage_of[i]] for i in layers})
         self.moe_blocks = tuple(layers)
-
-    def flat_blocks(self) -> Tuple[nn.Module, ...]:
-        """The blocks of every stage, in forward order (block ``i`` of ``moe_blocks``)."""
-        return tuple(b for stage in self.stages for b in stage.blocks)
-
-    def moe_layers(self) -> Dict[int, SpheroMoE]:
-        """The SpheroMoE layers by block index counted over all stages."""
-        blocks = self.flat_blocks()
-        return {i: blocks[i].mlp for i in self.moe_blocks}
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        """Parameter groups for layer-wise lr decay: as for the MoE ViTs, the MoE layers and the norm feeding them
-        train at the full lr with the head; the dense trunk decays by depth."""
-        matcher = super().group_matcher(coarse=coarse)
-        if coarse or not self.moe_blocks:
-            return matcher
-        depths = [len(stage.blocks) for stage in self.stages]
-        where = [(s, j) for s, d in enumerate(depths) for j in range(d)]
-        moe = '|'.join(rf'{s}\.blocks\.{j}' for s, j in (where[i] for i in self.moe_blocks))
-        block_re = rf'^stages\.(?!(?:{moe})\.(?:mlp|norm)\.)(\d+)\.blocks\.(\d+)'
-        matcher['blocks'] = [(block_re, None) if pattern == r'^stages\.(\d+)\.blocks\.(\d+)' else (pattern, order)
-                             for pattern, order in matcher['blocks']]
-        return matcher
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> Set[str]:
-        """Routing temperatures, biases of every shape (experts' are 2-D), norms and layer scales."""
-        return {'*.log_temperature', '*.bias', '*norm*.weight', '*.gamma'}
 
 
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
@@ -170,9 +163,7 @@ def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
 _CONVNEXT_TINY_IN22K = 'timm/convnext_tiny.fb_in22k'
 # the paper's C-JetMoE-F: ConvNeXt-T in22k is the only donor: the trunk by Weight Selection, the experts cut from
 # the MLPs of the same blocks by importance
-_RECIPES: Dict[str, RecyclingRecipe] = {
-    'moejet_convnext_femto.recycled_in22k': RecyclingRecipe(trunk_fit='select'),
-}
+CONVNEXT.recipes = {'moejet_convnext_femto.recycled_in22k': RecyclingRecipe(trunk_fit='select')}
 
 default_cfgs = generate_default_cfgs({
     'moejet_convnext_femto.recycled_in22k': _cfg(
@@ -184,8 +175,8 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_moejet_convnext(variant: str, pretrained: bool = False, **kwargs) -> MoEConvNeXt:
-    return build_moe_model(MoEConvNeXt, variant, pretrained, _RECIPES,
-                           dict(out_indices=(0, 1, 2, 3), flatten_sequential=True), **kwargs)
+    return build_moe_model(MoEConvNeXt, variant, pretrained, dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
+                           **kwargs)
 
 
 @register_model

@@ -1,29 +1,94 @@
-""" MoE Jetpack Vision Transformers: timm's ViT with SpheroMoE layers in place of chosen MLPs.
+""" V-JetMoE, the ViT family: timm's Vision Transformer with SpheroMoE layers in place of chosen MLPs.
 
 `MoE Jetpack: From Dense Checkpoints to Adaptive Mixture of Experts for Vision Tasks`
     - https://arxiv.org/abs/2406.04801
 
-``MoEVisionTransformer`` subclasses timm's ``VisionTransformer``; only the MLPs of ``moe_blocks`` change, so
-everything timm's ViT offers (features, intermediates, grad checkpointing, dynamic size, torchscript, fx)
-keeps working.
+The family in one module, as timm keeps one: the model (``MoEVisionTransformer`` subclasses timm's
+``VisionTransformer``; only the MLPs of ``moe_blocks`` change, so everything timm's ViT offers keeps working:
+features, intermediates, grad checkpointing, dynamic size, torchscript, fx), what recycling knows of a ViT
+(:class:`ViTFamily`: key layout, heads, class-token layout, the expert-count rule), the architecture of any dense timm
+ViT donor read as ``moejet_vit`` kwargs (:func:`vit_architecture`, for ``create_moejet_from``), the pretrained tags
+(recycling recipes) and the ``@register_model`` entrypoints.
 """
+import math
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Set
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
-from timm.layers import LayerNorm
+from timm.layers import LayerNorm, LayerScale, Mlp, PatchEmbed, get_act_layer
 from timm.models import generate_default_cfgs, register_model
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models.vision_transformer import Attention, Block, VisionTransformer, checkpoint_filter_fn
 
-from ..errors import InvalidArgument
+from ..errors import DonorMismatch, InvalidArgument
+from ..family import Family, register_family
 from ..layers import SpheroMoE
 from ..recycling import RecyclingRecipe
 from ..settings import integer, real
 from .builder import PAPER_CFG, build_moe_model
-from .placement import pop_moe_kwargs
+from .placement import MoEModelMixin, pop_moe_kwargs
 
-__all__ = ['MoEVisionTransformer']
+__all__ = ['MoEVisionTransformer', 'ViTFamily', 'VIT', 'vit_architecture', 'check_vit_donor']
+
+
+def _is_square(n: int) -> bool:
+    return n >= 0 and math.isqrt(n) ** 2 == n
+
+
+class ViTFamily(Family):
+    """timm's ``VisionTransformer``: blocks ``blocks.N``, the MLP fed by ``norm2``, a class token and registers in
+    front of the patch tokens."""
+    name = 'vit'
+    title = 'timm ViT'
+    block_pattern = r'^blocks\.(\d+)\.'
+    mlp_input_norm = 'norm2'
+    new_head = ('head.', 'fc_norm.', 'head_drop.')
+    donor_head_parts = {
+        'norm.': 'final norm: the model pools by average and normalises with its fc_norm (MoE Jetpack recipe)',
+        'attn_pool.': 'attention-pool head the model does not use: its head starts fresh',
+    }
+    model_head_parts = ('attn_pool.',)
+    token_parts = ('reg_token', 'cls_token')
+    recycle_hint = ('use the donor\'s architecture: timm_moejet.create_moejet_from(DONOR), or weights_tools recycle '
+                    'without --model')
+
+    def block_modules(self, model: nn.Module) -> List[nn.Module]:
+        return list(model.blocks)
+
+    def timm_filter(self, state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+        return checkpoint_filter_fn(state_dict, model)  # position embedding resampled to the model's grid
+
+    def expert_counts(self, tokens: int, core: Optional[int] = None) -> Tuple[int, int]:
+        """As released: half the patch tokens core experts, as many universal experts as patch tokens."""
+        return (max(1, tokens // 2) if core is None else core), max(1, tokens)
+
+    def layout_problem(self, state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> Optional[str]:
+        """The class-token layout of a ViT donor when it is not the model's, in words (None when it fits).
+
+        The donor's position embedding holds its grid and, unless ``no_embed_class``, its prefix tokens (class and
+        registers); its length tells which (another image size is resampled later, another layout cannot be).
+        """
+        pos, model_pos = state_dict.get('pos_embed'), getattr(model, 'pos_embed', None)
+        if not isinstance(pos, torch.Tensor) or pos.ndim != 3 or model_pos is None:
+            return None
+        tokens = pos.shape[1]
+        grid = getattr(getattr(model, 'patch_embed', None), 'num_patches', None)
+        model_prefix = 0 if getattr(model, 'no_embed_class', False) else int(getattr(model, 'num_prefix_tokens', 1))
+        donor_prefix = sum(int(state_dict[k].shape[1]) for k in self.token_parts
+                           if isinstance(state_dict.get(k), torch.Tensor) and state_dict[k].ndim == 3)
+        if tokens - model_prefix == grid or _is_square(tokens - model_prefix):
+            return None
+        if model_prefix and _is_square(tokens):
+            return (f'its class token outside the position embedding ({tokens} positions for a grid of '
+                    f'{math.isqrt(tokens)}x{math.isqrt(tokens)}; no_embed_class=True)')
+        if not model_prefix and donor_prefix and _is_square(tokens - donor_prefix):
+            return (f'its {donor_prefix} prefix token(s) inside the position embedding ({tokens} positions; '
+                    f'no_embed_class=False)')
+        return f'a position embedding of {tokens} positions, which fits no grid with the model\'s {model_prefix} ' \
+               f'prefix token(s)'
+
+
+VIT = register_family(ViTFamily())
 
 
 def _block(*, depth: int, mlp_layer: Callable[..., nn.Module], moe_layers: Dict[int, Callable[..., SpheroMoE]],
@@ -57,14 +122,15 @@ def _check_sizes(embed_dim: int, kwargs: Dict[str, Any]) -> None:
                                   f'{_MAX_HIDDEN}.')
 
 
-class MoEVisionTransformer(VisionTransformer):
+class MoEVisionTransformer(MoEModelMixin, VisionTransformer):
     """Vision Transformer with SpheroMoE layers (MoE Jetpack).
 
     Takes every ``VisionTransformer`` argument, plus the MoE placement (``moe_blocks``, ``moe_drop_path_rate``,
     see ``MoEPlacement``) and the layer settings under their ``create_model`` names (``num_core_experts``,
     ``num_univ_experts``, ``moe_combine``, ..., see ``SpheroMoESettings``; docs/models.md lists them all).
     """
-    recycling_family = 'vit'
+    family = VIT
+    no_weight_decay_extra = ('*pos_embed*',)
 
     def __init__(self, depth: int = 12, embed_dim: int = 768, num_heads: int = 12, norm_eps: Optional[float] = None,
                  **kwargs) -> None:
@@ -97,30 +163,109 @@ class MoEVisionTransformer(VisionTransformer):
                          block_fn=partial(_block, moe_layers=moe_layers), **kwargs)
         self.moe_blocks = tuple(moe_layers)
 
-    def moe_layers(self) -> Dict[int, SpheroMoE]:
-        """The SpheroMoE layers by block index."""
-        return {i: self.blocks[i].mlp for i in self.moe_blocks}
 
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        """Parameter groups for layer-wise lr decay (timm's ``--layer-decay``).
+# activations timm's ViT takes by name (act_layer='...'), tried in order; None is timm's default (nn.GELU)
+_ACT_NAMES = (None, 'gelu_tanh', 'quick_gelu', 'silu', 'relu')
+_DEFAULT_NORM_EPS = 1e-6  # timm's ViT LayerNorm
 
-        As in the released recipe, the MoE layers (experts, slot queries, temperatures, slot norm) and the norm2
-        feeding them are new or re-cut weights, so they train at the full lr together with the head; the dense
-        trunk (stem, attention, dense MLPs) decays by depth. The block regex skips those parameters, so they fall
-        through to the unmatched group, which timm places last (lr scale 1.0).
-        """
-        matcher = super().group_matcher(coarse=coarse)
-        if self.moe_blocks:
-            moe_ids = '|'.join(str(i) for i in self.moe_blocks)
-            block_re = rf'^blocks\.(?!(?:{moe_ids})\.(?:mlp|norm2)\.)(\d+)'
-            matcher['blocks'] = [(block_re, None)] + [s for s in matcher['blocks'] if s[0] != r'^blocks\.(\d+)']
-        return matcher
 
-    @torch.jit.ignore
-    def no_weight_decay(self) -> Set[str]:
-        """timm's ViT set plus routing temperatures, biases of every shape (experts' are 2-D) and norms."""
-        return super().no_weight_decay() | {'*.log_temperature', '*.bias', '*norm*.weight', '*pos_embed*'}
+def check_vit_donor(model: nn.Module, name: str) -> None:
+    """Refuse a donor the recycling cannot carry, naming it and what is unsupported."""
+    if not isinstance(model, VisionTransformer):
+        raise DonorMismatch(f'donor {name} is a {type(model).__module__}.{type(model).__name__}, not a timm '
+                            f'VisionTransformer; MoE Jetpack ViTs recycle VisionTransformer checkpoints.')
+    problems = []
+    if type(model.patch_embed) is not PatchEmbed or not isinstance(model.patch_embed.norm, nn.Identity):
+        problems.append(f'patch embedding {type(model.patch_embed).__name__} (a plain PatchEmbed is needed)')
+    for i, block in enumerate(model.blocks):
+        if type(block) is not Block:
+            problems.append(f'blocks.{i} is a {type(block).__name__} (timm\'s Block is needed)')
+        elif type(block.mlp) is not Mlp:
+            problems.append(f'blocks.{i}.mlp is a {type(block.mlp).__name__} (a gated MLP such as SwiGLU cannot be '
+                            f'cut into fc1 -> act -> fc2 experts; timm\'s Mlp is needed)')
+        elif not isinstance(block.mlp.norm, nn.Identity):
+            problems.append(f'blocks.{i}.mlp has a norm inside (scale_mlp_norm), which experts do not have')
+        elif type(block.attn) is not Attention:
+            problems.append(f'blocks.{i}.attn is a {type(block.attn).__name__} (timm\'s Attention is needed)')
+        if problems:
+            break
+    if problems:
+        raise DonorMismatch(f'donor {name} cannot be recycled into a MoE Jetpack ViT: {"; ".join(problems)}.')
+
+
+def _act_name(act: nn.Module, name: str) -> Optional[str]:
+    """The ``act_layer`` name that gives the same function as ``act`` (probed on a grid of values)."""
+    probe = torch.linspace(-6, 6, 97)
+    expected = act.to_empty(device='cpu')(probe) if any(True for _ in act.parameters()) else act(probe)
+    for candidate in _ACT_NAMES:
+        layer = get_act_layer(candidate) if candidate is not None else nn.GELU
+        if torch.allclose(layer()(probe), expected, rtol=0, atol=1e-7):
+            return candidate
+    raise DonorMismatch(f'donor {name}: activation {type(act).__name__} is none of the ones timm\'s ViT takes by '
+                        f'name ({", ".join(n or "gelu" for n in _ACT_NAMES)}).')
+
+
+def vit_architecture(model: nn.Module, name: str = 'donor') -> Dict[str, Any]:
+    """The ``VisionTransformer``/``moejet_vit`` kwargs that rebuild ``model``'s architecture (JSON-serialisable).
+
+    Args:
+        model: A dense timm ``VisionTransformer`` (any device, meta included).
+        name: How to name it in messages.
+
+    Raises:
+        DonorMismatch: If the architecture is not one the MoE ViT can carry, or the kwargs read from it do not rebuild
+            it exactly (naming the differences).
+    """
+    check_vit_donor(model, name)
+    block, embed = model.blocks[0], model.patch_embed
+    norms = {type(m).__name__: m.eps for m in model.modules() if isinstance(m, nn.LayerNorm)}
+    eps = set(norms.values())
+    if not all(issubclass(type(m), nn.LayerNorm) for m in (block.norm1, block.norm2)) or len(eps) > 1:
+        raise DonorMismatch(f'donor {name}: norms {norms} are not one LayerNorm with one epsilon.')
+    args: Dict[str, Any] = dict(
+        img_size=list(embed.img_size) if embed.img_size is not None else None,
+        patch_size=list(embed.patch_size),
+        in_chans=embed.proj.in_channels,
+        num_classes=model.num_classes,
+        global_pool=model.global_pool,
+        embed_dim=model.embed_dim,
+        depth=len(model.blocks),
+        num_heads=block.attn.num_heads,
+        mlp_ratio=block.mlp.fc1.out_features / model.embed_dim,
+        qkv_bias=block.attn.qkv.bias is not None,
+        qk_norm=not isinstance(block.attn.q_norm, nn.Identity),
+        scale_attn_norm=not isinstance(block.attn.norm, nn.Identity),
+        proj_bias=block.attn.proj.bias is not None,
+        init_values=float(block.ls1.init_values) if isinstance(block.ls1, LayerScale) else None,
+        class_token=model.cls_token is not None,
+        pos_embed='learn' if model.pos_embed is not None else 'none',
+        no_embed_class=model.no_embed_class,
+        reg_tokens=model.num_reg_tokens,
+        pre_norm=not isinstance(model.norm_pre, nn.Identity),
+        final_norm=not (isinstance(model.norm, nn.Identity) and isinstance(model.fc_norm, nn.Identity)),
+        fc_norm=not isinstance(model.fc_norm, nn.Identity),
+        pool_include_prefix=model.pool_include_prefix,
+        dynamic_img_size=model.dynamic_img_size,
+        dynamic_img_pad=embed.dynamic_img_pad,
+        act_layer=_act_name(block.mlp.act, name),
+        norm_eps=eps.pop() if eps else _DEFAULT_NORM_EPS,
+    )
+    args = {k: v for k, v in args.items() if v is not None or k in ('img_size',)}
+    _check_rebuilds(model, args, name)
+    return args
+
+
+def _check_rebuilds(model: nn.Module, args: Dict[str, Any], name: str) -> None:
+    """Rebuild the dense ViT from ``args`` on the meta device: same tensors, same shapes, or a ``DonorMismatch``."""
+    kwargs = {k: v for k, v in args.items() if k != 'norm_eps'}
+    kwargs['norm_layer'] = partial(LayerNorm, eps=args['norm_eps'])
+    rebuilt = VisionTransformer(**kwargs, device='meta').state_dict()
+    original = model.state_dict()
+    differ = sorted(set(original) ^ set(rebuilt)) + sorted(
+        k for k in set(original) & set(rebuilt) if original[k].shape != rebuilt[k].shape)
+    if differ:
+        raise DonorMismatch(f'donor {name}: its architecture could not be read back exactly (tensors that differ: '
+                            f'{differ[:6]}); it uses options MoE Jetpack ViTs do not carry.')
 
 
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
@@ -164,8 +309,7 @@ _RECYCLING_TAGS = (
     (_SMALL_NAMES, 'upcycled_in21k', _VIT_SMALL_IN21K, RecyclingRecipe(strategy='upcycle')),
     (_BASE_NAMES, 'upcycled_in21k', _VIT_BASE_IN21K, RecyclingRecipe(strategy='upcycle')),
 )
-_RECIPES: Dict[str, RecyclingRecipe] = {
-    f'{name}.{tag}': recipe for names, tag, _, recipe in _RECYCLING_TAGS for name in names}
+VIT.recipes = {f'{name}.{tag}': recipe for names, tag, _, recipe in _RECYCLING_TAGS for name in names}
 
 default_cfgs = generate_default_cfgs({
     **{f'{name}.{tag}': _cfg(hf_hub_id=trunk, description=recipe.describe())
@@ -186,8 +330,8 @@ default_cfgs = generate_default_cfgs({
 
 def _create_moejet(variant: str, pretrained: bool = False, **kwargs) -> MoEVisionTransformer:
     out_indices = kwargs.pop('out_indices', 3)
-    return build_moe_model(MoEVisionTransformer, variant, pretrained, _RECIPES,
-                           dict(out_indices=out_indices, feature_cls='getter'), **kwargs)
+    return build_moe_model(MoEVisionTransformer, variant, pretrained, dict(out_indices=out_indices,
+                                                                           feature_cls='getter'), **kwargs)
 
 
 # MoE Jetpack defaults (released code): MoE in the second half, 98 core + 196 universal experts, 1 slot each.

@@ -1,22 +1,34 @@
-""" Where a MoE model puts its SpheroMoE layers, shared by the model families.
+""" What the MoE models of every family share: where their SpheroMoE layers go, and what they answer about them.
 
 A family's constructor pops its MoE kwargs with :func:`pop_moe_kwargs`: the placement (``moe_blocks``,
 ``moe_drop_path_rate``) and the layer settings (every field of ``SpheroMoESettings``, by the same name), each
 checked once by its settings class. :meth:`MoEPlacement.layer_factories` then gives, for every MoE
 block, the ``functools.partial`` of ``SpheroMoE`` that timm's block calls as its ``mlp_layer`` (ViT), or that the
-family calls in place of a block's MLP (ConvNeXt, whose expert counts differ per stage: per-block overrides).
+family calls in place of a block's MLP (ConvNeXt, MLP-Mixer; per-block overrides where expert counts differ).
+
+:class:`MoEModelMixin` gives a family's model class the MoE parts of timm's model API from its ``family`` and
+``moe_blocks``: ``moe_layers()``, ``group_matcher`` (the MoE layers and the norms feeding them train at the full
+lr, with the head, under timm's ``--layer-decay``) and ``no_weight_decay``.
 """
 import dataclasses
+import re
 from functools import partial
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Set, Tuple
 
+import torch
+import torch.nn as nn
 from timm.layers import calculate_drop_path_rates
 
+from ..checkpoint_io.names import MOE_KEYS
 from ..errors import InvalidArgument
 from ..layers import SpheroMoE, SpheroMoESettings
 from ..settings import check_fields, from_kwargs, int_sequence, optional, real, setting
 
-__all__ = ['MoEPlacement', 'pop_moe_kwargs']
+__all__ = ['MoEPlacement', 'pop_moe_kwargs', 'MoEModelMixin', 'replace_mlps']
+
+# parameters without weight decay in every MoE model: routing temperatures, biases of every shape (experts' are 2-D),
+# norms
+MOE_NO_WEIGHT_DECAY = frozenset({f'*.{MOE_KEYS.temperature}', '*.bias', '*norm*.weight'})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,3 +87,56 @@ def pop_moe_kwargs(kwargs: Dict[str, Any], **defaults: Any) -> Tuple[MoEPlacemen
     for name, value in defaults.items():
         kwargs.setdefault(name, value)
     return placement, from_kwargs(SpheroMoESettings, kwargs)
+
+
+class MoEModelMixin:
+    """The MoE parts of a family's model class (listed first among its bases, before the timm model it extends).
+
+    Attributes:
+        family: The :class:`~timm_moejet.family.Family` (a class attribute, set by the family module).
+        moe_blocks: The blocks that hold a SpheroMoE layer, counted over all blocks in forward order (a tuple of
+            ints, set by the constructor).
+        no_weight_decay_extra: Patterns without weight decay besides the MoE ones and the timm model's own.
+    """
+    # (no class annotations here: TorchScript would read them as the scripted attributes' types)
+    no_weight_decay_extra = ()
+
+    def moe_layers(self) -> Dict[int, SpheroMoE]:
+        """The SpheroMoE layers by block index."""
+        return self.family.moe_layers(self)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """Parameter groups for layer-wise lr decay (timm's ``--layer-decay``).
+
+        As in the released recipe, the MoE layers (experts, slot queries, temperatures, slot norm) and the norm
+        feeding them are new or re-cut weights, so they train at the full lr together with the head; the dense
+        trunk decays by depth. Every per-block pattern skips those parameters, so they fall through to the unmatched
+        group, which timm places last (lr scale 1.0). A coarse grouping given as one pattern is left as timm has it.
+        """
+        matcher = super().group_matcher(coarse=coarse)
+        moe = self.family.moe_prefixes(self, (self.family.mlp, self.family.mlp_input_norm))
+        if not moe or isinstance(matcher.get('blocks'), str):
+            return matcher
+        skip = '(?!(?:' + '|'.join(re.escape(p) for p in moe) + '))'
+        matcher['blocks'] = [(f'^{skip}{pattern[1:] if pattern.startswith("^") else pattern}', order)
+                             for pattern, order in matcher['blocks']]
+        return matcher
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        """The timm model's own set, the MoE parameters' and the family's extra patterns."""
+        own = super().no_weight_decay() if hasattr(super(), 'no_weight_decay') else set()
+        return set(own) | MOE_NO_WEIGHT_DECAY | set(self.no_weight_decay_extra)
+
+
+def replace_mlps(model: nn.Module, layers: Mapping[int, Callable[..., SpheroMoE]], widths: Mapping[int, int]) -> None:
+    """Put a SpheroMoE layer in place of the MLP of each block in ``layers`` (block index -> layer factory), built
+    for the block's width with the factory kwargs and activation its own MLP got, through timm's ``Mlp`` call."""
+    family = model.family
+    blocks = family.block_modules(model)
+    for i, layer in layers.items():
+        dense = getattr(blocks[i], family.mlp)
+        p = next(dense.parameters())
+        setattr(blocks[i], family.mlp, layer(widths[i], dense.fc1.out_features, act_layer=type(dense.act),
+                                             device=p.device, dtype=p.dtype))

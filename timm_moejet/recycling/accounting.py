@@ -3,10 +3,9 @@
 :func:`account_trunk` reads the trunk donor's keys against the model's: a tensor the model holds is used, a head the
 model replaces is dropped (the record lists it, with the reason), and anything else is a component the model cannot
 hold (LayerScale gammas, q/k norms, registers, another class-token layout, ...): the donor is refused before any
-work, naming the components and how to get a model that holds them. :func:`vit_layout_problem` reads the ViT
-class-token layout from the position embedding's length, which no key name shows.
+work, naming the components and how to get a model that holds them. What no key name shows (a ViT's class-token
+layout) the family tells (``Family.layout_problem``).
 """
-import math
 import re
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -14,8 +13,7 @@ import torch
 
 from ..errors import DonorMismatch
 
-__all__ = ['components_of', 'account_trunk', 'check_expert_blocks', 'vit_layout_problem', 'refuse_components',
-           'RECYCLE_HINT', 'select_hint']
+__all__ = ['components_of', 'account_trunk', 'check_expert_blocks', 'refuse_components', 'select_hint']
 
 # donor keys of components a target model may lack: (pattern, component, the create_model setting that holds it)
 _COMPONENTS: Tuple[Tuple[re.Pattern, str, str], ...] = tuple((re.compile(p), c, s) for p, c, s in (
@@ -29,10 +27,6 @@ _COMPONENTS: Tuple[Tuple[re.Pattern, str, str], ...] = tuple((re.compile(p), c, 
     (r'^pos_embed$', 'a position embedding', "pos_embed='learn'"),
     (r'\.(qkv|proj|fc[12])\.bias$', 'biases', 'qkv_bias=True / proj_bias=True'),
 ))
-
-RECYCLE_HINT = ('use the donor\'s architecture: timm_moejet.create_moejet_from(DONOR), or weights_tools recycle '
-                'without --model')
-
 
 def select_hint(model_name: str) -> str:
     """How to get a smaller model that holds the components (Weight Selection)."""
@@ -62,40 +56,10 @@ def refuse_components(donor: str, model: str, components: Sequence[str], hint: s
                             f'them). To keep them, {hint}.')
 
 
-def _is_square(n: int) -> bool:
-    return n >= 0 and math.isqrt(n) ** 2 == n
-
-
-def vit_layout_problem(state_dict: Mapping[str, torch.Tensor], model: torch.nn.Module) -> Optional[str]:
-    """The class-token layout of a ViT donor when it is not the model's, in words (None when it fits).
-
-    The donor's position embedding holds its grid and, unless ``no_embed_class``, its prefix tokens (class and
-    registers); its length tells which (another image size is resampled later, another layout cannot be).
-    """
-    pos, model_pos = state_dict.get('pos_embed'), getattr(model, 'pos_embed', None)
-    if not isinstance(pos, torch.Tensor) or pos.ndim != 3 or model_pos is None:
-        return None
-    tokens = pos.shape[1]
-    grid = getattr(getattr(model, 'patch_embed', None), 'num_patches', None)
-    model_prefix = 0 if getattr(model, 'no_embed_class', False) else int(getattr(model, 'num_prefix_tokens', 1))
-    donor_prefix = sum(int(state_dict[k].shape[1]) for k in ('cls_token', 'reg_token')
-                       if isinstance(state_dict.get(k), torch.Tensor) and state_dict[k].ndim == 3)
-    if tokens - model_prefix == grid or _is_square(tokens - model_prefix):
-        return None
-    if model_prefix and _is_square(tokens):
-        return (f'its class token outside the position embedding ({tokens} positions for a grid of '
-                f'{math.isqrt(tokens)}x{math.isqrt(tokens)}; no_embed_class=True)')
-    if not model_prefix and donor_prefix and _is_square(tokens - donor_prefix):
-        return (f'its {donor_prefix} prefix token(s) inside the position embedding ({tokens} positions; '
-                f'no_embed_class=False)')
-    return f'a position embedding of {tokens} positions, which fits no grid with the model\'s {model_prefix} prefix ' \
-           f'token(s)'
-
-
 def account_trunk(
         trunk: Mapping[str, torch.Tensor],
         model_keys: Sequence[str],
-        fresh_prefixes: Tuple[str, ...],
+        new_head: Tuple[str, ...],
         moe_prefixes: Tuple[str, ...],
         expert_mlp_keys: Sequence[str],
         optional: Optional[Mapping[str, str]] = None,
@@ -105,7 +69,7 @@ def account_trunk(
     Args:
         trunk: The trunk donor's tensors.
         model_keys: The model's state dict keys.
-        fresh_prefixes: Model keys that start fresh (the new head): the donor's are dropped, with the reason.
+        new_head: Model keys that start fresh (the new head): the donor's are dropped, with the reason.
         moe_prefixes: The MLP prefixes of the model's MoE blocks (``blocks.2.mlp.``).
         expert_mlp_keys: Trunk keys the experts are cut from (empty when another donor gives the experts).
         optional: Prefix -> reason, of donor head parts the model may lack and replaces anyway (a ViT's final norm
@@ -119,7 +83,7 @@ def account_trunk(
     dropped: Dict[str, str] = {}
     unheld: List[str] = []
     for key in trunk:
-        if key.startswith(fresh_prefixes):
+        if key.startswith(new_head):
             dropped[key] = 'classifier head: the MoE model\'s head starts fresh (MoE Jetpack recipe)'
         elif key.startswith(moe_prefixes) and re.search(r'\.fc[12]\.(weight|bias)$', key):
             if key not in experts:
@@ -137,6 +101,7 @@ def check_expert_blocks(
         experts: Mapping[str, torch.Tensor],
         blocks: Mapping[str, str],
         model_keys: Sequence[str],
+        mlp: str = 'mlp',
 ) -> List[str]:
     """Keys of the expert donor's blocks that shape what its MLPs compute (LayerScale on the MLP branch, a norm
     inside the MLP) and that the model's MoE block lacks.
@@ -145,6 +110,7 @@ def check_expert_blocks(
         experts: The expert donor's tensors.
         blocks: Model MoE block prefix -> expert donor block prefix.
         model_keys: The model's state dict keys.
+        mlp: The block's MLP attribute (the family's).
     """
     model = set(model_keys)
     unheld = []
@@ -153,7 +119,7 @@ def check_expert_blocks(
             if not key.startswith(donor_prefix):
                 continue
             rest = key[len(donor_prefix):]
-            if (rest.startswith('mlp.') and not re.fullmatch(r'mlp\.fc[12]\.(weight|bias)', rest)) or \
+            if (rest.startswith(f'{mlp}.') and not re.fullmatch(rf'{re.escape(mlp)}\.fc[12]\.(weight|bias)', rest)) or \
                     (re.fullmatch(r'(ls2\.gamma|gamma)', rest) and model_prefix + rest not in model):
                 unheld.append(key)
     return unheld

@@ -8,9 +8,10 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from ..checkpoint_io import unwrap_state_dict
+from ..checkpoint_io.read import strip_wrappers
 from ..errors import DonorMismatch, InvalidArgumentType, InvalidCheckpoint
-from .families import MLP_KEYS, Family, family_of_model, family_of_state_dict
+from ..family import Family, family_of_model, family_of_state_dict
+from .accounting import account_trunk, check_expert_blocks, components_of, refuse_components
 from .recipe import RecyclingRecipe
 from .selection import map_blocks
 from .statistics import weights_hash
@@ -29,7 +30,7 @@ class DenseDonor:
 
     Attributes:
         sd: The state dict (wrappers removed).
-        family: Its :class:`~timm_moejet.recycling.families.Family`.
+        family: Its :class:`~timm_moejet.family.Family`.
         prefixes: Key prefix of every block, in forward order.
         role: 'trunk' or 'expert', for messages.
         name: How the donor was named (Hub id, path), for messages and the record.
@@ -39,7 +40,7 @@ class DenseDonor:
         if not isinstance(state_dict, Mapping):
             raise InvalidArgumentType(f'{role} donor must be a state dict (a mapping of names to tensors), '
                                       f'got {type(state_dict).__name__}.')
-        self.sd = unwrap_state_dict(state_dict)
+        self.sd = strip_wrappers(state_dict)
         self.role = role
         self.name = name or ''
         self.family = family_of_state_dict(self.sd, f'{role} donor', self.name)
@@ -61,7 +62,7 @@ class DenseDonor:
 
     def hidden(self, block: int = 0) -> int:
         """Hidden units of block ``block``'s MLP."""
-        return int(self.sd[f'{self.prefixes[block]}mlp.fc1.weight'].shape[0])
+        return int(self.sd[f'{self.prefixes[block]}{self.family.mlp_keys[0]}'].shape[0])
 
     @property
     def hash(self) -> str:
@@ -77,7 +78,7 @@ class DenseDonor:
         """
         for key, value in self.sd.items():
             if isinstance(value, torch.Tensor) and value.is_floating_point() and \
-                    not key.startswith(self.family.fresh_prefixes) and not bool(torch.isfinite(value).all()):
+                    not key.startswith(self.family.new_head) and not bool(torch.isfinite(value).all()):
                 raise InvalidCheckpoint(f'{self.label()}: tensor {key} holds NaN or Inf values; recycling it would '
                                         f'give a model that computes NaN.')
 
@@ -91,13 +92,13 @@ class DenseDonor:
 
     def mlp(self, block: int) -> Tuple[torch.Tensor, ...]:
         """fc1 weight, fc1 bias, fc2 weight, fc2 bias of block ``block``."""
-        p = self.prefixes[block]
-        missing = [p + n for n in MLP_KEYS if p + n not in self.sd]
+        p, keys = self.prefixes[block], self.family.mlp_keys
+        missing = [p + n for n in keys if p + n not in self.sd]
         if missing:
             raise InvalidCheckpoint(f'{self.label()} lacks {missing}; its MLPs need fc1/fc2 weights and biases.')
-        tensors = tuple(self.sd[p + n].detach() for n in MLP_KEYS)
+        tensors = tuple(self.sd[p + n].detach() for n in keys)
         width, hidden = self.width(block), int(tensors[0].shape[0]) if tensors[0].ndim else 0
-        for name, value, expected in zip(MLP_KEYS, tensors, ((hidden, width), (hidden,), (width, hidden), (width,))):
+        for name, value, expected in zip(keys, tensors, ((hidden, width), (hidden,), (width, hidden), (width,))):
             shape = tuple(value.shape)
             if len(shape) == len(expected) + 2 and shape[-2:] == (1, 1):  # a 1x1 convolution stands for a linear
                 shape = shape[:-2]
@@ -139,7 +140,7 @@ class RecyclingPlan:
         self.first_conv = f'{first}.weight'
 
     def moe_prefix(self, block: int) -> str:
-        return f'{self.prefixes[block]}mlp.'
+        return f'{self.prefixes[block]}{self.family.mlp}.'
 
 
 def check_geometry(
@@ -158,7 +159,7 @@ def check_geometry(
     """
     family = family_of_model(model)
     if family is None or not callable(getattr(model, 'moe_layers', None)):
-        raise InvalidArgumentType(f'model must be a MoE Jetpack model (with moe_layers() and recycling_family), got '
+        raise InvalidArgumentType(f'model must be a MoE Jetpack model (of a family, with moe_layers()), got '
                                   f'{type(model).__name__}.')
     layers = model.moe_layers()
     model_sd = model.state_dict()
@@ -211,41 +212,23 @@ def check_geometry(
     return RecyclingPlan(model, family, prefixes, layers, trunk, experts, expert_blocks, select_trunk, dropped)
 
 
-# parts of a ViT donor's head a MoE model may lack, replaced by its new head
-_VIT_HEAD_PARTS = {
-    'norm.': 'final norm: the model pools by average and normalises with its new fc_norm (MoE Jetpack recipe)',
-    'attn_pool.': 'attention-pool head the model does not use: its head starts fresh',
-}
-
-
 def _account(model: nn.Module, family: Family, prefixes: List[str], layers: Dict[int, nn.Module],
              trunk: 'DenseDonor', experts: 'DenseDonor', expert_blocks: Dict[int, int]) -> Dict[str, str]:
     """Every donor tensor used or dropped for a reason (returned); a component the model cannot hold refused."""
-    from .accounting import (
-        RECYCLE_HINT,
-        account_trunk,
-        check_expert_blocks,
-        components_of,
-        refuse_components,
-        vit_layout_problem,
-    )
-
     model_keys = list(model.state_dict())
-    moe_prefixes = tuple(f'{prefixes[i]}mlp.' for i in layers)
-    expert_mlp = [f'{trunk.prefixes[j]}{n}' for j in expert_blocks.values() for n in MLP_KEYS] \
+    moe_prefixes = tuple(f'{prefixes[i]}{family.mlp}.' for i in layers)
+    expert_mlp = [f'{trunk.prefixes[j]}{n}' for j in expert_blocks.values() for n in family.mlp_keys] \
         if experts is trunk else []
-    dropped, unheld = account_trunk(trunk.sd, model_keys, family.fresh_prefixes, moe_prefixes, expert_mlp,
-                                    _VIT_HEAD_PARTS if family.name == 'vit' else None)
+    dropped, unheld = account_trunk(trunk.sd, model_keys, family.new_head, moe_prefixes, expert_mlp,
+                                    family.donor_head_parts)
     components = components_of(unheld)
-    layout = vit_layout_problem(trunk.sd, model) if family.name == 'vit' else None
+    layout = family.layout_problem(trunk.sd, model)
     if layout:
         components.append(layout)
-    hint = RECYCLE_HINT if family.name == 'vit' else 'create the MoE model with those settings (create_model ' \
-        'kwargs; weights_tools recycle --model-kwargs)'
     model_name = type(model).__name__
-    refuse_components(trunk.label(), model_name, components, hint)
+    refuse_components(trunk.label(), model_name, components, family.recycle_hint)
     if experts is not trunk:
         blocks = {prefixes[i]: experts.prefixes[j] for i, j in expert_blocks.items()}
-        refuse_components(experts.label(), model_name, components_of(check_expert_blocks(experts.sd, blocks,
-                                                                                          model_keys)), hint)
+        unheld = check_expert_blocks(experts.sd, blocks, model_keys, family.mlp)
+        refuse_components(experts.label(), model_name, components_of(unheld), family.recycle_hint)
     return dropped

@@ -11,9 +11,12 @@
    is the recipe's strategy (``strategies.py``).
 4. :func:`recycling_record`: the JSON record of what was done, kept in ``model.pretrained_cfg['recycling']``.
 
-:func:`recycle_state_dict` runs the four steps on what is in memory (no file or Hub access) and returns the state
-dict, the donor indices of every expert and the record; :func:`recycle_into` also loads the result into the model and
-records it. Building models from named donors is ``timm_moejet.build``'s.
+:func:`recycle` is the one entry point, shared by the pretrained filter (``create_model(..., pretrained=True)``,
+``create_moejet_from``) and the command line (``build_recycled_model``): the trunk donor and what the recipe names,
+resolved once (:class:`~timm_moejet.recycling.RecyclingInputs`), into the state dict, the donor indices of every
+expert and the record, on what is in memory (no file or Hub access). :func:`recycle_state_dict` and
+:func:`recycle_into` are the same for a caller holding the donors' state dicts. Building models from named donors is
+``timm_moejet.build``'s.
 """
 import logging
 import os
@@ -26,15 +29,15 @@ from timm.models import adapt_input_conv as adapt_channels
 from ..checkpoint_io.names import is_expert_key
 from ..errors import DonorMismatch, InvalidArgument, InvalidArgumentType, InvalidCheckpoint
 from .geometry import RecyclingPlan, check_geometry
-from .inputs import load_statistics
+from .inputs import RecyclingInputs, load_statistics
 from .recipe import RecyclingRecipe
 from .selection import subselect_uniform
 from .statistics import ActivationStats, weight_proxy_statistics
 from .strategies import SelectionContext
 from .weight_selection import select_tensor
 
-__all__ = ['RecyclingResult', 'recycle_state_dict', 'recycle_into', 'recycling_record', 'resolve_statistics',
-           'copy_trunk', 'carve_experts', 'record_on']
+__all__ = ['RecyclingResult', 'recycle', 'recycle_state_dict', 'recycle_into', 'recycling_record',
+           'resolve_statistics', 'copy_trunk', 'carve_experts', 'record_on']
 
 _logger = logging.getLogger(__name__)
 
@@ -96,8 +99,8 @@ def copy_trunk(plan: RecyclingPlan, adapt_input_conv: bool = True) -> Dict[str, 
                 out[key] = value.detach().clone()
             continue
         src = trunk.sd.get(key)
-        if key.startswith(plan.family.fresh_prefixes) or (src is None and key.startswith('attn_pool.')):
-            # a new head (or a pooling head the dense donor lacks): the model's own initial values
+        if key.startswith(plan.family.new_head) or (src is None and key.startswith(plan.family.model_head_parts)):
+            # a new head (or a head part the dense donor lacks): the model's own initial values
             out[key] = value.detach().clone()
             continue
         if src is None:
@@ -294,11 +297,37 @@ def recycle_state_dict(
                                                           plan.dropped, plan.experts is not plan.trunk))
 
 
-def record_on(model: nn.Module, record: Dict[str, Any]) -> None:
-    """Keep a recycling record in ``model.pretrained_cfg['recycling']`` (and ``default_cfg``)."""
-    cfg = dict(getattr(model, 'pretrained_cfg', None) or {})
-    cfg['recycling'] = record
-    model.pretrained_cfg = model.default_cfg = cfg
+def recycle(
+        model: nn.Module,
+        trunk_state_dict: Mapping[str, torch.Tensor],
+        recipe: RecyclingRecipe,
+        inputs: RecyclingInputs,
+        *,
+        trunk_id: Optional[str] = None,
+        adapt_input_conv: bool = True,
+        inplace: bool = False,
+) -> RecyclingResult:
+    """The one recycling entry point: a trunk donor and what ``recipe`` names, resolved, into ``model``'s state dict.
+
+    Args:
+        model: The target MoE model (read only; its values fill the keys that are not recycled).
+        trunk_state_dict: The trunk donor's weights.
+        recipe: How to recycle.
+        inputs: The expert donor (None: the trunk donor) and the statistics, as
+            :func:`~timm_moejet.recycling.resolve_inputs` loads them.
+        trunk_id: Name of the trunk donor, recorded.
+        adapt_input_conv: See :func:`recycle_state_dict`.
+        inplace: See :func:`recycle_state_dict`.
+    """
+    expert_id = inputs.expert_id if inputs.experts is not None else trunk_id
+    return recycle_state_dict(model, trunk_state_dict, inputs.experts, recipe, stats=inputs.stats, trunk_id=trunk_id,
+                              expert_id=expert_id, adapt_input_conv=adapt_input_conv, inplace=inplace)
+
+
+def record_on(model: nn.Module, record: Dict[str, Any]) -> nn.Module:
+    """Keep a recycling record in ``model.pretrained_cfg['recycling']`` (and ``default_cfg``), as a new config."""
+    model.pretrained_cfg = model.default_cfg = dict(getattr(model, 'pretrained_cfg', None) or {}, recycling=record)
+    return model
 
 
 def recycle_into(
@@ -326,10 +355,7 @@ def recycle_into(
         The same model, holding the recycled weights.
     """
     recipe = recipe if recipe is not None else RecyclingRecipe()
-    if stats is None and recipe.stats is not None:
-        stats = load_statistics(recipe)
-    result = recycle_state_dict(model, trunk_state_dict, expert_state_dict, recipe, stats=stats, trunk_id=trunk_id,
-                                expert_id=expert_id)
+    inputs = RecyclingInputs(expert_state_dict, expert_id, stats if stats is not None else load_statistics(recipe))
+    result = recycle(model, trunk_state_dict, recipe, inputs, trunk_id=trunk_id)
     model.load_state_dict(result.state_dict, strict=True)
-    record_on(model, result.record)
-    return model
+    return record_on(model, result.record)

@@ -1,6 +1,6 @@
 """ Activation statistics of a dense donor, and the data-free proxy used when there are none.
 
-For every donor block ``i`` (blocks counted in forward order over the whole network, see ``families.py``) two
+For every donor block ``i`` (blocks counted in forward order over the whole network, see ``timm_moejet.family``) two
 points are measured, as in the released ``gen_ViT_MoE_weight.py``:
 
 * ``blocks.i.hidden.*``: the MLP hidden units (output of the block's ``mlp.act``), used to pick expert hidden units;
@@ -28,8 +28,8 @@ from safetensors import safe_open
 
 from ..checkpoint_io import save_safetensors_atomic
 from ..errors import DonorMismatch, InvalidArgument, InvalidCheckpoint, NotFound
+from ..family import family_of_state_dict
 from ..modes import eval_mode
-from .families import family_of_state_dict
 
 __all__ = ['ActivationStats', 'collect_statistics', 'weights_hash', 'weight_proxy_statistics', 'METRICS']
 
@@ -259,13 +259,13 @@ class _Accumulator:
 
 
 def _donor_blocks(donor_model: nn.Module) -> Sequence[nn.Module]:
-    """The blocks of a dense donor model whose MLP activations are measured (any family of ``families.py``)."""
+    """The (MLP activation, MLP input norm) of every block of a dense donor model, of any registered family."""
     try:
         family = family_of_state_dict(donor_model.state_dict(), 'donor_model', type(donor_model).__name__)
     except DonorMismatch as e:
         raise InvalidArgument(f'donor_model must be a dense model of a supported family ({e}).') from None
     blocks = family.block_modules(donor_model)
-    return [(b.mlp.act, getattr(b, family.mlp_input_norm)) for b in blocks]
+    return [(getattr(b, family.mlp).act, getattr(b, family.mlp_input_norm)) for b in blocks]
 
 
 def collect_statistics(
@@ -392,8 +392,8 @@ def weight_proxy_statistics(
         norm = f'{prefixes[i]}{family.mlp_input_norm}'
         gamma = state_dict[f'{norm}.weight'].double()
         beta = state_dict[f'{norm}.bias'].double()
-        w1 = state_dict[f'{prefixes[i]}mlp.fc1.weight'].double()
-        b1 = state_dict[f'{prefixes[i]}mlp.fc1.bias'].double()
+        w1 = state_dict[f'{prefixes[i]}{family.mlp_keys[0]}'].double()
+        b1 = state_dict[f'{prefixes[i]}{family.mlp_keys[1]}'].double()
         tensors[f'blocks.{i}.channel.l2'] = (gamma.square() + beta.square()).sqrt()
         tensors[f'blocks.{i}.channel.l1'] = gamma.abs() * math.sqrt(2 / math.pi) + beta.abs()  # rough, |E| bound
         tensors[f'blocks.{i}.channel.freq'] = torch.special.ndtr(beta / gamma.abs().clamp_min(1e-12))

@@ -12,18 +12,12 @@ import torch
 import torch.nn as nn
 
 from ..errors import DonorMismatch
+from ..family import Family, family_of_state_dict
 from .accounting import components_of, refuse_components, select_hint
-from .families import Family, family_of_state_dict
 from .geometry import DenseDonor
 from .selection import map_blocks, uniform_indices
 
 __all__ = ['evenly_spaced', 'select_tensor', 'select_state_dict']
-
-# parts of a ViT donor's head a model may lack (it pools otherwise), replaced by its own head
-_VIT_HEAD_PARTS = {
-    'norm.': 'final norm: the model pools by average and normalises with its own fc_norm',
-    'attn_pool.': 'attention-pool head the model does not use',
-}
 
 
 def evenly_spaced(n: int, k: int) -> torch.Tensor:
@@ -55,6 +49,18 @@ def select_tensor(src: torch.Tensor, shape: torch.Size, name: str = 'tensor') ->
         if n != k:
             src = src.index_select(dim, evenly_spaced(n, k))
     return src
+
+
+def _refuse_layout(family: Family, donor: DenseDonor, model: nn.Module, target: Mapping[str, Any]) -> None:
+    """Another layout of the tokens in front of the patches (a ViT's class token, registers) cannot be resampled
+    into the model's: refused, naming what differs."""
+    layout = family.layout_problem(donor.sd, model)
+    if layout:
+        lacks = [k for k in family.token_parts if k in target and k not in donor.sd]
+        extra = [k for k in donor.sd if k in family.token_parts and k not in target]
+        refuse_components(donor.label(), type(model).__name__, [layout] + components_of(extra),
+                          select_hint(type(model).__name__) + (f' (the model has {", ".join(lacks)}, the donor does '
+                                                               f'not)' if lacks else ''))
 
 
 def block_key_map(family: Family, model_keys: List[str], donor_keys: List[str], how: str = 'even') -> Dict[str, str]:
@@ -107,15 +113,7 @@ def select_state_dict(
     if donor.family is not family:
         raise DonorMismatch(f'{donor.label()} is of family {donor.family.name}, the model {type(model).__name__} of '
                             f'family {family.name}.')
-    if family.name == 'vit':  # another class-token layout cannot be resampled into the model's
-        from .accounting import vit_layout_problem
-        layout = vit_layout_problem(donor.sd, model)
-        if layout:
-            lacks = [k for k in ('reg_token', 'cls_token') if k in target and k not in donor.sd]
-            refuse_components(donor.label(), type(model).__name__, [layout] + components_of(
-                [k for k in donor.sd if k not in target and k in ('reg_token', 'cls_token')]),
-                select_hint(type(model).__name__) + (f' (the model has {", ".join(lacks)}, the donor does not)'
-                                                     if lacks else ''))
+    _refuse_layout(family, donor, model, target)
     prepared = family.prepare(dict(donor.sd), model)  # the family's own conversions (position-embedding resampling)
     mapping = block_key_map(family, list(target), list(prepared), block_map)
     plan = {}  # model key -> donor key
@@ -128,15 +126,15 @@ def select_state_dict(
     unheld = []
     for key in prepared:
         block = next((p for p in family.block_prefixes([key])), None)
-        if key in read and not (key.startswith(family.fresh_prefixes) and key in target
+        if key in read and not (key.startswith(family.new_head) and key in target
                                 and prepared[key].shape[:1] != target[key].shape[:1]):
             continue
         if block is not None and block not in chosen:
             why[key] = f'block {block.rstrip(".")} is not selected (block_map={block_map!r})'
-        elif key.startswith(family.fresh_prefixes):
+        elif key.startswith(family.new_head):
             why[key] = 'classifier head: the model has another number of classes (its own head is kept)'
-        elif family.name == 'vit' and key.startswith(tuple(_VIT_HEAD_PARTS)):
-            why[key] = next(r for p, r in _VIT_HEAD_PARTS.items() if key.startswith(p))
+        elif key.startswith(tuple(family.donor_head_parts)):
+            why[key] = next(r for p, r in family.donor_head_parts.items() if key.startswith(p))
         else:
             unheld.append(key)
     refuse_components(donor.label(), type(model).__name__, components_of(unheld), select_hint(type(model).__name__))
@@ -144,7 +142,7 @@ def select_state_dict(
     for key, value in target.items():
         src_key = plan[key]
         src = prepared.get(src_key)
-        fresh = key.startswith(family.fresh_prefixes)
+        fresh = key.startswith(family.new_head)
         if src is None or (fresh and src.shape[0] != value.shape[0]):
             if not fresh:
                 raise DonorMismatch(f'{donor.label()} lacks {src_key} for the model\'s {key}.')

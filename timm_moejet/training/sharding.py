@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import InvalidArgument, InvalidArgumentType
+from ..family import family_of_model
 from ..layers.experts import BatchedExperts, BatchedLinear
 from ..layers.sphero_moe import SpheroMoE
 
@@ -74,25 +75,22 @@ class ShardPlan:
 def fsdp_units(model: nn.Module) -> List[str]:
     """The module names that become FSDP units (innermost first; the root, '', is added last).
 
-    Expert groups, then SpheroMoE routers, then every block; for a ConvNeXt also each stage (its downsample layer).
+    Expert groups, then SpheroMoE routers, then the units the model's family names (every block; a ConvNeXt's
+    stages too).
     """
-    experts, routers, blocks = [], [], []
+    family = family_of_model(model)
+    if family is None:
+        raise InvalidArgumentType(f'{type(model).__name__} is not a MoE Jetpack model of a registered family '
+                                  f'(ViT, ConvNeXt, MLP-Mixer); shard_model knows those only.')
+    experts, routers = [], []
     for name, module in model.named_modules():
         if isinstance(module, BatchedExperts):
             experts.append(name)
         elif isinstance(module, SpheroMoE):
             routers.append(name)
-    if hasattr(model, 'stages'):  # ConvNeXt: stages.i.blocks.j, then stage i itself (downsample)
-        for i, stage in enumerate(model.stages):
-            blocks += [f'stages.{i}.blocks.{j}' for j in range(len(stage.blocks))] + [f'stages.{i}']
-    elif hasattr(model, 'blocks'):
-        blocks = [f'blocks.{i}' for i in range(len(model.blocks))]
-    else:
-        raise InvalidArgumentType(f'{type(model).__name__} has neither blocks (ViT) nor stages (ConvNeXt); '
-                                  f'shard_model knows the MoE Jetpack families only.')
     if not experts:
         raise InvalidArgument(f'{type(model).__name__} has no experts (no SpheroMoE layer) to shard.')
-    return experts + routers + blocks
+    return experts + routers + family.fsdp_units(model)
 
 
 def plan_shards(model: nn.Module, world_size: int) -> ShardPlan:
@@ -155,10 +153,10 @@ def shard_model(
         cpu_offload: bool = False,
         grad_checkpointing: bool = False,
 ) -> nn.Module:
-    """Shard a MoE Jetpack model (ViT or ConvNeXt) in place with FSDP2 over a 1-D device mesh.
+    """Shard a MoE Jetpack model (of any registered family) in place with FSDP2 over a 1-D device mesh.
 
     Args:
-        model: A ``MoEVisionTransformer`` or ``MoEConvNeXt``, on the mesh's device type.
+        model: A MoE Jetpack model of a registered family, on the mesh's device type.
         mesh: A 1-D ``DeviceMesh`` (default: every rank of the process group, see :func:`init_device_mesh`).
         mixed_precision: bf16 parameters and compute, float32 gradient reductions (routers stay float32).
         reshard_after_forward: Free each unit's gathered parameters after its forward (less memory; the backward

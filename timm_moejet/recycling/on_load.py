@@ -1,0 +1,137 @@
+""" Recycling on load: what ``timm.create_model(..., pretrained=True)`` of a MoE model asks of recycling.
+
+The model entrypoint (``models/builder.py``) builds; this module reads. :func:`prepare_on_load` turns the
+``recycle_*`` kwargs and the pretrained tag's recipe into one :class:`~timm_moejet.recycling.RecyclingRecipe`, names a
+missing trunk donor before 260M parameters are built, and loads what the recipe names (the expert donor, the
+statistics) once; the :class:`~timm_moejet.recycling.pretrained_filter.PretrainedFilter` it hands timm then works on
+what is in memory. :meth:`RecyclingOnLoad.recorded` gives the model's ``pretrained_cfg`` with the record of the
+weights it holds.
+"""
+import contextlib
+import dataclasses
+from typing import Any, Dict, Iterator, Mapping, Optional
+
+import torch.nn as nn
+from timm.models import resolve_pretrained_cfg
+
+from ..checkpoint_io.donors import locate_donor
+from ..checkpoint_io.hub import hub_errors_named
+from ..checkpoint_io.names import HF_HUB
+from ..errors import InvalidArgument, InvalidArgumentType
+from ..settings import unknown_kwargs_message
+from .inputs import resolve_inputs
+from .pretrained_filter import PretrainedFilter
+from .recipe import NAMES_OTHER_SOURCES, RECYCLE_KWARGS, RecyclingRecipe
+
+__all__ = ['RecyclingOnLoad', 'prepare_on_load', 'recipe_from_kwargs']
+
+# where the weights come from when they are not the tag's trunk donor
+_WEIGHT_OVERLAYS = ('file', 'url', 'hf_hub_id', 'state_dict')
+
+
+def _refuse_config_naming_files(variant: str, source: Optional[str], kwargs: Mapping[str, Any]) -> None:
+    """A local-dir:/hf-hub: model's config.json is data from the checkpoint: its model_args (which timm merges into
+    the kwargs) may not name other files or repos."""
+    if source not in ('local-dir', 'hf-hub'):
+        return
+    config_args = kwargs.get('pretrained_model_args') or {}  # timm hands the config's model_args over apart
+    from_config = sorted(k for k, f in RECYCLE_KWARGS.items() if f in NAMES_OTHER_SOURCES and k in config_args)
+    if from_config:
+        raise InvalidArgument(
+            f'{variant}: the model\'s own config (config.json model_args) sets {", ".join(from_config)}; a '
+            f'checkpoint\'s config may not name other files or repos (they come only from the caller\'s kwargs). '
+            f'Remove them from config.json, then pass them to create_model if you mean them.')
+
+
+@dataclasses.dataclass(frozen=True)
+class RecyclingOnLoad:
+    """How one ``create_model`` call of a MoE model loads its weights.
+
+    Attributes:
+        kwargs: The model kwargs for timm's ``build_model_with_cfg``: without ``recycle_*``, and with a recorded
+            recipe taken out of a ``pretrained_cfg`` dict (timm's ``PretrainedCfg`` has no such field).
+        recipe: How a dense checkpoint is recycled.
+        filter: timm's ``pretrained_filter_fn``.
+        record: The recipe recorded with the checkpoint (an exported model's), or None.
+        trunk_id: The trunk donor's Hub repo, when the weights are the tag's.
+        trunk_repo: The same, when it is to be located before building (None: the weights are the caller's).
+    """
+    kwargs: Dict[str, Any]
+    recipe: RecyclingRecipe
+    filter: PretrainedFilter
+    record: Optional[Dict[str, Any]] = None
+    trunk_id: Optional[str] = None
+    trunk_repo: Optional[str] = None
+
+    @contextlib.contextmanager
+    def loading(self) -> Iterator[None]:
+        """timm's download of the trunk donor, its errors naming it."""
+        with hub_errors_named(f'trunk donor {self.trunk_id or "(pretrained weights)"!r}'):
+            yield
+
+    def recorded(self, model: nn.Module, pretrained: bool) -> Dict[str, Any]:
+        """The model's ``pretrained_cfg`` with the record of the weights it holds: the filter's when this load
+        recycled dense weights; the checkpoint's when its MoE weights were loaded as they are; none without
+        pretrained weights."""
+        cfg = dict(getattr(model, 'pretrained_cfg', None) or {})
+        if self.filter.record is not None:
+            return dict(cfg, recycling=self.filter.record)
+        if self.record is not None and pretrained:
+            return dict(cfg, recycling=self.record)
+        return cfg
+
+
+def recipe_from_kwargs(variant: str, kwargs: Mapping[str, Any], recipes: Mapping[str, RecyclingRecipe]
+                       ) -> RecyclingOnLoad:
+    """The recipe of a ``create_model`` call: the pretrained tag's, with the ``recycle_*`` kwargs given replacing its
+    fields (``recycle_experts=None``: the trunk donor). When the weights are the caller's (a file, a state dict, a
+    model folder or repo) rather than the tag's trunk donor, they give the experts too unless ``recycle_experts`` says
+    otherwise. Nothing is read.
+
+    Args:
+        variant: The entrypoint's model name.
+        kwargs: The entrypoint kwargs (not modified).
+        recipes: ``'architecture.tag'`` -> recipe of that pretrained tag.
+
+    Raises:
+        InvalidArgumentType: On an unknown ``recycle_*`` kwarg.
+        InvalidArgument: On an invalid recycling argument, or a model config that names other files.
+    """
+    unknown = [k for k in kwargs if k.startswith('recycle_') and k not in RECYCLE_KWARGS]
+    if unknown:
+        raise InvalidArgumentType(unknown_kwargs_message(variant, unknown, RECYCLE_KWARGS))
+    overrides = {RECYCLE_KWARGS[k]: v for k, v in kwargs.items() if k in RECYCLE_KWARGS}
+    kwargs = {k: v for k, v in kwargs.items() if k not in RECYCLE_KWARGS}
+    record = None
+    cfg = kwargs.get('pretrained_cfg')
+    if isinstance(cfg, Mapping) and 'recycling' in cfg:
+        # an exported model's config: keep the recorded recipe (timm's PretrainedCfg has no such field)
+        record = cfg['recycling']
+        kwargs['pretrained_cfg'] = cfg = {k: v for k, v in cfg.items() if k != 'recycling'}
+    overlay = kwargs.get('pretrained_cfg_overlay') or {}
+    resolved = resolve_pretrained_cfg(variant, pretrained_cfg=cfg, pretrained_cfg_overlay=overlay)
+    _refuse_config_naming_files(variant, resolved.source, kwargs)
+    base = recipes.get(f'{resolved.architecture or variant}.{resolved.tag}') or RecyclingRecipe()
+    callers_weights = any(overlay.get(k) is not None for k in _WEIGHT_OVERLAYS) or \
+        resolved.source in ('hf-hub', 'local-dir')
+    if callers_weights:
+        # the weights are the caller's, not the tag's trunk: they are also the expert donor (a folder's config may
+        # claim a tag; its donors stay unused)
+        base = dataclasses.replace(base, experts=None)
+    recipe = dataclasses.replace(base, **overrides) if overrides else base
+    return RecyclingOnLoad(kwargs, recipe, PretrainedFilter(recipe), record, resolved.hf_hub_id,
+                           None if callers_weights else resolved.hf_hub_id)
+
+
+def prepare_on_load(variant: str, kwargs: Mapping[str, Any], recipes: Mapping[str, RecyclingRecipe],
+                    pretrained: bool) -> RecyclingOnLoad:
+    """:func:`recipe_from_kwargs`, and with ``pretrained`` the recipe's inputs read once, before the model is built:
+    a missing trunk donor is named here, and the filter timm calls gets the expert donor and statistics in memory."""
+    on_load = recipe_from_kwargs(variant, kwargs, recipes)
+    if not pretrained:
+        return on_load
+    cache_dir = on_load.kwargs.get('cache_dir')
+    if on_load.trunk_repo:  # a missing donor fails here, before 260M parameters are built
+        locate_donor(f'{HF_HUB}{on_load.trunk_repo}', cache_dir=cache_dir, role='trunk donor')
+    return dataclasses.replace(on_load, filter=PretrainedFilter(on_load.recipe, resolve_inputs(on_load.recipe,
+                                                                                                 cache_dir)))
