@@ -237,3 +237,141 @@ def test_unwritable_outputs_name_the_users_path(tmp_path, monkeypatch, code, wor
         save_safetensors_atomic({'a': torch.ones(2)}, out)
     assert str(out) in str(info.value) and 'moejet-tmp' not in str(info.value)
     assert list(tmp_path.iterdir()) == []
+
+
+_KILLED_WRITE = '''
+import os, signal, sys
+from pathlib import Path
+import torch
+from timm_moejet.checkpoint_io import atomic, save_safetensors_atomic
+
+real = atomic.save_file
+
+def save_then_die(tensors, path, metadata=None):
+    real(tensors, path, metadata=metadata)  # the new file is complete, but only in the hidden staging folder
+    os.kill(os.getpid(), signal.SIGKILL)
+
+atomic.save_file = save_then_die
+save_safetensors_atomic({'w': torch.zeros(3)}, sys.argv[1])
+'''
+
+
+def test_a_write_killed_with_sigkill_leaves_the_old_output_and_the_next_write_cleans_up(tmp_path):
+    """SIGKILL in the middle of a write (nothing can run after it): the old output is still there, whole; what the
+    dead process left is hidden beside it, and the next write of the same output removes it."""
+    target = tmp_path / 'w.safetensors'
+    save_safetensors_atomic({'w': torch.ones(3)}, target)
+    proc = subprocess.run([sys.executable, '-c', _KILLED_WRITE, str(target)], cwd=ROOT, capture_output=True)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert torch.equal(read_state_dict(target)['w'], torch.ones(3))
+    assert len(_leftovers(tmp_path, 'w.safetensors')) == 1  # the dead run's staging folder
+    save_safetensors_atomic({'w': torch.full((3,), 2.)}, target)
+    assert torch.equal(read_state_dict(target)['w'], torch.full((3,), 2.))
+    assert _leftovers(tmp_path, 'w.safetensors') == []
+
+
+@pytest.mark.parametrize('folder', [False, True])
+def test_a_full_disk_names_the_output_and_leaves_nothing(tmp_path, monkeypatch, folder):
+    """ENOSPC while the content is written (a file, or a file of a folder): one typed error naming the user's
+    path, the old output untouched, no temporary left."""
+    import errno
+
+    from timm_moejet.errors import OutputNotWritable
+
+    target = tmp_path / ('out' if folder else 'f.bin')
+    if folder:
+        _write_output(target, 'old')
+    else:
+        atomic_write_bytes(b'old', target)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(OutputNotWritable, match=f'cannot write {target}: no space left') as info:
+        if folder:
+            with atomic_output_dir(target, overwrite=True) as tmp:
+                monkeypatch.setattr(Path, 'write_text', full)
+                (tmp / 'f.txt').write_text('new')
+        else:
+            monkeypatch.setattr(Path, 'write_bytes', full)
+            atomic_write_bytes(b'new', target)
+    monkeypatch.undo()
+    assert 'moejet-tmp' not in str(info.value)
+    assert ((target / 'f.txt').read_text() if folder else target.read_bytes().decode()) == 'old'
+    assert _leftovers(tmp_path, target.name) == []
+
+
+def test_overwrite_of_a_symlinked_file_replaces_the_link_not_its_target(tmp_path):
+    real = atomic_write_bytes(b'linked', tmp_path / 'real.bin')
+    link = tmp_path / 'out.bin'
+    link.symlink_to(real)
+    with pytest.raises(FileExistsError):  # a link is an existing output too
+        atomic_write_bytes(b'new', link, overwrite=False)
+    atomic_write_bytes(b'new', link)
+    assert not link.is_symlink() and link.read_bytes() == b'new' and real.read_bytes() == b'linked'
+    assert _leftovers(tmp_path, 'out.bin') == []
+
+
+def test_files_written_beside_the_output_appear_before_it(tmp_path):
+    """A writer that adds files named after the output (an ONNX graph's external weights) sees the output's own
+    name, and they are moved into place first, the output itself last."""
+    from timm_moejet.checkpoint_io import write_file
+
+    moved = []
+    real_replace = os.replace
+
+    def write(path: Path) -> None:
+        assert path.name == 'm.onnx'
+        path.with_name('m.onnx.data').write_bytes(b'weights')
+        path.write_bytes(b'graph')
+
+    def replace(src, dst):
+        moved.append(Path(dst).name)
+        return real_replace(src, dst)
+
+    os.replace = replace
+    try:
+        write_file(tmp_path / 'm.onnx', write)
+    finally:
+        os.replace = real_replace
+    assert moved == ['m.onnx.data', 'm.onnx']
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['m.onnx', 'm.onnx.data']
+
+
+_RANK_WRITES = '''
+import os, sys
+from pathlib import Path
+import torch.distributed as dist
+from timm_moejet.checkpoint_io import atomic_output_dir
+
+dist.init_process_group('gloo')
+rank = dist.get_rank()
+target = Path(sys.argv[1])
+with atomic_output_dir(target, overwrite=True, distributed=True) as tmp:
+    assert not target.exists() or (target / 'old.txt').exists()  # nobody sees a part-written folder
+    (tmp / f'rank{rank}.txt').write_text(str(rank))
+assert sorted(p.name for p in target.iterdir()) == ['rank0.txt', 'rank1.txt'], list(target.iterdir())
+dist.destroy_process_group()
+'''
+
+
+def test_a_folder_written_by_every_rank_appears_whole(tmp_path):
+    """Two gloo processes write their parts into rank 0's hidden folder; after a barrier rank 0 swaps it into
+    place, and neither goes on before it is there."""
+    import socket
+
+    target = tmp_path / 'epoch_1'
+    _write_output(target, 'old')
+    (target / 'f.txt').rename(target / 'old.txt')
+    with socket.socket() as s:
+        s.bind(('localhost', 0))
+        port = s.getsockname()[1]
+    script = tmp_path / 'ranks.py'
+    script.write_text(_RANK_WRITES)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1')
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--nnodes', '1',
+                           '--rdzv-backend', 'c10d', '--rdzv-endpoint', f'localhost:{port}', str(script),
+                           str(target)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert sorted(p.name for p in target.iterdir()) == ['rank0.txt', 'rank1.txt']
+    assert _leftovers(tmp_path, 'epoch_1') == []

@@ -11,7 +11,24 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from .errors import InvalidArgument, InvalidCheckpoint, NotFound
 
-__all__ = ['image_loader', 'balanced_indices', 'find_images']
+__all__ = ['image_loader', 'balanced_indices', 'find_images', 'split_folder']
+
+# the sub-folder names timm's datasets take for a split (timm's own search for them is not public)
+_SPLIT_SYNONYMS = (('train', 'training'), ('val', 'valid', 'validation', 'eval', 'evaluation'))
+
+
+def split_folder(root: str, split: str) -> str:
+    """The sub-folder of ``root`` holding ``split`` (its own name, else a synonym: ``val`` for ``validation``), or
+    ``root`` itself when it has none, as timm's datasets look for one."""
+    name = split.split('[')[0]
+    if os.path.exists(os.path.join(root, name)):
+        return os.path.join(root, name)
+    for synonyms in _SPLIT_SYNONYMS:
+        if name in synonyms:
+            for synonym in synonyms:
+                if os.path.exists(os.path.join(root, synonym)):
+                    return os.path.join(root, synonym)
+    return root
 
 
 def balanced_indices(targets: List[int], limit: Optional[int], seed: int) -> List[int]:
@@ -152,9 +169,7 @@ def image_loader(
         raise InvalidArgument(f'limit must be a positive number of images, got {limit}.')
     if batch_size < 1:
         raise InvalidArgument(f'batch size must be >= 1, got {batch_size}.')
-    from timm.data.dataset_factory import _search_split
-
-    samples, _ = find_images(_search_split(folder, split))
+    samples, _ = find_images(split_folder(folder, split))
     if not samples:
         raise NotFound(f'image folder {folder} holds no images (supported: .png, .jpg, .jpeg).')
     data_config = resolve_data_config({}, model=model)

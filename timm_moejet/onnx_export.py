@@ -10,14 +10,13 @@ package.
 """
 import dataclasses
 import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from .checkpoint_io import refuse_existing
+from .checkpoint_io import refuse_existing, write_file
 from .errors import ExportMismatch, InvalidArgument, NotFound
 from .extras import require
 from .modes import eval_mode
@@ -123,8 +122,9 @@ def export_onnx(
 ) -> OnnxExport:
     """Export ``model`` (in eval mode) to ONNX with a dynamic batch dimension and check it in onnxruntime.
 
-    The file is written into a temporary folder beside ``output`` and moved into place only once it passed the
-    ONNX checker and (with ``check``) the comparison, so a failed export leaves no file.
+    The file (and the external weights file of a model over 2 GB, ``output`` + ``.data``) is written atomically and
+    moved into place only once it passed the ONNX checker and (with ``check``) the comparison, so a failed export
+    leaves no file.
 
     Args:
         model: The model (float32).
@@ -174,18 +174,18 @@ def export_onnx(
     gen = torch.Generator().manual_seed(0)
     example = torch.randn(batch_size, *size, generator=gen).to(device)
     batch_sizes = tuple(sorted({*CHECK_BATCH_SIZES, batch_size + 4} - {batch_size})) if check else ()
-    with eval_mode(model), tempfile.TemporaryDirectory(dir=output.parent, prefix=f'.{output.name}.') as tmp:
-        path = Path(tmp) / output.name
+    errors = []
+
+    def export_and_check(path: Path) -> None:
         _export(model, example, path, opset, dynamo)
         onnx.checker.check_model(os.fspath(path), full_check=True)
-        error = None
         if check:
             inputs = [torch.randn(b, *size, generator=gen) for b in batch_sizes]
-            error = onnx_max_abs_error(path, model, inputs)
-            if not error <= atol:
-                raise ExportMismatch(f'{output.name}: onnxruntime differs from eager PyTorch by {error:.3g} '
+            errors.append(onnx_max_abs_error(path, model, inputs))
+            if not errors[-1] <= atol:
+                raise ExportMismatch(f'{output.name}: onnxruntime differs from eager PyTorch by {errors[-1]:.3g} '
                                      f'(more than atol={atol:g}); the file was not written.')
-        # weights file (if any) first, the graph that names it last
-        for f in sorted(Path(tmp).iterdir(), key=lambda p: p.name == output.name):
-            os.replace(f, output.parent / f.name)
-    return OnnxExport(output, error, batch_sizes)
+
+    with eval_mode(model):
+        write_file(output, export_and_check, overwrite)
+    return OnnxExport(output, errors[-1] if errors else None, batch_sizes)

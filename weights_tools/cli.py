@@ -1,7 +1,8 @@
 """ ``weights-tools``: calibrate, recycle, select, export, push, import-official, inspect.
 
-Each command lives in ``weights_tools/commands/<name>.py`` with ``add_parser(subparsers, parent, formatter)`` and
-``run(args) -> int``; it parses its arguments and calls the library. Errors are worded by their type: the library's
+Each command lives in ``weights_tools/commands/<name>.py``: its declaration (``COMMAND``, a
+:class:`~weights_tools.options.Command`; options several commands share are declared once in ``options.py``) and
+``run(args) -> int``, which calls the library. Errors are worded by their type: the library's
 input errors (``timm_moejet.errors.MoEJetError``: bad argument, unreadable or mismatched checkpoint, donor not
 found, occupied output) and the operating system's file errors are one line on stderr with exit status 2;
 ``--debug`` shows the traceback instead. Anything else is unexpected: exit status 1, also one line unless ``--debug``.
@@ -139,8 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest='command', metavar='COMMAND', required=True, parser_class=_Parser)
     for name in _COMMANDS:
         module = import_module(f'.commands.{name}', __package__)
-        sub = module.add_parser(subparsers, parent, _Formatter)
-        sub.set_defaults(_run=module.run)
+        module.COMMAND.add_to(subparsers, parent, _Formatter).set_defaults(_run=module.run)
     return parser
 
 

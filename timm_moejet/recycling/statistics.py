@@ -258,7 +258,7 @@ class _Accumulator:
         return {k: v.float().cpu() for k, v in out.items()}
 
 
-def _donor_blocks(donor_model: nn.Module) -> Sequence[nn.Module]:
+def _donor_blocks(donor_model: nn.Module) -> Sequence[Tuple[nn.Module, nn.Module]]:
     """The (MLP activation, MLP input norm) of every block of a dense donor model, of any registered family."""
     try:
         family = family_of_state_dict(donor_model.state_dict(), 'donor_model', type(donor_model).__name__)
@@ -266,6 +266,43 @@ def _donor_blocks(donor_model: nn.Module) -> Sequence[nn.Module]:
         raise InvalidArgument(f'donor_model must be a dense model of a supported family ({e}).') from None
     blocks = family.block_modules(donor_model)
     return [(getattr(b, family.mlp).act, getattr(b, family.mlp_input_norm)) for b in blocks]
+
+
+def _hooked(donor_blocks: Sequence[Tuple[nn.Module, nn.Module]], blocks: Optional[Sequence[int]],
+            coactivation: bool) -> Dict[str, '_Accumulator']:
+    """An accumulator per measured point (``blocks.i.hidden``, ``blocks.i.channel``), not yet hooked in."""
+    block_ids = list(range(len(donor_blocks))) if blocks is None else list(blocks)
+    bad = [i for i in block_ids if not isinstance(i, int) or not 0 <= i < len(donor_blocks)]
+    if bad:
+        raise InvalidArgument(f'blocks {bad} are outside the donor depth; allowed 0..{len(donor_blocks) - 1}.')
+    accs = {}
+    for i in block_ids:
+        act, norm = donor_blocks[i]
+        accs[f'blocks.{i}.hidden'] = (act, _Accumulator(coactivation))
+        accs[f'blocks.{i}.channel'] = (norm, _Accumulator(False))
+    return accs
+
+
+def _run_over(donor_model: nn.Module, loader: Iterable, max_batches: Optional[int], device: Union[str, torch.device],
+              progress: bool) -> int:
+    """Forward the loader's images through the donor (eval mode, no gradient) on ``device``, then put the donor
+    back where it was; returns the batches run."""
+    from tqdm import tqdm
+
+    first = next(donor_model.parameters(), None)
+    home = first.device if first is not None else torch.device('cpu')
+    total = max_batches if max_batches is not None or not hasattr(loader, '__len__') else len(loader)
+    num_batches = 0
+    try:
+        with eval_mode(donor_model.to(device)), torch.no_grad():
+            for batch in tqdm(loader, total=total, disable=not progress, desc='activation statistics'):
+                donor_model((batch[0] if isinstance(batch, (tuple, list)) else batch).to(device))
+                num_batches += 1
+                if max_batches is not None and num_batches >= max_batches:
+                    break
+    finally:
+        donor_model.to(home)
+    return num_batches
 
 
 def collect_statistics(
@@ -298,59 +335,27 @@ def collect_statistics(
         InvalidArgument: If the donor is not a dense model of a supported family, ``max_batches`` or ``blocks`` is
             invalid, or the loader yields nothing.
     """
-    from tqdm import tqdm
-
     donor_blocks = _donor_blocks(donor_model)
     if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
                                     or max_batches < 1):
         raise InvalidArgument(f'max_batches must be a positive int or None, got {max_batches!r}.')
-    block_ids = list(range(len(donor_blocks))) if blocks is None else list(blocks)
-    bad = [i for i in block_ids if not isinstance(i, int) or not 0 <= i < len(donor_blocks)]
-    if bad:
-        raise InvalidArgument(f'blocks {bad} are outside the donor depth; allowed 0..{len(donor_blocks) - 1}.')
-
-    accs: Dict[str, _Accumulator] = {}
-    handles = []
-    for i in block_ids:
-        act, norm = donor_blocks[i]
-        for point, module, coact in (('hidden', act, coactivation), ('channel', norm, False)):
-            acc = accs[f'blocks.{i}.{point}'] = _Accumulator(coact)
-            handles.append(module.register_forward_hook(acc))
-
-    first = next(donor_model.parameters(), None)
-    home = first.device if first is not None else torch.device('cpu')
-    num_batches = 0
-    total = max_batches
-    if total is None and hasattr(loader, '__len__'):
-        total = len(loader)
+    accs = _hooked(donor_blocks, blocks, coactivation)
+    handles = [module.register_forward_hook(acc) for module, acc in accs.values()]
     try:
-        with eval_mode(donor_model.to(device)), torch.no_grad():
-            for batch in tqdm(loader, total=total, disable=not progress, desc='activation statistics'):
-                images = batch[0] if isinstance(batch, (tuple, list)) else batch
-                donor_model(images.to(device))
-                num_batches += 1
-                if max_batches is not None and num_batches >= max_batches:
-                    break
+        num_batches = _run_over(donor_model, loader, max_batches, device, progress)
     finally:
         for h in handles:
             h.remove()
-        donor_model.to(home)
     if num_batches == 0:
         raise InvalidArgument('the loader yielded no batches; activation statistics need at least one.')
-
-    tensors = {}
-    num_tokens = 0
-    for name, acc in accs.items():
-        num_tokens = acc.n
-        for metric, value in acc.result().items():
-            tensors[f'{name}.{metric}'] = value
+    tensors = {f'{name}.{metric}': value for name, (_, acc) in accs.items() for metric, value in acc.result().items()}
     cfg = getattr(donor_model, 'pretrained_cfg', None) or {}
     return ActivationStats(
         tensors,
         architecture=str(cfg.get('architecture') or type(donor_model).__name__),
         hub_id=str(donor_id or cfg.get('hf_hub_id') or ''),
         weights_hash=weights_hash(donor_model.state_dict()),
-        num_tokens=num_tokens,
+        num_tokens=next(iter(accs.values()))[1].n if accs else 0,
         source='data',
     )
 

@@ -2,9 +2,10 @@
 
 A checkpoint is a folder ``epoch_N`` in which every rank writes its own shards (model and optimizer state, one
 DCP checkpoint) and rank 0 a ``moejet_train.json`` record: the model (name, kwargs, classes), the recipe fingerprint
-a resume must match, and the position (epoch, optimizer updates). It is written as ``.epoch_N.tmp`` and renamed
-when every rank has finished, so an interrupted save leaves the previous checkpoints as they were. DCP re-shards on
-load: a checkpoint written by N processes resumes on M, or loads into one unsharded model for export.
+a resume must match, and the position (epoch, optimizer updates). It is written by the atomic writer: every rank into
+one hidden folder, a barrier, then rank 0 renames it into place, so an interrupted save leaves the previous
+checkpoints as they were; ``latest`` names the newest. DCP re-shards on load: a checkpoint written by N processes
+resumes on M, or loads into one unsharded model for export.
 
 ``python -m timm_moejet.sharded_checkpoint CHECKPOINT OUTPUT`` writes ``model.safetensors`` + ``config.json``
 (timm's Hub layout, as ``weights-tools export`` writes it) from a checkpoint, in one process.
@@ -21,6 +22,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from ..checkpoint_io import atomic_output_dir, atomic_write_bytes, write_json
 from ..errors import InvalidCheckpoint, MoEJetError, NotFound, OutputExists
 
 __all__ = ['RECORD', 'save_checkpoint', 'load_checkpoint', 'read_record', 'resolve_checkpoint', 'check_fingerprint',
@@ -48,27 +50,15 @@ def save_checkpoint(root: Path, epoch: int, model: nn.Module, optimizer: torch.o
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     root = Path(root)
-    final, tmp = root / f'epoch_{epoch}', root / f'.epoch_{epoch}.tmp'
-    if _rank() == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted save
-    _barrier()
+    final = root / f'epoch_{epoch}'
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({'model': model_sd, 'optim': optim_sd}, checkpoint_id=tmp)
-    _barrier()  # every rank's shards are written
+    # an earlier run's epoch N is replaced only once the new one is complete
+    with atomic_output_dir(final, overwrite=True, distributed=True) as tmp:
+        dcp.save({'model': model_sd, 'optim': optim_sd}, checkpoint_id=tmp)
+        if _rank() == 0:
+            write_json(dict(record, epoch=epoch), tmp / RECORD)
     if _rank() == 0:
-        (tmp / RECORD).write_text(json.dumps(dict(record, epoch=epoch), indent=2))
-        if final.exists():  # an earlier run's epoch N, replaced only now that the new one is complete
-            old = root / f'.epoch_{epoch}.old'
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-        pointer = root / f'.{LATEST}.tmp'
-        pointer.write_text(final.name)
-        os.replace(pointer, root / LATEST)
+        atomic_write_bytes(final.name.encode(), root / LATEST)
         epochs = sorted((int(p.name[6:]) for p in root.glob('epoch_*') if p.name[6:].isdigit()), reverse=True)
         for old_epoch in epochs[keep:]:
             shutil.rmtree(root / f'epoch_{old_epoch}', ignore_errors=True)
@@ -148,6 +138,7 @@ def export_checkpoint(checkpoint: os.PathLike, output: os.PathLike, overwrite: b
     import torch.distributed.checkpoint as dcp
 
     from ..checkpoint_io.hub import save_hub_folder
+
 
     path = resolve_checkpoint(checkpoint)
     if os.path.lexists(output) and not overwrite:  # refused before the model is built

@@ -1,36 +1,27 @@
 """ ``import-official``: an official MoE Jetpack checkpoint + its config -> our timm Hub folder. """
 import argparse
 import json
-import textwrap
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from timm_moejet.cost import count_params
+from ..options import Command, check_output_free, folder_output, option
 
-from ._args import add_output_args, check_output_free
-
-EXAMPLE = textwrap.dedent('''\
-    example (the official config is the VisionTransformerMoe kwargs of its mmpretrain config, as JSON):
-      echo '{"img_size": 224, "patch_size": 16, "embed_dim": 192, "depth": 12, "num_heads": 3,
-             "num_classes": 1000, "global_pool": "avg", "moe_layers": [6, 7, 8, 9, 10, 11],
-             "core_experts": 98, "univ_experts": 196, "univ_factor": 0.25, "slot_layernorm": true}' > official.json
-      weights-tools import-official epoch_300.pth --config official.json --output ./moejet_official''')
-
-
-def add_parser(subparsers, parent: argparse.ArgumentParser, formatter) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        'import-official', parents=[parent], formatter_class=formatter, epilog=EXAMPLE,
-        help='convert an official MoE Jetpack checkpoint to a timm Hub folder',
-        description='Convert an official MoE Jetpack checkpoint (VisionTransformerMoe with '
-                    'DualPathSoftMoELayerWrapper; .pth/.pt read with weights_only=True, or .safetensors; '
-                    'mmpretrain "state_dict"/"model." wrappers and "state_dict.<key>" flattened tensors are '
-                    'unwrapped) into model.safetensors + config.json with our key names.')
-    p.add_argument('checkpoint', metavar='CHECKPOINT', help='the official checkpoint file')
-    p.add_argument('--config', metavar='JSON', default=None,
-                   help='the official constructor kwargs: a JSON file or a JSON string (default: the "config" '
-                        'metadata entry of a safetensors checkpoint)')
-    add_output_args(p, 'the folder to write', folder=True)
-    return p
+COMMAND = Command(
+    'import-official', 'convert an official MoE Jetpack checkpoint to a timm Hub folder',
+    'Convert an official MoE Jetpack checkpoint (VisionTransformerMoe with DualPathSoftMoELayerWrapper; .pth/.pt '
+    'read with weights_only=True, or .safetensors; mmpretrain "state_dict"/"model." wrappers and "state_dict.<key>" '
+    'flattened tensors are unwrapped) into model.safetensors + config.json with our key names.', '''\
+example (the official config is the VisionTransformerMoe kwargs of its mmpretrain config, as JSON):
+  echo '{"img_size": 224, "patch_size": 16, "embed_dim": 192, "depth": 12, "num_heads": 3,
+         "num_classes": 1000, "global_pool": "avg", "moe_layers": [6, 7, 8, 9, 10, 11],
+         "core_experts": 98, "univ_experts": 196, "univ_factor": 0.25, "slot_layernorm": true}' > official.json
+  weights-tools import-official epoch_300.pth --config official.json --output ./moejet_official''', (
+        option('checkpoint', metavar='CHECKPOINT', help='the official checkpoint file'),
+        option('--config', metavar='JSON', default=None,
+               help='the official constructor kwargs: a JSON file or a JSON string (default: the "config" metadata '
+                    'entry of a safetensors checkpoint)'),
+        folder_output('the folder to write'),
+    ))
 
 
 def _parse_config(arg: Optional[str]) -> Optional[Dict[str, Any]]:
@@ -57,6 +48,7 @@ def _parse_config(arg: Optional[str]) -> Optional[Dict[str, Any]]:
 def run(args: argparse.Namespace) -> int:
     from timm_moejet.checkpoint_io.hub import save_hub_folder
     from timm_moejet.checkpoint_io.official import load_official
+    from timm_moejet.cost import count_params
 
     check_output_free(args.output, args.overwrite, 'output folder',
                       {'checkpoint': args.checkpoint, 'config': args.config})

@@ -1,30 +1,24 @@
-""" ``push``: upload a Hub folder or a model to the Hugging Face Hub with timm's own ``push_to_hf_hub``. """
+""" ``push``: upload a Hub folder or a model to the Hugging Face Hub, as ``export`` writes it. """
 import argparse
-import textwrap
 
-from ._args import add_model_args, model_kwargs_from
+from ..options import MODEL_SOURCE, Command, model_kwargs_from, option
 
-EXAMPLE = textwrap.dedent('''\
-    example:
-      huggingface-cli login       # or set HF_TOKEN
-      weights-tools push ./moejet_tiny my-org/moejet_vit_tiny.recycled_importance --private''')
-
-
-def add_parser(subparsers, parent: argparse.ArgumentParser, formatter) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        'push', parents=[parent], formatter_class=formatter, epilog=EXAMPLE,
-        help='upload a Hub folder or model to the Hugging Face Hub',
-        description='Upload a model to the Hugging Face Hub with timm\'s push_to_hf_hub (weights as safetensors '
-                    'only, config.json, and a generated model card when the repo has no README.md). The model '
-                    'is rebuilt from MODEL first, so what is uploaded is what timm loads.')
-    add_model_args(p, what='model to upload')
-    p.add_argument('repo_id', metavar='REPO_ID', help='the Hub repository, ORG/NAME')
-    p.add_argument('--revision', default=None, help='branch to push to')
-    p.add_argument('--private', action='store_true', help='create the repository as private')
-    p.add_argument('--create-pr', action='store_true', help='open a pull request instead of committing')
-    p.add_argument('--commit-message', default='Add model', help='commit message')
-    p.add_argument('--token', default=None, help='Hub token (default: the logged-in token or HF_TOKEN)')
-    return p
+COMMAND = Command(
+    'push', 'upload a Hub folder or model to the Hugging Face Hub',
+    'Upload a model to the Hugging Face Hub as export writes it (weights as safetensors only, config.json), with a '
+    'generated model card when the repo has no README.md. The model is rebuilt from MODEL first, so what is '
+    'uploaded is what timm loads.', '''\
+example:
+  huggingface-cli login       # or set HF_TOKEN
+  weights-tools push ./moejet_tiny my-org/moejet_vit_tiny.recycled_importance --private''', (
+        MODEL_SOURCE,
+        option('repo_id', metavar='REPO_ID', help='the Hub repository, ORG/NAME'),
+        option('--revision', default=None, help='branch to push to'),
+        option('--private', action='store_true', help='create the repository as private'),
+        option('--create-pr', action='store_true', help='open a pull request instead of committing'),
+        option('--commit-message', default='Add model', help='commit message'),
+        option('--token', default=None, help='Hub token (default: the logged-in token or HF_TOKEN)'),
+    ))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,7 +5,6 @@ docs tables are: ``--graph-parts`` is ``graph_parts``, which ``create_model`` ta
 """
 import argparse
 import dataclasses
-import textwrap
 from typing import Any, Callable, Dict
 
 from timm_moejet.build import build_recycled_model
@@ -15,14 +14,7 @@ from timm_moejet.errors import InvalidArgument
 from timm_moejet.recycling import RECYCLE_KWARGS, STRATEGIES, RecyclingRecipe
 from timm_moejet.settings import Check
 
-from ._args import add_model_kwargs, add_output_args, check_output_free, model_kwargs_from
-
-EXAMPLE = textwrap.dedent('''\
-    example:
-      weights-tools recycle --model moejet_vit_tiny --num-classes 10 \\
-          --trunk vit_tiny_patch16_224.augreg_in21k --experts vit_small_patch16_224.augreg_in21k \\
-          --strategy importance --stats vit_small_digits_stats.safetensors --seed 3407 --output ./moejet_tiny
-      python -c "import timm, timm_moejet; timm.create_model('local-dir:./moejet_tiny', pretrained=True)"''')
+from ..options import MODEL_SETTINGS, Command, Group, check_output_free, folder_output, model_kwargs_from, option
 
 # what the command line adds to a field's doc
 _MORE = {
@@ -49,14 +41,15 @@ def _arg_type(field: dataclasses.Field) -> Callable[[str], Any]:
     return convert
 
 
-def add_recipe_args(parser: argparse.ArgumentParser) -> None:
-    """One flag per ``RecyclingRecipe`` field; a flag not given keeps the field's default."""
-    group = parser.add_argument_group('recipe (the fields of RecyclingRecipe; create_model takes them as recycle_*)')
+def recipe_options() -> Group:
+    """One option per ``RecyclingRecipe`` field; an option not given keeps the field's default."""
+    options = []
     for field in dataclasses.fields(RecyclingRecipe):
         doc = field.metadata['doc'] + (f' {_MORE[field.name]}' if field.name in _MORE else '')
-        group.add_argument(_flag(field), dest=field.name, default=None, type=_arg_type(field),
-                           metavar=field.name.upper(),
-                           help=f'{doc} Allowed: {field.metadata["check"].allowed}. Default: {field.default}.')
+        options.append(option(_flag(field), dest=field.name, default=None, type=_arg_type(field),
+                              metavar=field.name.upper(),
+                              help=f'{doc} Allowed: {field.metadata["check"].allowed}. Default: {field.default}.'))
+    return Group(tuple(options), 'recipe (the fields of RecyclingRecipe; create_model takes them as recycle_*)')
 
 
 def recipe_from_args(args: argparse.Namespace, model_kwargs: Dict[str, Any]) -> RecyclingRecipe:
@@ -76,24 +69,24 @@ def recipe_from_args(args: argparse.Namespace, model_kwargs: Dict[str, Any]) -> 
     return RecyclingRecipe(**fields)
 
 
-def add_parser(subparsers, parent: argparse.ArgumentParser, formatter) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        'recycle', parents=[parent], formatter_class=formatter, epilog=EXAMPLE,
-        help='turn dense donors into a MoE checkpoint folder',
-        description='Build a MoE model and fill it from dense timm donors: the trunk donor (same width) gives '
-                    'attention, embeddings and norms, the expert donor (same depth, same or wider) is cut into '
-                    'experts by the chosen strategy. Writes model.safetensors + config.json (model args and the '
-                    'recycling recipe), loadable with timm.create_model("local-dir:FOLDER", pretrained=True).')
-    p.add_argument('--model', default=None,
-                   help='the MoE architecture, a registered timm name (default: the trunk donor\'s own ViT '
-                        'architecture with MoE layers, see create_moejet_from)')
-    p.add_argument('--trunk', required=True,
-                   help='trunk donor: a timm name with its tag (from the Hub cache), ORG/REPO or hf-hub:ORG/REPO, '
-                        'a Hub folder or a weights file (.safetensors, or .pth read with weights_only=True)')
-    add_recipe_args(p)
-    add_model_kwargs(p, 'of the MoE model')
-    add_output_args(p, 'the folder to write', folder=True)
-    return p
+COMMAND = Command(
+    'recycle', 'turn dense donors into a MoE checkpoint folder',
+    'Build a MoE model and fill it from dense timm donors: the trunk donor (same width) gives attention, embeddings '
+    'and norms, the expert donor (same depth, same or wider) is cut into experts by the chosen strategy. Writes '
+    'model.safetensors + config.json (model args and the recycling recipe), loadable with '
+    'timm.create_model("local-dir:FOLDER", pretrained=True).', '''\
+example:
+  weights-tools recycle --model moejet_vit_tiny --num-classes 10 \\
+      --trunk vit_tiny_patch16_224.augreg_in21k --experts vit_small_patch16_224.augreg_in21k \\
+      --strategy importance --stats vit_small_digits_stats.safetensors --seed 3407 --output ./moejet_tiny
+  python -c "import timm, timm_moejet; timm.create_model('local-dir:./moejet_tiny', pretrained=True)"''', (
+        option('--model', default=None, help='the MoE architecture, a registered timm name (default: the trunk '
+                                             'donor\'s own ViT architecture with MoE layers, see create_moejet_from)'),
+        option('--trunk', required=True,
+               help='trunk donor: a timm name with its tag (from the Hub cache), ORG/REPO or hf-hub:ORG/REPO, a Hub '
+                    'folder or a weights file (.safetensors, or .pth read with weights_only=True)'),
+        recipe_options(), MODEL_SETTINGS, folder_output('the folder to write'),
+    ))
 
 
 def run(args: argparse.Namespace) -> int:
