@@ -9,13 +9,14 @@ magnitude (bfloat16 keeps 8 bits; each side rounds differently). Each case also 
 one buffer (``torch._inductor.metrics.num_comprehensive_padding``), so the padding is exercised, not only allowed.
 
 Cases: the ViT-T-shaped layer (width 192, 197 tokens, 294 slots) in eval (float32) and train under bfloat16
-autocast; ``moejet_vit_test`` and ``moejet_convnext_test`` in eval and train (forward and backward), float32 only:
+autocast; ``moejet_vit_test``, ``moejet_convnext_test`` and ``moejet_mixer_test`` in eval and train (forward and
+backward), float32 only:
 bfloat16 on the models would add about 45 s and 65 s of C++ code generation on a shared two-core CPU (the layer case
 covers bfloat16 through Inductor). The models keep their registered architecture (blocks, widths, MoE placement,
-entmax combine) with more experts (ViT: both MoE blocks; ConvNeXt: stage 3's), so that the routing tensors
+entmax combine) with more experts (ViT and Mixer: both MoE blocks; ConvNeXt: stage 3's), so that the routing tensors
 [B, tokens, slots] have a stride above Inductor's padding threshold (1024) that is no multiple of its alignment
-(32 float32 elements): ViT 17 tokens x 63 slots, ConvNeXt stage 3 16 tokens x 69 slots; at the registered expert
-counts nothing is padded.
+(32 float32 elements): ViT 17 tokens x 63 slots, ConvNeXt stage 3 and Mixer 16 tokens x 69 slots; at the registered
+expert counts nothing is padded.
 
 Inductor's FX graph and AOT autograd caches are off in these tests: a cache hit skips lowering, where the padding is
 decided and counted. No two cases share a graph, so the caches would only help a rerun; the compiled C++ kernels are
@@ -67,12 +68,20 @@ def _convnext_test() -> Tuple[torch.nn.Module, torch.Tensor]:
     return model, torch.randn(2, 3, 64, 64)
 
 
-CASES = {'vit_t_layer': _vit_t_layer, 'moejet_vit_test': _vit_test, 'moejet_convnext_test': _convnext_test}
+def _mixer_test() -> Tuple[torch.nn.Module, torch.Tensor]:
+    # 16 tokens x 69 slots (23 core + 46 universal experts) in both MoE blocks: routing strides of 1104, padded
+    model = timm.create_model('moejet_mixer_test', num_classes=10, num_core_experts=23)
+    return model, torch.randn(2, 3, 64, 64)
+
+
+CASES = {'vit_t_layer': _vit_t_layer, 'moejet_vit_test': _vit_test, 'moejet_convnext_test': _convnext_test,
+         'moejet_mixer_test': _mixer_test}
 # (train, bfloat16 autocast) per case: the models in float32 only (bfloat16 through Inductor: the layer)
 MODES = {
     'vit_t_layer': [(False, False), (True, True)],
     'moejet_vit_test': [(False, False), (True, False)],
     'moejet_convnext_test': [(False, False), (True, False)],
+    'moejet_mixer_test': [(False, False), (True, False)],
 }
 PARAMS = [
     pytest.param(case, train, amp, id=f"{case}-{'train' if train else 'eval'}-{'bf16' if amp else 'fp32'}")

@@ -33,6 +33,8 @@ FAMILIES = {
     'convnext': ['--model', 'moejet_convnext_test', '--img-size', '32', '--model-kwargs', 'img_size=32',
                  *DETERMINISTIC],
 }
+# the trainer is the same for every family; each family's FSDP2 units are checked step by step against the plain
+# model in test_sharded_steps_equal_plain_model (the MLP-Mixer's too)
 RECIPE = ['--dataset', 'synthetic', '--train-num-samples', '32', '--num-classes', '10', '--epochs', '2',
           '--opt', 'adamw', '--lr', '2e-3', '--weight-decay', '0.05', '--warmup-epochs', '1', '--warmup-lr', '1e-4',
           '--no-aug', '--workers', '0', '--smoothing', '0.1', '--log-interval', '1000']
@@ -217,7 +219,7 @@ def gloo():
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize('name', ['moejet_vit_test', 'moejet_convnext_test'])
+@pytest.mark.parametrize('name', ['moejet_vit_test', 'moejet_convnext_test', 'moejet_mixer_test'])
 def test_sharded_steps_equal_plain_model(gloo, name):
     """The FSDP2 units (experts, routers, blocks, stages, root) compute what the plain model computes: the same
     losses and weights after three AdamW steps, with activation checkpointing on."""

@@ -77,7 +77,7 @@ def test_layer_forward_backward_has_no_host_value(combine, amp, monkeypatch):
         assert len(mode.ops) > 20  # the mode saw the layer's ops
 
 
-@pytest.mark.parametrize('name', ['moejet_vit_test', 'moejet_convnext_test'])
+@pytest.mark.parametrize('name', ['moejet_vit_test', 'moejet_convnext_test', 'moejet_mixer_test'])
 def test_model_train_step_has_no_host_value(name, monkeypatch):
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=10).train()

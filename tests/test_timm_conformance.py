@@ -2,7 +2,8 @@
 
 The sdist is downloaded from PyPI at test time (never committed) and run in a subprocess with
 ``timm_suite/timm_suite_conftest.py`` as its conftest, which makes timm treat ``moejet_*``/``softmoe_*`` like its
-own ``vit_*`` models. Every test timm runs for its ViTs must pass for ours.
+own ``vit_*`` models (and the ConvNeXts and MLP-Mixers like timm's). Every test timm runs for its models of the
+family must pass for ours.
 """
 import os
 import re
@@ -106,6 +107,13 @@ def test_timm_suite_reduced_convnext(suite_dir):
     rc, out, outcomes = run_timm_suite(suite_dir, 'moejet_convnext_test')
     assert rc == 0, out[-6000:]
     _check(outcomes, out, 'moejet_convnext_test', CONVNEXT_TESTS)
+
+
+def test_timm_suite_reduced_mixer(suite_dir):
+    # the third family, tested as timm tests its MLP-Mixers (the ViT list: NON_STD, token features)
+    rc, out, outcomes = run_timm_suite(suite_dir, 'moejet_mixer_test')
+    assert rc == 0, out[-6000:]
+    _check(outcomes, out, 'moejet_mixer_test')
 
 
 def test_timm_suite_moejet_vit_tiny(suite_dir, tmp_path):

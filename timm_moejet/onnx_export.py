@@ -97,6 +97,24 @@ def _input_size(model: nn.Module, input_size: Optional[Sequence[int]]) -> Tuple[
     return tuple(input_size)
 
 
+def _check_output(output: Path, overwrite: bool) -> Path:
+    """A ``.onnx`` file in an existing folder, free unless ``overwrite``: refused before the export's slow work."""
+    if output.suffix != '.onnx':
+        raise InvalidArgument(f'output must name a .onnx file, got {output}.')
+    refuse_existing(output, overwrite, how='overwrite=True')
+    if not output.parent.is_dir():
+        raise NotFound(f'the folder of {output} does not exist.')
+    return output
+
+
+def _check_float32(model: nn.Module) -> None:
+    other = sorted({str(p.dtype).replace('torch.', '') for p in model.parameters() if p.dtype != torch.float32})
+    if other:
+        raise InvalidArgument(f'export_onnx needs a float32 model; {type(model).__name__} holds {", ".join(other)} '
+                              f'parameters (cast_experts keeps the experts in another dtype): undo it with '
+                              f'cast_experts(model, torch.float32), or model.float(), before exporting.')
+
+
 def _export(model: nn.Module, x: torch.Tensor, path: Path, opset: Optional[int], dynamo: bool) -> None:
     if dynamo:
         big = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) >= _PROTOBUF_LIMIT
@@ -158,18 +176,8 @@ def export_onnx(
     opset = optional(integer(7))('opset', opset)
     atol = real(0.)('atol', atol)
     size = _input_size(model, input_size)
-    output = Path(output)
-    if output.suffix != '.onnx':
-        raise InvalidArgument(f'output must name a .onnx file, got {output}.')
-    refuse_existing(output, overwrite, how='overwrite=True')
-    if not output.parent.is_dir():
-        raise NotFound(f'the folder of {output} does not exist.')
-
-    other = sorted({str(p.dtype).replace('torch.', '') for p in model.parameters() if p.dtype != torch.float32})
-    if other:
-        raise InvalidArgument(f'export_onnx needs a float32 model; {type(model).__name__} holds {", ".join(other)} '
-                              f'parameters (cast_experts keeps the experts in another dtype): undo it with '
-                              f'cast_experts(model, torch.float32), or model.float(), before exporting.')
+    output = _check_output(Path(output), overwrite)
+    _check_float32(model)
     device = _device(model)
     gen = torch.Generator().manual_seed(0)
     example = torch.randn(batch_size, *size, generator=gen).to(device)
