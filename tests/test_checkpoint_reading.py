@@ -15,8 +15,9 @@ from safetensors.torch import save_file
 
 import timm_moejet  # noqa: F401
 from timm_moejet.checkpoint_io import read_state_dict
-from timm_moejet.checkpoint_io.names import WeightSource, is_expert_key, is_moe_key, parse_source
+from timm_moejet.checkpoint_io.names import WeightSource, parse_source
 from timm_moejet.errors import InvalidArgument, InvalidCheckpoint, NotFound
+from timm_moejet.moe_keys import is_expert_key, is_moe_key
 
 
 class _Payload:

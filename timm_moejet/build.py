@@ -14,7 +14,7 @@ transforms and timm's pretrained filter), and is the one place that puts them to
 import contextlib
 import dataclasses
 import os
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple
 
 import timm
 import torch
@@ -30,7 +30,7 @@ from .checkpoint_io.hub import (
     load_weights_into,
     read_folder_config,
 )
-from .checkpoint_io.names import HF_HUB, LOCAL_DIR, WEIGHT_SUFFIXES, check_model_name, parse_source
+from .checkpoint_io.names import HF_HUB, LOCAL_DIR, WEIGHT_SUFFIXES, PathLike, check_model_name, parse_source
 from .checkpoint_io.read import folder_weights
 from .errors import InvalidArgument
 from .family import family_of_model
@@ -42,7 +42,6 @@ from .recycling.recycle import record_on
 __all__ = ['create_model', 'load_model', 'create_moejet_from', 'build_recycled_model', 'build_selected_model',
            'moejet_vit_kwargs']
 
-PathLike = Union[str, os.PathLike]
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:

@@ -6,9 +6,9 @@ import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from .checkpoint_io.names import MOE_KEYS
 from .layers import SpheroMoE
 from .modes import eval_mode
+from .moe_keys import MOE_KEYS
 
 __all__ = ['num_params', 'count_params', 'count_macs']
 

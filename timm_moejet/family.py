@@ -24,8 +24,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .checkpoint_io.names import is_moe_state_dict
 from .errors import DonorMismatch, InvalidArgument
+from .moe_keys import is_moe_state_dict
 
 __all__ = ['Family', 'FAMILIES', 'register_family', 'family_of_model', 'family_of_state_dict']
 

@@ -11,12 +11,13 @@ package.
 import dataclasses
 import os
 from pathlib import Path
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from .checkpoint_io import refuse_existing, write_file
+from .checkpoint_io.names import PathLike
 from .errors import ExportMismatch, InvalidArgument, NotFound
 from .extras import require
 from .modes import eval_mode
@@ -24,7 +25,6 @@ from .settings import boolean, integer, optional, real
 
 __all__ = ['OnnxExport', 'export_onnx', 'onnx_max_abs_error']
 
-PathLike = Union[str, os.PathLike]
 INPUT_NAME, OUTPUT_NAME = 'input0', 'output0'  # the names timm's onnx_export.py gives its graphs
 # check inputs: batch sizes besides the traced one (1 catches a batch size baked into a reshape)
 CHECK_BATCH_SIZES = (1, 3, 5)

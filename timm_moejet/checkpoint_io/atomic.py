@@ -26,14 +26,14 @@ import sys
 import threading
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from ..errors import OutputExists, OutputNotWritable
-from .names import LOCAL_DIR
+from .names import LOCAL_DIR, PathLike
 
 __all__ = ['write_file', 'atomic_write_bytes', 'write_json', 'json_safe', 'save_safetensors_atomic',
            'atomic_output_dir', 'refuse_existing', 'check_output_apart', 'clean_stale_temporaries',
@@ -41,7 +41,6 @@ __all__ = ['write_file', 'atomic_write_bytes', 'write_json', 'json_safe', 'save_
 
 _logger = logging.getLogger(__name__)
 
-PathLike = Union[str, os.PathLike]
 
 # Temporaries and moved-aside outputs are named '.<output name>.moejet-<kind>-<pid>-<random>', so a later run can
 # recognise the ones of a dead process (SIGKILL leaves them behind) and nothing else.

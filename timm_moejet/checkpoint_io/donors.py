@@ -7,7 +7,7 @@ line and the Python API all load donors through :func:`load_donor`.
 """
 import dataclasses
 import os
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional
 
 import timm
 import torch
@@ -18,12 +18,11 @@ from timm.models import PretrainedCfg, resolve_pretrained_cfg, split_model_name_
 
 from ..errors import InvalidArgument, InvalidCheckpoint, NotFound
 from .hub import hub_errors_named, read_folder_config, read_hub_config
-from .names import FOLDER_WEIGHT_NAMES, WeightSource, check_model_name, parse_source, split_revision
-from .read import read_hub_state_dict, read_state_dict
+from .names import FOLDER_WEIGHT_NAMES, HF_HUB, PathLike, WeightSource, check_model_name, parse_source, split_revision
+from .read import read_state_dict
 
 __all__ = ['Donor', 'load_donor', 'locate_donor']
 
-PathLike = Union[str, os.PathLike]
 
 
 @dataclasses.dataclass
@@ -154,7 +153,7 @@ def load_donor(spec: PathLike, *, cache_dir: Optional[PathLike] = None, role: st
     # a timm name's architecture is known from the name; a Hub repo's from its config.json, when it has one
     config = (read_hub_config(source.location, cache_dir) or {}) if located.architecture is None else {}
     with hub_errors_named(located.what):
-        state_dict = read_hub_state_dict(source.location, located.filename, cache_dir)
+        state_dict = read_state_dict(HF_HUB + source.location, filename=located.filename, cache_dir=cache_dir)
     if located.architecture is not None:
         return Donor(name, state_dict, located.architecture)
     return Donor.from_config(name, state_dict, config)

@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Union
+from typing import Any, Dict, Iterator, Optional
 
 import timm
 import torch.nn as nn
@@ -28,14 +28,13 @@ from timm.models import PretrainedCfg, filter_pretrained_cfg, load_model_config_
 from ..errors import InvalidArgument, InvalidCheckpoint, NotFound, Unreachable
 from ..family import family_of_model
 from .atomic import atomic_output_dir
-from .names import is_repo_id
+from .names import PathLike, is_repo_id
 from .official import is_official_state_dict
 from .read import check_state_dict_fits, read_state_dict
 
 __all__ = ['hub_errors_named', 'read_folder_config', 'read_hub_config', 'check_timm_config', 'check_weights_readable',
            'load_weights_into', 'save_hub_folder', 'push_to_hub', 'check_repo_id', 'STANDARD_CONFIG_KEYS']
 
-PathLike = Union[str, os.PathLike]
 # config.json entries timm writes itself; anything else at its top level is ours (e.g. an import record)
 STANDARD_CONFIG_KEYS = {'architecture', 'num_classes', 'num_features', 'global_pool', 'model_args', 'pretrained_cfg',
                         'label_names', 'label_descriptions'}

@@ -1,5 +1,4 @@
-""" How weights are named: where they come from (weight sources), which timm names exist, and the key names of a
-SpheroMoE layer's own tensors (:data:`MOE_KEYS`, the one place they are named outside ``layers/``).
+""" How weights are named: where they come from (weight sources) and which timm names exist.
 
 A weight source is named as timm names one (``timm.create_model`` and ``load_state_dict_from_hf``):
 
@@ -14,18 +13,16 @@ every reader of such names (donors, models, the command line) goes through it.
 import dataclasses
 import difflib
 import os
-import re
 from pathlib import Path
-from typing import Mapping, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import timm
 from timm.models import split_model_name_tag
 
 from ..errors import InvalidArgument, NotFound
 
-__all__ = ['HF_HUB', 'LOCAL_DIR', 'WEIGHT_SUFFIXES', 'FOLDER_WEIGHT_NAMES', 'MOE_KEYS', 'MoEKeys', 'WeightSource',
-           'parse_source', 'split_revision', 'is_repo_id', 'check_model_name', 'is_expert_key', 'is_moe_key',
-           'is_moe_state_dict']
+__all__ = ['HF_HUB', 'LOCAL_DIR', 'WEIGHT_SUFFIXES', 'FOLDER_WEIGHT_NAMES', 'PathLike', 'WeightSource', 'parse_source',
+           'split_revision', 'is_repo_id', 'check_model_name']
 
 HF_HUB = 'hf-hub:'
 LOCAL_DIR = 'local-dir:'
@@ -37,30 +34,6 @@ FOLDER_WEIGHT_NAMES = ('model.safetensors', 'pytorch_model.bin', 'pytorch_model.
 PathLike = Union[str, os.PathLike]
 
 
-@dataclasses.dataclass(frozen=True)
-class MoEKeys:
-    """The names of a SpheroMoE layer's tensors below its own prefix (``blocks.6.mlp.``), as ``layers/`` makes them.
-
-    Attributes:
-        groups: The expert groups (core, universal), each a ``BatchedExperts``.
-        expert_tensors: The tensors of a group, batched over its experts.
-        slot_queries: The router's slot queries.
-        slot_norm: The router's slot norm (a module: ``.weight``, ``.bias``).
-        temperature: The router's log-temperatures.
-    """
-    groups: Tuple[str, ...] = ('core', 'univ')
-    expert_tensors: Tuple[str, ...] = ('fc1.weight', 'fc1.bias', 'fc2.weight', 'fc2.bias')
-    slot_queries: str = 'slot_queries'
-    slot_norm: str = 'slot_norm'
-    temperature: str = 'log_temperature'
-
-
-MOE_KEYS = MoEKeys()
-# the batched expert weights of a SpheroMoE layer under any block MLP: blocks.N.<mlp>.{core,univ}.fc{1,2}.{weight,bias}
-_EXPERT_KEY = re.compile(rf'\.(?:{"|".join(MOE_KEYS.groups)})\.'
-                         rf'(?:{"|".join(re.escape(t) for t in MOE_KEYS.expert_tensors)})$')
-
-
 def check_model_name(name: str) -> str:
     """Refuse a model name timm does not know, suggesting close ones; returns the architecture (no tag)."""
     arch = split_model_name_tag(name)[0]
@@ -69,21 +42,6 @@ def check_model_name(name: str) -> str:
         hint = f'; did you mean {", ".join(close)}?' if close else '; see timm.list_models().'
         raise InvalidArgument(f'unknown model name {name!r}{hint}')
     return arch
-
-
-def is_expert_key(key: str) -> bool:
-    """True for a key of the batched expert weights of a SpheroMoE layer."""
-    return _EXPERT_KEY.search(key) is not None
-
-
-def is_moe_key(key: str) -> bool:
-    """True for a key only a SpheroMoE layer has (expert weights or slot queries): a MoE checkpoint holds one."""
-    return key.endswith(f'.{MOE_KEYS.slot_queries}') or is_expert_key(key)
-
-
-def is_moe_state_dict(state_dict: Mapping[str, object]) -> bool:
-    """True for our MoE layout (slot queries or batched expert weights under some block's MLP)."""
-    return any(is_moe_key(k) for k in state_dict)
 
 
 @dataclasses.dataclass(frozen=True)

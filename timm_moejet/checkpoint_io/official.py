@@ -15,8 +15,8 @@ from safetensors import SafetensorError, safe_open
 
 from ..errors import InvalidArgument, InvalidArgumentType, InvalidCheckpoint
 from ..layers import experts_to_be_loaded
+from ..moe_keys import MOE_KEYS
 from ..settings import boolean, int_sequence, integer, real
-from .names import MOE_KEYS
 from .read import check_state_dict_fits, read_state_dict, strip_wrappers
 
 __all__ = ['load_official', 'official_config_to_kwargs', 'convert_official_state_dict', 'is_official_state_dict']

@@ -10,19 +10,18 @@ import argparse
 import os
 import pickle
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
 from timm.models import clean_state_dict, load_state_dict, load_state_dict_from_hf
 
-from ..errors import InvalidCheckpoint, NotFound
-from .names import FOLDER_WEIGHT_NAMES, WEIGHT_SUFFIXES
+from ..errors import InvalidArgument, InvalidCheckpoint, NotFound
+from .names import FOLDER_WEIGHT_NAMES, HF_HUB, WEIGHT_SUFFIXES, PathLike
 
-__all__ = ['read_state_dict', 'read_hub_state_dict', 'folder_weights', 'strip_wrappers', 'check_state_dict_fits']
+__all__ = ['read_state_dict', 'folder_weights', 'strip_wrappers', 'check_state_dict_fits']
 
-PathLike = Union[str, os.PathLike]
 
 # training checkpoints keep the weights under one of these keys (timm's train.py, mmengine, DDP wrappers)
 _WEIGHT_KEYS = ('state_dict', 'model')
@@ -140,14 +139,26 @@ def folder_weights(folder: Path) -> Path:
     raise NotFound(f'{folder} holds no weights file (model.safetensors, pytorch_model.bin, *.pth ...).')
 
 
-def read_state_dict(path: PathLike, ema: bool = False) -> Dict[str, torch.Tensor]:
-    """Read model weights from a weights file or a model folder: the one reader of files.
+def read_state_dict(
+        source: PathLike,
+        ema: bool = False,
+        *,
+        filename: Optional[str] = None,
+        cache_dir: Optional[PathLike] = None,
+) -> Dict[str, torch.Tensor]:
+    """Read model weights: the one reader of state dicts.
 
     Args:
-        path: ``.safetensors``, or ``.pth``/``.pt``/``.bin``/``.pth.tar`` (loaded with ``weights_only=True``): a state
-            dict, or a training checkpoint (timm's train.py ``checkpoint-*.pth.tar``/``model_best.pth.tar``,
-            mmpretrain/mmengine), whose weights are picked out; or a folder in timm's Hub layout (its weights file).
+        source: A weights file: ``.safetensors``, or ``.pth``/``.pt``/``.bin``/``.pth.tar`` (loaded with
+            ``weights_only=True``): a state dict, or a training checkpoint (timm's train.py ``checkpoint-*.pth.tar``/
+            ``model_best.pth.tar``, mmpretrain/mmengine), whose weights are picked out. A folder in timm's Hub layout
+            (its weights file). Or a Hub repository, ``hf-hub:ORG/REPO[@REVISION]`` (timm's
+            ``load_state_dict_from_hf``: safetensors first, from the cache when offline; its access errors are left
+            to the caller to word, as it knows what the repository is for).
         ema: Take a training checkpoint's EMA weights (train.py ``--model-ema``); refused when it has none.
+        filename: The weights file of a Hub repository (default: ``model.safetensors``, else
+            ``pytorch_model.bin``).
+        cache_dir: The Hugging Face cache of a Hub repository (default: ``HF_HUB_CACHE``).
 
     Returns:
         The weights, training wrappers removed (:func:`strip_wrappers`).
@@ -157,7 +168,15 @@ def read_state_dict(path: PathLike, ema: bool = False) -> Dict[str, torch.Tensor
         InvalidCheckpoint: If the file is not a readable checkpoint of a supported format, holds Python objects
             ``weights_only`` refuses, or has no EMA weights when asked for them.
     """
-    path = Path(path)
+    name = os.fspath(source)
+    if name.startswith(HF_HUB):
+        if ema:
+            raise InvalidArgument(f'{name}: EMA weights are read from a training checkpoint file, not a Hub repo.')
+        # timm's default file name is tried as model.safetensors first
+        hub_kwargs = dict(filename=filename) if filename else {}
+        return strip_wrappers(load_state_dict_from_hf(name[len(HF_HUB):], weights_only=True, cache_dir=cache_dir,
+                                                      **hub_kwargs))
+    path = Path(source)
     if path.is_dir():
         path = folder_weights(path)
     if not path.is_file():
@@ -169,19 +188,6 @@ def read_state_dict(path: PathLike, ema: bool = False) -> Dict[str, torch.Tensor
     if not isinstance(state_dict, Mapping):
         raise InvalidCheckpoint(f'{path} does not hold a state dict (found {type(state_dict).__name__}).')
     return strip_wrappers(state_dict)
-
-
-def read_hub_state_dict(repo: str, filename: Optional[str] = None,
-                        cache_dir: Optional[PathLike] = None) -> Dict[str, torch.Tensor]:
-    """Read a Hub repository's weights with timm's ``load_state_dict_from_hf`` (safetensors first, from the cache
-    when offline); ``filename`` None: ``model.safetensors``, else ``pytorch_model.bin``. Wrappers are stripped.
-
-    Hub access errors are left to the caller to word (``hub_errors_named``), which knows what the repo is for.
-    """
-    if filename:
-        return strip_wrappers(load_state_dict_from_hf(repo, filename, weights_only=True, cache_dir=cache_dir))
-    # timm's default file name, which it tries as model.safetensors first
-    return strip_wrappers(load_state_dict_from_hf(repo, weights_only=True, cache_dir=cache_dir))
 
 
 def check_state_dict_fits(state_dict: Mapping[str, torch.Tensor], model: nn.Module, source: str) -> None:

@@ -13,7 +13,7 @@ from timm.models import build_model_with_cfg
 from ..layers import experts_to_be_loaded
 from ..recycling import prepare_on_load
 
-__all__ = ['PAPER_CFG', 'build_moe_model']
+__all__ = ['PAPER_CFG', 'paper_cfg', 'build_moe_model']
 
 # what every MoE family's pretrained cfg says of its origin
 PAPER_CFG = {
@@ -21,6 +21,13 @@ PAPER_CFG = {
     'paper_ids': 'arXiv:2406.04801',
     'paper_name': 'MoE Jetpack: From Dense Checkpoints to Adaptive Mixture of Experts for Vision Tasks',
 }
+
+
+def paper_cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
+    """A pretrained cfg of a MoE family: timm's common fields at 224 px and 1000 classes, the paper's, and the
+    family's own (``kwargs``)."""
+    return {'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'interpolation': 'bicubic', **PAPER_CFG,
+            **kwargs}
 
 
 def build_moe_model(

@@ -25,7 +25,7 @@ from ..errors import InvalidArgument, InvalidArgumentType
 from ..family import Family, register_family
 from ..recycling import RecyclingRecipe
 from ..settings import integer
-from .builder import PAPER_CFG, build_moe_model
+from .builder import build_moe_model, paper_cfg
 from .placement import MoEModelMixin, pop_moe_kwargs, replace_mlps
 
 __all__ = ['MoEConvNeXt', 'ConvNeXtFamily', 'CONVNEXT']
@@ -143,21 +143,12 @@ class MoEConvNeXt(MoEModelMixin, ConvNeXt):
         self.moe_blocks = tuple(layers)
 
 
+_CFG = dict(pool_size=(7, 7), crop_pct=0.875, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+            first_conv='stem.0', classifier='head.fc')
+
+
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
-    return {
-        'url': url,
-        'num_classes': 1000,
-        'input_size': (3, 224, 224),
-        'pool_size': (7, 7),
-        'crop_pct': 0.875,
-        'interpolation': 'bicubic',
-        'mean': (0.485, 0.456, 0.406),
-        'std': (0.229, 0.224, 0.225),
-        'first_conv': 'stem.0',
-        'classifier': 'head.fc',
-        **PAPER_CFG,
-        **kwargs,
-    }
+    return paper_cfg(url, **dict(_CFG, **kwargs))
 
 
 _CONVNEXT_TINY_IN22K = 'timm/convnext_tiny.fb_in22k'

@@ -29,7 +29,7 @@ from ..errors import InvalidArgument
 from ..family import Family, register_family
 from ..recycling import RecyclingRecipe
 from ..settings import integer, optional
-from .builder import PAPER_CFG, build_moe_model
+from .builder import build_moe_model, paper_cfg
 from .placement import MoEModelMixin, pop_moe_kwargs, replace_mlps
 
 __all__ = ['MoEMlpMixer', 'MixerFamily', 'MIXER']
@@ -110,22 +110,12 @@ class MoEMlpMixer(MoEModelMixin, MlpMixer):
         self.moe_blocks = tuple(layers)
 
 
+_CFG = dict(pool_size=None, crop_pct=0.875, fixed_input_size=True, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+            first_conv='stem.proj', classifier='head')
+
+
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
-    return {
-        'url': url,
-        'num_classes': 1000,
-        'input_size': (3, 224, 224),
-        'pool_size': None,
-        'crop_pct': 0.875,
-        'interpolation': 'bicubic',
-        'fixed_input_size': True,
-        'mean': (0.5, 0.5, 0.5),
-        'std': (0.5, 0.5, 0.5),
-        'first_conv': 'stem.proj',
-        'classifier': 'head',
-        **PAPER_CFG,
-        **kwargs,
-    }
+    return paper_cfg(url, **dict(_CFG, **kwargs))
 
 
 _MIXER_B16_IN21K = 'timm/mixer_b16_224.goog_in21k'

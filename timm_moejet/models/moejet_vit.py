@@ -25,7 +25,7 @@ from ..family import Family, register_family
 from ..layers import SpheroMoE
 from ..recycling import RecyclingRecipe
 from ..settings import integer, real
-from .builder import PAPER_CFG, build_moe_model
+from .builder import build_moe_model, paper_cfg
 from .placement import MoEModelMixin, pop_moe_kwargs
 
 __all__ = ['MoEVisionTransformer', 'ViTFamily', 'VIT', 'vit_architecture', 'check_vit_donor']
@@ -268,23 +268,13 @@ def _check_rebuilds(model: nn.Module, args: Dict[str, Any], name: str) -> None:
                             f'{differ[:6]}); it uses options MoE Jetpack ViTs do not carry.')
 
 
+# the trunk comes from augreg checkpoints, trained with mean = std = 0.5 (the released code used ImageNet's)
+_CFG = dict(pool_size=None, crop_pct=.9, fixed_input_size=True, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+            first_conv='patch_embed.proj', classifier='head')
+
+
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
-    return {
-        'url': url,
-        'num_classes': 1000,
-        'input_size': (3, 224, 224),
-        'pool_size': None,
-        'crop_pct': .9,
-        'interpolation': 'bicubic',
-        'fixed_input_size': True,
-        # the trunk comes from augreg checkpoints, trained with mean = std = 0.5 (the released code used ImageNet's)
-        'mean': (0.5, 0.5, 0.5),
-        'std': (0.5, 0.5, 0.5),
-        'first_conv': 'patch_embed.proj',
-        'classifier': 'head',
-        **PAPER_CFG,
-        **kwargs,
-    }
+    return paper_cfg(url, **dict(_CFG, **kwargs))
 
 
 _TINY_NAMES = ('moejet_vit_tiny_patch16_224', 'moejet_vit_tiny')

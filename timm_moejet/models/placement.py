@@ -19,9 +19,9 @@ import torch
 import torch.nn as nn
 from timm.layers import calculate_drop_path_rates
 
-from ..checkpoint_io.names import MOE_KEYS
 from ..errors import InvalidArgument
 from ..layers import SpheroMoE, SpheroMoESettings
+from ..moe_keys import MOE_KEYS
 from ..settings import check_fields, from_kwargs, int_sequence, optional, real, setting
 
 __all__ = ['MoEPlacement', 'pop_moe_kwargs', 'MoEModelMixin', 'replace_mlps']

@@ -14,11 +14,11 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 import torch.nn as nn
 
-from ..checkpoint_io.names import is_expert_key, is_moe_state_dict
 from ..checkpoint_io.official import convert_official_state_dict, is_official_state_dict
 from ..checkpoint_io.read import strip_wrappers
 from ..errors import InvalidArgument, InvalidCheckpoint
 from ..family import Family, family_of_model
+from ..moe_keys import is_expert_key, is_moe_state_dict
 from .accounting import components_of, refuse_components
 from .inputs import RecyclingInputs
 from .recipe import RecyclingRecipe

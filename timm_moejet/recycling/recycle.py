@@ -26,8 +26,8 @@ import torch
 import torch.nn as nn
 from timm.models import adapt_input_conv as adapt_channels
 
-from ..checkpoint_io.names import is_expert_key
 from ..errors import DonorMismatch, InvalidArgument, InvalidArgumentType, InvalidCheckpoint
+from ..moe_keys import is_expert_key
 from .geometry import RecyclingPlan, check_geometry
 from .inputs import RecyclingInputs, load_statistics
 from .recipe import RecyclingRecipe
