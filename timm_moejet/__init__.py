@@ -6,13 +6,13 @@ from .build import build_recycled_model, build_selected_model, create_moejet_fro
 from .checkpoint_io.official import load_official
 from .errors import MoEJetError
 from .layers import SpheroMoE, cast_experts, entmax15
-from .models import MoEConvNeXt, MoEVisionTransformer
+from .models import MoEConvNeXt, MoEMlpMixer, MoEVisionTransformer
 from .recycling import RecyclingRecipe, recycle_into, recycle_state_dict, resolve_inputs
 
 __version__ = '0.1.0'
 
 __all__ = [
-    'MoEConvNeXt', 'MoEJetError', 'MoEVisionTransformer', 'RecyclingRecipe', 'SpheroMoE', 'build_recycled_model',
-    'build_selected_model', 'cast_experts', 'create_moejet_from', 'entmax15', 'load_model', 'load_official',
-    'recycle_into', 'recycle_state_dict', 'resolve_inputs',
+    'MoEConvNeXt', 'MoEJetError', 'MoEMlpMixer', 'MoEVisionTransformer', 'RecyclingRecipe', 'SpheroMoE',
+    'build_recycled_model', 'build_selected_model', 'cast_experts', 'create_moejet_from', 'entmax15', 'load_model',
+    'load_official', 'recycle_into', 'recycle_state_dict', 'resolve_inputs',
 ]
