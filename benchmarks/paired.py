@@ -4,11 +4,18 @@ Two arms run with the same seed share the donors, the recycling draw and the dat
 seed removes most of the seed-to-seed spread; the interval is the Student t-interval of those differences. A claim
 "A is above B" is *held* when the interval of A - B lies above zero, *not held* when it lies below zero, and
 *undecided* when it contains zero. No scipy needed: the t quantile is computed here (``t_quantile``).
+
+Bad input (a NaN or infinite run, a confidence outside (0, 1), a negative sd) raises timm-moejet's
+``InvalidArgument`` (a ``ValueError``) with a message that names the value and what to do.
 """
 import dataclasses
 import math
+import numbers
 import statistics
 from typing import Optional, Sequence
+
+from timm_moejet.errors import InvalidArgument, InvalidArgumentType
+from timm_moejet.settings import integer, real
 
 __all__ = ['PairedDifference', 'paired_difference', 't_quantile', 'verdict', 'seeds_needed', 'HELD', 'NOT_HELD',
            'UNDECIDED']
@@ -51,12 +58,13 @@ def _t_cdf(t: float, df: int) -> float:
     return 1. - tail if t > 0 else tail
 
 
+_PROBABILITY = real(0., 1., min_open=True, max_open=True)
+
+
 def t_quantile(p: float, df: int) -> float:
     """The ``p`` quantile of Student's t with ``df`` degrees of freedom (bisection on the CDF, to 1e-12)."""
-    if not 0. < p < 1.:
-        raise ValueError(f'p must be in (0, 1), got {p!r}.')
-    if isinstance(df, bool) or not isinstance(df, int) or df < 1:
-        raise ValueError(f'df must be an int >= 1, got {df!r}.')
+    p = _PROBABILITY('p', p)
+    df = integer(1)('df', df)
     if p == 0.5:
         return 0.
     if p < 0.5:
@@ -101,12 +109,11 @@ def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float 
         n, mean, sd of the differences and the interval ``mean +- t_{(1+confidence)/2, n-1} * sd / sqrt(n)``.
     """
     if len(a) != len(b):
-        raise ValueError(f'paired samples need the same length, got {len(a)} and {len(b)}.')
+        raise InvalidArgument(f'paired samples need the same length, got {len(a)} and {len(b)}.')
     if len(a) < 2:
-        raise ValueError(f'a paired interval needs at least 2 pairs, got {len(a)}.')
-    if not 0. < confidence < 1.:
-        raise ValueError(f'confidence must be in (0, 1), got {confidence!r}.')
-    diffs = [x - y for x, y in zip(a, b)]
+        raise InvalidArgument(f'a paired interval needs at least 2 pairs, got {len(a)}.')
+    confidence = _PROBABILITY('confidence', confidence)
+    diffs = [x - y for x, y in zip(_runs('a', a), _runs('b', b))]
     n = len(diffs)
     mean = statistics.fmean(diffs)
     sd = statistics.stdev(diffs)
@@ -114,10 +121,22 @@ def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float 
     return PairedDifference(n, mean, sd, mean - half, mean + half, confidence)
 
 
+def _runs(name: str, values: Sequence[float]) -> Sequence[float]:
+    """The values of one arm, each a finite number (statistics.stdev fails on NaN and inf with an AttributeError)."""
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise InvalidArgumentType(f'{name}[{i}] is {v!r} ({type(v).__name__}), not a number; give one number per '
+                                      f'seed.')
+        if not math.isfinite(v):
+            raise InvalidArgument(f'{name}[{i}] is {v}: a run without a finite value (diverged, or not measured) has '
+                                  f'no paired difference; rerun that seed, or leave pair {i} out of both arms.')
+    return values
+
+
 def verdict(diff: PairedDifference, direction: int = 1) -> str:
     """What the interval says of the claim "the difference is above zero" (``direction=1``) or below (-1)."""
     if direction not in (1, -1):
-        raise ValueError(f'direction must be 1 or -1, got {direction!r}.')
+        raise InvalidArgument(f'direction must be 1 or -1, got {direction!r}.')
     low, high = (diff.low, diff.high) if direction == 1 else (-diff.high, -diff.low)
     if low > 0.:
         return HELD
@@ -133,17 +152,22 @@ def seeds_needed(sd: float, delta: float, confidence: float = 0.95, max_seeds: i
     ``delta`` would give an interval that excludes zero about half the time (more seeds for a surer answer).
     None when ``delta`` is 0 or more than ``max_seeds`` would be needed.
     """
-    if sd < 0.:
-        raise ValueError(f'sd must be >= 0, got {sd!r}.')
+    sd = real(0.)('sd', sd)
+    delta = real()('delta', delta)
+    q = (1. + _PROBABILITY('confidence', confidence)) / 2.
+    max_seeds = integer(2)('max_seeds', max_seeds)
     if delta == 0.:
         return None
     if sd == 0.:
         return 2
-    q = (1. + confidence) / 2.
-    n = 2
+    # t quantiles exceed the normal one, so fewer than (z * sd / delta)^2 seeds never suffice: start the search there
+    ratio = statistics.NormalDist().inv_cdf(q) * sd / abs(delta)
+    lower = ratio * ratio  # inf rather than OverflowError for extreme ratios
+    if lower > max_seeds:
+        return None
+    n = max(2, math.floor(lower))
     while n <= max_seeds:
         if t_quantile(q, n - 1) * sd / math.sqrt(n) < abs(delta):
             return n
-        # jump ahead with the normal approximation once n is large
-        n = max(n + 1, int((1.96 * sd / abs(delta)) ** 2 * 0.9)) if n > 30 else n + 1
+        n += 1
     return None

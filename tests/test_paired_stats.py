@@ -64,10 +64,47 @@ def test_seeds_needed_is_the_fewest(sd, delta):
     assert n == 2 or half(n - 1) >= delta
 
 
+@pytest.mark.parametrize('confidence', [0.8, 0.9, 0.99])
+@pytest.mark.parametrize('sd, delta', [(2.0, 0.1), (1.0, 0.05), (3.0, 1.0), (0.5, 2.0)])
+def test_seeds_needed_is_the_fewest_at_every_confidence(sd, delta, confidence):
+    n = seeds_needed(sd, delta, confidence=confidence)
+    half = lambda k: stats.t.ppf((1 + confidence) / 2, k - 1) * sd / math.sqrt(k)  # noqa: E731
+    assert half(n) < delta, (n, half(n))
+    assert n == 2 or half(n - 1) >= delta, f'{n - 1} seeds suffice already'
+
+
+@pytest.mark.parametrize('bad', [math.nan, math.inf, -math.inf])
+def test_paired_difference_refuses_runs_that_are_not_finite(bad):
+    from timm_moejet.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match=r'b\[2\] is (nan|inf|-inf).*rerun that seed'):
+        paired_difference(A, B[:2] + [bad] + B[3:])
+
+
+@pytest.mark.parametrize('bad', [None, '66.0', [66.0]])
+def test_paired_difference_refuses_runs_that_are_not_numbers(bad):
+    from timm_moejet.errors import InvalidArgumentType
+
+    with pytest.raises(InvalidArgumentType, match=r'a\[1\] is .* not a number'):
+        paired_difference(A[:1] + [bad] + A[2:], B)
+
+
+@pytest.mark.parametrize('kwargs', [dict(sd=math.nan), dict(sd=math.inf), dict(sd=-1.), dict(delta=math.nan),
+                                    dict(delta=-math.inf), dict(confidence=math.nan), dict(confidence=1.),
+                                    dict(max_seeds=1)])
+def test_seeds_needed_refuses_values_that_are_not_finite(kwargs):
+    from timm_moejet.errors import InvalidArgument
+
+    name = next(iter(kwargs))
+    with pytest.raises(InvalidArgument, match=f'^{name} must be'):
+        seeds_needed(**dict(dict(sd=1., delta=0.5), **kwargs))
+
+
 def test_seeds_needed_edge_cases():
     assert seeds_needed(1.0, 0.) is None
     assert seeds_needed(0., 0.1) == 2
     assert seeds_needed(10., 1e-4, max_seeds=1000) is None
+    assert seeds_needed(1e300, 1e-300) is None  # no overflow on the way
 
 
 def _synthetic_runs(epochs=8, seeds=range(5)):
