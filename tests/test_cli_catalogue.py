@@ -103,6 +103,10 @@ def _round_three_files(root: Path, donor: torch.nn.Module) -> None:
     sd = dict(donor.state_dict())
     save_file(dict(sd, **{'blocks.2.mlp.fc1.weight': torch.randn(256, 64, 2)}), str(root / 'bad_experts.safetensors'))
     save_file(dict(sd, **{'blocks.3.mlp.fc1.bias': torch.randn(200)}), str(root / 'short_bias.safetensors'))
+    save_file(dict(sd, **{'blocks.3.mlp.fc2.weight': sd['blocks.3.mlp.fc2.weight'][:, :, None, None].contiguous()}),
+              str(root / 'conv_experts.safetensors'))
+    save_file(dict(sd, **{'blocks.1.attn.qkv.weight': sd['blocks.1.attn.qkv.weight'].to(torch.int32)}),
+              str(root / 'int_donor.safetensors'))
     official = {k.replace('.mlp.slot_queries', '.mlp.phi'): v for k, v in
                 timm.create_model('moejet_vit_test').state_dict().items()}
     huge = dict(embed_dim=8192, depth=24, num_heads=8, moe_layers=[22, 23], core_experts=4, img_size=64)

@@ -47,11 +47,9 @@ def test_non_finite_donor_weights_are_refused_naming_the_tensor(dense_folder, tm
     assert not (tmp_path / 'moe').exists()
 
 
-def test_statistics_are_not_recorded_for_strategies_that_ignore_them(dense_folder, tmp_path, capsys, caplog):
-    """random/uniform read no statistics: a file given anyway (here of another donor) is named in a warning and
-    left out of the record, which lists only what shaped the weights."""
-    import json
-
+def test_statistics_given_to_a_strategy_that_ignores_them_are_refused(dense_folder, tmp_path, capsys):
+    """random/uniform/upcycle read no statistics: a file given anyway is refused before any work (see
+    test_options_a_strategy_ignores.py for every other option)."""
     from weights_tools.cli import main
 
     other = {f'blocks.{i}.hidden.l2': torch.ones(256) for i in range(4)}  # statistics of another donor
@@ -59,11 +57,18 @@ def test_statistics_are_not_recorded_for_strategies_that_ignore_them(dense_folde
     status = main(['recycle', '--model', 'moejet_vit_test', '--trunk', str(dense_folder / 'donor.safetensors'),
                    '--strategy', 'random', '--stats', str(tmp_path / 'other.safetensors'),
                    '--output', str(tmp_path / 'moe')])
-    assert status == 0, capsys.readouterr().err
-    warned = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
-    assert any('does not use activation statistics' in m and 'other.safetensors' in m for m in warned), warned
-    record = json.loads((tmp_path / 'moe' / 'config.json').read_text())['pretrained_cfg']['recycling']
-    assert record['strategy'] == 'random' and not any('stats' in k for k in record), record
+    assert status == 2 and "strategy 'random' ignores --stats" in _err(capsys)
+    assert not (tmp_path / 'moe').exists()
+
+
+def test_a_donor_that_also_gives_the_experts_has_only_its_head_dropped(donors, monkeypatch):
+    """Recycled on load from one donor (create_moejet_from, the README's offline example), the MLPs of the MoE blocks
+    become the experts: the record drops only the head and does not describe a separate expert donor."""
+    monkeypatch.chdir(donors)
+    record = timm_moejet.create_moejet_from('local-dir:vit', recycle_strategy='uniform').pretrained_cfg['recycling']
+    assert record['trunk'] == record['experts'] == 'vit/model.safetensors', record
+    assert set(record['dropped']) == {'head.weight', 'head.bias'}, record
+    assert 'expert_donor_reads' not in record, record
 
 
 def _dense_folder_for(tmp_path: Path, name: str, architecture: str, model_args: dict, pretrained_cfg: dict,
@@ -210,6 +215,51 @@ def test_expert_donor_tensors_of_the_wrong_shape_are_refused(donors, tmp_path, c
     err = _err(capsys)
     assert key in err and str(tuple(shape)) in err and 'expected' in err, err
     assert not (tmp_path / 'm').exists()
+
+
+@pytest.mark.parametrize('keys', [('blocks.3.mlp.fc2.weight',), ('blocks.2.mlp.fc1.weight', 'blocks.2.mlp.fc2.weight')])
+def test_an_expert_donor_with_1x1_convolution_mlps_is_refused(donors, tmp_path, capsys, keys):
+    """timm's conv_mlp=True layout (fc weights [out, in, 1, 1]) is named, not reshaped through a deprecated
+    ``out=`` resize."""
+    import warnings
+
+    sd = dict(small_dense_vit(0).state_dict())
+    for key in keys:
+        sd[key] = sd[key][:, :, None, None].contiguous()
+    save_file(sd, str(tmp_path / 'conv.safetensors'))
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # torch's "an output with one or more elements was resized" included
+        status = main(['recycle', '--model', 'moejet_vit_test', '--trunk', str(donors / 'vit.safetensors'),
+                       '--experts', str(tmp_path / 'conv.safetensors'), '--strategy', 'uniform',
+                       '--output', str(tmp_path / 'm')])
+    err = _err(capsys)
+    assert status == 2 and keys[0] in err and str(tuple(sd[keys[0]].shape)) in err and '1x1-convolution' in err, err
+    assert not (tmp_path / 'm').exists()
+
+
+@pytest.mark.parametrize('role, key, dtype', [('trunk', 'blocks.1.attn.qkv.weight', torch.int32),
+                                              ('experts', 'blocks.3.mlp.fc1.weight', torch.int8),
+                                              ('experts', 'blocks.2.mlp.fc2.bias', torch.bool),
+                                              ('select', 'blocks.0.norm1.weight', torch.int32)])
+def test_integer_donor_weights_are_refused_naming_the_tensor(donors, tmp_path, capsys, role, key, dtype):
+    """Copying an integer tensor into the model's float weights would cast it silently (recycling and Weight
+    Selection)."""
+    sd = dict(small_dense_vit(0).state_dict())
+    sd[key] = sd[key].to(dtype)
+    bad, good = str(tmp_path / 'int.safetensors'), str(donors / 'vit.safetensors')
+    save_file(sd, bad)
+    out = str(tmp_path / 'm')
+    if role == 'select':
+        argv = ['select', '--model', 'vit_tiny_patch16_224', '--donor', bad, '--model-kwargs', 'embed_dim=32',
+                'depth=2', 'num_heads=2', 'img_size=64', '--output', out + '.safetensors']
+    else:
+        trunk, experts = (bad, good) if role == 'trunk' else (good, bad)
+        argv = ['recycle', '--model', 'moejet_vit_test', '--trunk', trunk, '--experts', experts, '--strategy',
+                'uniform', '--output', out]
+    assert main(argv) == 2
+    err = _err(capsys)
+    assert key in err and str(dtype).replace('torch.', '') in err and 'floating-point' in err, err
+    assert not list(tmp_path.glob('m*'))
 
 
 def test_the_record_describes_the_recycling_of_this_load(donors, tmp_path):

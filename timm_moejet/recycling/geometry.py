@@ -3,7 +3,7 @@
 :func:`check_geometry` refuses what cannot work (another family, depth, a narrower donor, a strategy that copies
 a donor of another size) before anything is computed, naming both sides, and returns a :class:`RecyclingPlan`.
 """
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -70,15 +70,21 @@ class DenseDonor:
             self._hash = weights_hash(self.sd)
         return self._hash
 
-    def check_finite(self) -> None:
-        """Refuse NaN or Inf in any tensor recycling may read (everything but the heads the family never takes).
+    def check_values(self) -> None:
+        """Refuse a tensor recycling may read (everything but the heads the family never takes) that is not floating
+        point (copying it into the model's float weights would cast it silently) or holds NaN or Inf.
 
         Raises:
             InvalidCheckpoint: Naming the first offending tensor.
         """
         for key, value in self.sd.items():
-            if isinstance(value, torch.Tensor) and value.is_floating_point() and \
-                    not key.startswith(self.family.new_head) and not bool(torch.isfinite(value).all()):
+            if not isinstance(value, torch.Tensor) or key.startswith(self.family.new_head):
+                continue
+            if not value.is_floating_point():
+                raise InvalidCheckpoint(f'{self.label()}: tensor {key} is {str(value.dtype).replace("torch.", "")}; '
+                                        f'recycling takes floating-point weights (a quantized or damaged checkpoint?). '
+                                        f'Use the float checkpoint, or dequantize it first.')
+            if not bool(torch.isfinite(value).all()):
                 raise InvalidCheckpoint(f'{self.label()}: tensor {key} holds NaN or Inf values; recycling it would '
                                         f'give a model that computes NaN.')
 
@@ -100,12 +106,16 @@ class DenseDonor:
         width, hidden = self.width(block), int(tensors[0].shape[0]) if tensors[0].ndim else 0
         for name, value, expected in zip(keys, tensors, ((hidden, width), (hidden,), (width, hidden), (width,))):
             shape = tuple(value.shape)
-            if len(shape) == len(expected) + 2 and shape[-2:] == (1, 1):  # a 1x1 convolution stands for a linear
-                shape = shape[:-2]
-            if shape != expected:
-                raise DonorMismatch(f'{self.label()}: tensor {p}{name} has shape {tuple(value.shape)}, expected '
-                                    f'{expected} (hidden {hidden}, width {width} from {p}{self.family.mlp_input_norm}'
-                                    f'.weight); the donor is damaged or of another layout.')
+            if shape == expected:
+                continue
+            # a 1x1 convolution (timm's conv_mlp=True) computes the same, but the statistics and the expert copies
+            # read Linear weights: refused by name rather than reshaped on the way
+            conv = shape == expected + (1, 1)
+            why = ('a 1x1-convolution MLP (conv_mlp=True), which experts are not cut from: use a donor whose MLPs are '
+                   'Linear layers (conv_mlp=False), or save its fc1/fc2 weights as 2-D (weight[:, :, 0, 0])') if conv \
+                else 'the donor is damaged or of another layout'
+            raise DonorMismatch(f'{self.label()}: tensor {p}{name} has shape {shape}, expected {expected} (hidden '
+                                f'{hidden}, width {width} from {p}{self.family.mlp_input_norm}.weight); {why}.')
         return tensors
 
 
@@ -121,11 +131,13 @@ class RecyclingPlan:
         experts: Expert donor (may be the trunk donor).
         expert_blocks: Donor block of each MoE block.
         dropped: Trunk donor tensors the model does not take, with the reason (recorded).
+        experts_from_trunk: The expert MLPs are the trunk donor's own (the same donor object, or tensors sharing its
+            memory: the pretrained filter hands the checkpoint over twice, once as it was read).
     """
 
     def __init__(self, model: nn.Module, family: Family, prefixes: List[str], layers: Dict[int, nn.Module],
                  trunk: DenseDonor, experts: DenseDonor, expert_blocks: Dict[int, int], select_trunk: bool,
-                 dropped: Optional[Dict[str, str]] = None) -> None:
+                 dropped: Optional[Dict[str, str]] = None, experts_from_trunk: bool = False) -> None:
         self.model = model
         self.family = family
         self.prefixes = prefixes
@@ -135,12 +147,27 @@ class RecyclingPlan:
         self.expert_blocks = expert_blocks
         self.select_trunk = select_trunk
         self.dropped = dict(dropped or {})  # trunk donor tensors not used -> why
+        self.experts_from_trunk = experts_from_trunk or experts is trunk
         # the first convolution, whose input channels timm adapts to in_chans (ViT: patch_embed.proj.weight)
         first = (getattr(model, 'pretrained_cfg', None) or {}).get('first_conv') or 'patch_embed.proj'
         self.first_conv = f'{first}.weight'
 
     def moe_prefix(self, block: int) -> str:
         return f'{self.prefixes[block]}{self.family.mlp}.'
+
+
+def _same_mlps(trunk: DenseDonor, experts: DenseDonor, blocks: Iterable[int]) -> bool:
+    """Whether the expert donor's MLPs of ``blocks`` are the trunk donor's own tensors (not equal copies: the same
+    memory), so recycling cuts the experts out of the trunk donor."""
+    if experts is trunk:
+        return True
+    for j in blocks:
+        for name in trunk.family.mlp_keys:
+            a, b = trunk.sd.get(experts.prefixes[j] + name), experts.sd.get(experts.prefixes[j] + name)
+            if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or a.shape != b.shape or \
+                    a.stride() != b.stride() or a.data_ptr() != b.data_ptr():
+                return False
+    return True
 
 
 def check_geometry(
@@ -170,7 +197,7 @@ def check_geometry(
     depth = len(prefixes)
     model_label = f'the model {type(model).__name__} (width {_compact(widths)}, depth {depth})'
     for donor in (trunk, experts):
-        donor.check_finite()
+        donor.check_values()
         if donor.family is not family:
             raise DonorMismatch(f'{donor.label()} is of family {donor.family.name}, {model_label} of family '
                                 f'{family.name}.')
@@ -208,8 +235,9 @@ def check_geometry(
                 f'{layer.core.hidden_features if layer.core is not None else "-"}; {experts.label()} has hidden '
                 f'{experts.hidden(j)}. Use the trunk as expert donor or another strategy.')
         experts.mlp(j)
-    dropped = _account(model, family, prefixes, layers, trunk, experts, expert_blocks)
-    return RecyclingPlan(model, family, prefixes, layers, trunk, experts, expert_blocks, select_trunk, dropped)
+    same = _same_mlps(trunk, experts, expert_blocks.values())
+    dropped = _account(model, family, prefixes, layers, trunk, experts if not same else trunk, expert_blocks)
+    return RecyclingPlan(model, family, prefixes, layers, trunk, experts, expert_blocks, select_trunk, dropped, same)
 
 
 def _account(model: nn.Module, family: Family, prefixes: List[str], layers: Dict[int, nn.Module],

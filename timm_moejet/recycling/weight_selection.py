@@ -109,7 +109,7 @@ def select_state_dict(
     target = model.state_dict()
     family = family_of_state_dict(target, 'model', type(model).__name__)
     donor = DenseDonor(donor_state_dict, 'donor', donor_name)
-    donor.check_finite()
+    donor.check_values()
     if donor.family is not family:
         raise DonorMismatch(f'{donor.label()} is of family {donor.family.name}, the model {type(model).__name__} of '
                             f'family {family.name}.')
