@@ -21,7 +21,7 @@ from ..errors import InvalidArgument, InvalidArgumentType
 from ..settings import unknown_kwargs_message
 from .inputs import resolve_inputs
 from .pretrained_filter import PretrainedFilter
-from .recipe import NAMES_OTHER_SOURCES, RECYCLE_KWARGS, RecyclingRecipe
+from .recipe import NAMES_OTHER_SOURCES, RECYCLE_KWARGS, RecyclingRecipe, check_strategy_reads
 
 __all__ = ['RecyclingOnLoad', 'prepare_on_load', 'recipe_from_kwargs']
 
@@ -119,6 +119,7 @@ def recipe_from_kwargs(variant: str, kwargs: Mapping[str, Any], recipes: Mapping
         # claim a tag; its donors stay unused)
         base = dataclasses.replace(base, experts=None)
     recipe = dataclasses.replace(base, **overrides) if overrides else base
+    check_strategy_reads(recipe.strategy, overrides)  # also a kwarg given at its default value
     return RecyclingOnLoad(kwargs, recipe, PretrainedFilter(recipe), record, resolved.hf_hub_id,
                            None if callers_weights else resolved.hf_hub_id)
 

@@ -6,16 +6,16 @@ command line override fields of it.
 """
 import dataclasses
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
-from ..errors import InvalidArgumentType
+from ..errors import InvalidArgument, InvalidArgumentType
 from ..settings import SEED, Check, check_fields, choice, integer, kwarg_names, optional, path, setting
 from .graph import GRAPH_METHODS
 from .selection import BLOCK_MAPS
 from .statistics import METRICS
-from .strategies import Strategy, get_strategy, strategy_names
+from .strategies import STRATEGIES, Strategy, get_strategy, strategy_names
 
-__all__ = ['RecyclingRecipe', 'DEFAULT_SEED', 'RECYCLE_KWARGS']
+__all__ = ['RecyclingRecipe', 'DEFAULT_SEED', 'RECYCLE_KWARGS', 'check_strategy_reads']
 
 DEFAULT_SEED = 3407  # the released gen_ViT_MoE_weight.py seed
 TRUNK_FITS = ('copy', 'select')
@@ -67,6 +67,8 @@ class RecyclingRecipe:
 
     def __post_init__(self) -> None:
         check_fields(self)  # values only: files, donors and optional packages are checked when they are resolved
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        check_strategy_reads(self.strategy, [name for name in _readers() if getattr(self, name) != defaults[name]])
 
     @property
     def strategy_obj(self) -> Strategy:
@@ -87,7 +89,44 @@ class RecyclingRecipe:
         return fields
 
 
+def _reads(strategy: Strategy) -> List[str]:
+    """The recipe fields a strategy reads besides the seed (the statistics file when it reads statistics)."""
+    return list(strategy.recipe_fields) + (['stats'] if strategy.needs_stats else [])
+
+
+def _readers() -> Dict[str, List[str]]:
+    """Recipe fields that some registered strategies read and others ignore -> the strategies that read each."""
+    readers: Dict[str, List[str]] = {}
+    for strategy in STRATEGIES.values():
+        for name in _reads(strategy):
+            readers.setdefault(name, []).append(strategy.name)
+    return {name: found for name, found in readers.items() if len(found) < len(STRATEGIES)}
+
+
+def check_strategy_reads(strategy: str, given: Iterable[str], label: Optional[Callable[[str], str]] = None) -> None:
+    """Refuse settings given for a recipe whose strategy ignores them (``--graph-parts`` with ``uniform``): the
+    result would not be what was asked for, and the record, which lists what the strategy read, would not show them.
+
+    Args:
+        strategy: The recipe's strategy.
+        given: Names of the fields the caller set.
+        label: How the caller named a field (default: its ``create_model`` kwarg, ``recycle_<field>``).
+
+    Raises:
+        InvalidArgument: Naming each ignored setting and the strategies that read it.
+    """
+    label = label or (lambda name: _KWARG_OF[name])
+    readers = _readers()
+    ignored = [name for name in given if name in readers and strategy not in readers[name]]
+    if ignored:
+        what = ' and '.join(f'{label(name)} (read only by {", ".join(readers[name])})' for name in ignored)
+        them = 'them' if len(ignored) > 1 else 'it'
+        raise InvalidArgument(f'strategy {strategy!r} ignores {what}; leave {them} out, or choose a strategy '
+                              f'that reads {them}.')
+
+
 # create_model kwarg -> recipe field
 RECYCLE_KWARGS: Dict[str, str] = kwarg_names(RecyclingRecipe)
+_KWARG_OF = {field: kwarg for kwarg, field in RECYCLE_KWARGS.items()}
 # fields that name other files or repos: only a caller may set them, never a checkpoint's own config
 NAMES_OTHER_SOURCES = ('experts', 'stats')

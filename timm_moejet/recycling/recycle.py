@@ -52,9 +52,9 @@ def resolve_statistics(plan: RecyclingPlan, recipe: RecyclingRecipe,
     strategy = recipe.strategy_obj
     experts = plan.experts
     if not strategy.needs_stats:
-        if stats is not None or recipe.stats is not None:
-            _logger.warning('strategy %r does not use activation statistics: %s is ignored (neither checked against '
-                            'the donor nor recorded)', recipe.strategy, recipe.stats or 'the statistics given')
+        if stats is not None:  # (a recipe naming a file is refused already, see check_strategy_reads)
+            raise InvalidArgument(f'strategy {recipe.strategy!r} reads no activation statistics, but statistics were '
+                                  f'given ({stats.describe()}); pass none, or choose a strategy that reads them.')
         return None
     blocks = sorted(set(plan.expert_blocks.values()))
     if stats is None and recipe.stats is not None:
@@ -208,15 +208,22 @@ def recycling_record(
         expert_blocks: Optional[Mapping[int, int]] = None,
         dropped: Optional[Mapping[str, str]] = None,
         separate_experts: bool = False,
+        donor_hidden: Optional[Mapping[int, int]] = None,
 ) -> Dict[str, Any]:
     """Step 4: the JSON-serialisable record kept in ``model.pretrained_cfg['recycling']``.
 
     Statistics are recorded only when the strategy reads them: the identity of the ones given, or 'weights-proxy'
     when none were given and the data-free proxy was used. When the expert donor is deeper than the model, the
-    donor block of every MoE block is recorded too.
+    donor block of every MoE block is recorded too. ``donor_hidden`` (MoE block -> hidden units of its donor MLP)
+    caps the recorded graph parts at what the partitioner could use (a part per hidden unit at most), per block
+    where the blocks differ.
     """
     record: Dict[str, Any] = dict(recipe.record_fields(), trunk=trunk_id or '',
                                   experts=expert_id or trunk_id or '')
+    if 'graph_parts' in record and donor_hidden:
+        used = {i: min(recipe.graph_parts, hidden) for i, hidden in sorted(donor_hidden.items())}
+        once = set(used.values())
+        record['graph_parts'] = once.pop() if len(once) == 1 else {str(i): parts for i, parts in used.items()}
     if expert_blocks and any(i != j for i, j in expert_blocks.items()):
         record['block_map'] = recipe.block_map
         record['expert_blocks'] = {str(i): j for i, j in sorted(expert_blocks.items())}
@@ -293,8 +300,9 @@ def recycle_state_dict(
     missing = [k for k in model.state_dict() if k not in out]
     if missing:  # a layer variant this module does not know how to fill
         raise InvalidCheckpoint(f'recycling left model keys unfilled: {missing[:8]}.')
+    donor_hidden = {i: plan.experts.hidden(j) for i, j in plan.expert_blocks.items()}
     return RecyclingResult(out, indices, recycling_record(recipe, stats, trunk_id, expert_id, plan.expert_blocks,
-                                                          plan.dropped, plan.experts is not plan.trunk))
+                                                          plan.dropped, not plan.experts_from_trunk, donor_hidden))
 
 
 def recycle(

@@ -12,6 +12,7 @@ from timm_moejet.checkpoint_io.hub import save_hub_folder
 from timm_moejet.cost import count_params
 from timm_moejet.errors import InvalidArgument
 from timm_moejet.recycling import RECYCLE_KWARGS, STRATEGIES, RecyclingRecipe
+from timm_moejet.recycling.recipe import check_strategy_reads
 from timm_moejet.settings import Check
 
 from ..options import MODEL_SETTINGS, Command, Group, check_output_free, folder_output, model_kwargs_from, option
@@ -23,8 +24,12 @@ _MORE = {
 }
 
 
+def _flag_name(name: str) -> str:
+    return '--' + name.replace('_', '-')
+
+
 def _flag(field: dataclasses.Field) -> str:
-    return '--' + field.name.replace('_', '-')
+    return _flag_name(field.name)
 
 
 def _arg_type(field: dataclasses.Field) -> Callable[[str], Any]:
@@ -60,13 +65,24 @@ def recipe_from_args(args: argparse.Namespace, model_kwargs: Dict[str, Any]) -> 
     """
     fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(RecyclingRecipe)
               if getattr(args, f.name) is not None}
+    given = {name: _flag_name(name) for name in fields}  # field -> how it was given, for messages
     for kwarg in [k for k in model_kwargs if k in RECYCLE_KWARGS]:
         name = RECYCLE_KWARGS[kwarg]
         if name in fields:
-            raise InvalidArgument(f'{name} is given twice: as --{name.replace("_", "-")} and as --model-kwargs '
+            raise InvalidArgument(f'{name} is given twice: as {_flag_name(name)} and as --model-kwargs '
                                   f'{kwarg}=...; give it once.')
         fields[name] = model_kwargs.pop(kwarg)
+        given[name] = f'--model-kwargs {kwarg}'
+    default = next(f.default for f in dataclasses.fields(RecyclingRecipe) if f.name == 'strategy')
+    check_strategy_reads(fields.get('strategy', default), given, given.get)
     return RecyclingRecipe(**fields)
+
+
+def _statistics_used(record: Dict[str, Any], path: Any) -> str:
+    """What the record says the strategy read: the statistics file (``path``), the data-free proxy, or nothing."""
+    if 'stats_file' in record:
+        return f', statistics {path}'
+    return ', statistics: the data-free weight proxy' if record.get('stats') == 'weights-proxy' else ''
 
 
 COMMAND = Command(
@@ -98,8 +114,8 @@ def run(args: argparse.Namespace) -> int:
     model.pretrained_cfg = dict(model.pretrained_cfg, tag='recycled')
     out = save_hub_folder(model.eval(), args.output, args.overwrite)
     n = count_params(model)['total']
+    used = _statistics_used(model.pretrained_cfg['recycling'], recipe.stats)
     print(f'recycled {model.pretrained_cfg["architecture"]} ({n / 1e6:.2f}M parameters, MoE blocks '
           f'{list(model.moe_layers())}) from trunk {args.trunk} and experts {recipe.experts or args.trunk} with '
-          f'strategy {recipe.strategy!r}, seed {recipe.seed}{", statistics " + recipe.stats if recipe.stats else ""} '
-          f'to {out}/')
+          f'strategy {recipe.strategy!r}, seed {recipe.seed}{used} to {out}/')
     return 0
