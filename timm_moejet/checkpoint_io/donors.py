@@ -19,7 +19,7 @@ from timm.models import PretrainedCfg, resolve_pretrained_cfg, split_model_name_
 from ..errors import InvalidArgument, InvalidCheckpoint, NotFound
 from .hub import hub_errors_named, read_folder_config, read_hub_config
 from .names import FOLDER_WEIGHT_NAMES, HF_HUB, PathLike, WeightSource, check_model_name, parse_source, split_revision
-from .read import read_state_dict
+from .read import check_weights_file, folder_weights, read_state_dict
 
 __all__ = ['Donor', 'load_donor', 'locate_donor']
 
@@ -106,26 +106,33 @@ def _resolve(spec: PathLike, role: str) -> _Located:
 
 def locate_donor(spec: PathLike, *, cache_dir: Optional[PathLike] = None, role: str = 'donor') -> str:
     """Make sure a donor can be loaded, cheaply: a path must exist, a Hub donor's weights file is fetched into the
-    cache (offline: must already be there). Lets a model entrypoint name a missing donor before it builds anything.
+    cache (offline: must already be there), and the weights file must be readable as its format
+    (:func:`~timm_moejet.checkpoint_io.read.check_weights_file`: truncated, empty, a folder in its place). Lets a
+    model entrypoint name a missing or damaged donor before it builds anything.
 
     Returns:
         The local path of the donor's weights (or folder).
 
     Raises:
         NotFound: Naming the donor, and whether the Hub was reachable.
+        InvalidCheckpoint: Naming a damaged weights file.
     """
     located = _resolve(spec, role)
-    if located.source.kind != 'hub':
-        return located.source.location
-    repo_id, revision = split_revision(located.source.location)
+    source = located.source
+    if source.kind != 'hub':
+        check_weights_file(folder_weights(source.path) if source.kind == 'folder' else source.path)
+        return source.location
+    repo_id, revision = split_revision(source.location)
     names = [located.filename] if located.filename else list(FOLDER_WEIGHT_NAMES[:2])  # timm's order
     with hub_errors_named(located.what):
         for filename in names[:-1]:
             try:
-                return hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir)
+                return os.fspath(check_weights_file(hf_hub_download(repo_id, filename, revision=revision,
+                                                                     cache_dir=cache_dir)))
             except EntryNotFoundError:  # (offline: not cached) try the next name
                 pass
-        return hf_hub_download(repo_id, names[-1], revision=revision, cache_dir=cache_dir)
+        return os.fspath(check_weights_file(hf_hub_download(repo_id, names[-1], revision=revision,
+                                                             cache_dir=cache_dir)))
 
 
 def load_donor(spec: PathLike, *, cache_dir: Optional[PathLike] = None, role: str = 'donor') -> Donor:

@@ -30,7 +30,7 @@ from ..family import family_of_model
 from .atomic import atomic_output_dir
 from .names import PathLike, is_repo_id
 from .official import is_official_state_dict
-from .read import check_state_dict_fits, read_state_dict
+from .read import check_state_dict_fits, check_weights_file, folder_weights, read_state_dict
 
 __all__ = ['hub_errors_named', 'read_folder_config', 'read_hub_config', 'check_timm_config', 'check_weights_readable',
            'load_weights_into', 'save_hub_folder', 'push_to_hub', 'check_repo_id', 'STANDARD_CONFIG_KEYS']
@@ -114,24 +114,14 @@ def read_hub_config(repo: str, cache_dir: Optional[PathLike] = None) -> Optional
 
 
 def check_weights_readable(folder: PathLike) -> None:
-    """The safetensors weights of a Hub folder have a readable header that fits the file's size (checked without
-    reading the tensors), so a corrupt or truncated file is named here rather than failing inside timm's loader.
+    """The weights file of a Hub folder is readable as its format (checked without reading the tensors), so a
+    corrupt, truncated or empty file is named here rather than failing inside timm's loader.
 
     Raises:
+        NotFound: If the folder holds no weights file.
         InvalidCheckpoint: Naming the file.
     """
-    from safetensors import safe_open
-
-    path = Path(folder) / 'model.safetensors'
-    if not path.is_file():
-        return
-    try:
-        with safe_open(os.fspath(path), 'pt') as f:
-            for key in f.keys():
-                f.get_slice(key).get_shape()
-    except Exception as e:  # safetensors raises several types on a bad header or a short file
-        raise InvalidCheckpoint(f'{path} is not a readable safetensors file ({type(e).__name__}: '
-                                f'{str(e).splitlines()[0] if str(e) else ""}).') from e
+    check_weights_file(folder_weights(Path(folder)))
 
 
 def load_weights_into(model: nn.Module, checkpoint: PathLike, ema: bool = False) -> None:

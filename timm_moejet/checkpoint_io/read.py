@@ -4,11 +4,13 @@ It stands on timm's own loaders: ``timm.models.load_state_dict`` for files (safe
 ``.bin``/``.pth.tar`` with ``weights_only=True``: never unpickled), ``timm.models.load_state_dict_from_hf`` for Hub
 repositories. What is ours, each where timm has no equivalent: one-line errors naming the file, EMA weights only when
 asked for (timm falls back to the plain weights), the folder's weights file (timm's rule for it is not public),
-safetensors paths that are not UTF-8, and :func:`strip_wrappers`, the one place that strips training wrappers.
+safetensors paths that are not UTF-8, :func:`check_weights_file`, which names a damaged file before anything reads it
+(cached Hub downloads included), and :func:`strip_wrappers`, the one place that strips training wrappers.
 """
 import argparse
 import os
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
@@ -20,7 +22,8 @@ from timm.models import clean_state_dict, load_state_dict, load_state_dict_from_
 from ..errors import InvalidArgument, InvalidCheckpoint, NotFound
 from .names import FOLDER_WEIGHT_NAMES, HF_HUB, WEIGHT_SUFFIXES, PathLike
 
-__all__ = ['read_state_dict', 'folder_weights', 'strip_wrappers', 'check_state_dict_fits']
+__all__ = ['read_state_dict', 'folder_weights', 'strip_wrappers', 'check_state_dict_fits', 'check_weights_file',
+           'is_damaged_file_error']
 
 
 # training checkpoints keep the weights under one of these keys (timm's train.py, mmengine, DDP wrappers)
@@ -126,17 +129,104 @@ def _read_file(path: Path, ema: bool) -> Any:
                                 f'({_first_line(e)}).') from e
 
 
+_ZIP_MAGIC = b'PK\x03\x04'  # torch.save's format since torch 1.6
+_PICKLE_MAGIC = b'\x80'  # the legacy torch.save format starts with a pickle protocol opcode
+
+
+def check_weights_file(path: PathLike) -> Path:
+    """Check, without reading the tensors, that ``path`` is a readable weights file of its format, naming it if not:
+    a folder in its place, an empty file, a safetensors header that is damaged or describes more bytes than the file
+    holds (a truncated download), a zip checkpoint without its central directory (truncated), a ``.pth`` that is
+    neither torch format. Also for files inside the Hugging Face cache, which timm would read as they are.
+
+    Raises:
+        NotFound: If there is nothing at ``path``.
+        InvalidCheckpoint: Naming the file and what is wrong with it.
+    """
+    path = Path(path)
+    again = 'delete it and download or copy it again'
+    if path.is_dir():
+        raise InvalidCheckpoint(f'{path} is a folder where a weights file should be; {again}.')
+    if not path.is_file():
+        raise NotFound(f'checkpoint file not found: {path}')
+    if not os.access(path, os.R_OK):
+        raise InvalidCheckpoint(f'{path} cannot be read: permission denied (mode '
+                                f'{oct(os.stat(path).st_mode & 0o777)[2:]:0>3}).')
+    if path.stat().st_size == 0:
+        raise InvalidCheckpoint(f'{path} is empty (0 bytes), a download or copy that did not finish; {again}.')
+    if path.suffix == '.safetensors':
+        if not _utf8(path):  # safe_open takes UTF-8 paths only: the reader reads the bytes and names what is wrong
+            return path
+        from safetensors import safe_open
+        try:
+            with safe_open(os.fspath(path), 'pt') as f:
+                for key in f.keys():
+                    f.get_slice(key).get_shape()
+        except Exception as e:  # safetensors raises several types on a bad header or a short file
+            raise InvalidCheckpoint(f'{path} is not a readable safetensors file ({_first_line(e)}); it may be '
+                                    f'truncated or damaged: {again}.') from e
+        return path
+    if not path.name.endswith(WEIGHT_SUFFIXES):
+        return path  # another format: the reader names it
+    with open(path, 'rb') as f:
+        magic = f.read(len(_ZIP_MAGIC))
+    if magic == _ZIP_MAGIC:
+        try:
+            zipfile.ZipFile(path).close()  # reads the central directory at the end of the file
+        except (zipfile.BadZipFile, OSError) as e:
+            raise InvalidCheckpoint(f'{path} is a damaged torch checkpoint ({_first_line(e)}); it may be truncated: '
+                                    f'{again}.') from e
+    elif not magic.startswith(_PICKLE_MAGIC):
+        raise InvalidCheckpoint(f'{path} is not a torch checkpoint (neither the zip format of torch.save nor its '
+                                f'legacy format); {again}, or name the right file.')
+    return path
+
+
 def folder_weights(folder: Path) -> Path:
-    """The weights file of a model folder, in timm's order of preference (ours: timm's rule is not public)."""
+    """The weights file of a model folder, in timm's order of preference (ours: timm's rule is not public). A
+    folder in a weights file's place is returned too, for :func:`check_weights_file` to name."""
     folder = Path(folder)
     for fname in FOLDER_WEIGHT_NAMES:
-        if (folder / fname).is_file():
+        if (folder / fname).exists():
             return folder / fname
     for ext in WEIGHT_SUFFIXES:
         found = sorted(folder.glob(f'*{ext}'))
         if found:
             return found[0]
     raise NotFound(f'{folder} holds no weights file (model.safetensors, pytorch_model.bin, *.pth ...).')
+
+
+def is_damaged_file_error(e: BaseException) -> bool:
+    """Whether ``e`` is what safetensors, torch or zipfile raise on reading a damaged weights file (for readers
+    that are not ours: timm's ``load_pretrained``)."""
+    return isinstance(e, (SafetensorError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile)) or \
+        (isinstance(e, RuntimeError) and 'PytorchStreamReader' in str(e))
+
+
+def _is_hub_error(e: BaseException) -> bool:
+    """huggingface_hub's "not cached / no such repo / not reachable" errors, which the caller words."""
+    return type(e).__module__.startswith('huggingface_hub') or isinstance(e, (ConnectionError, TimeoutError))
+
+
+def _cached_file_error(repo: str, filename: Optional[str], cache_dir: Optional[PathLike],
+                       e: BaseException) -> InvalidCheckpoint:
+    """The error of a Hub repository's cached weights file that could not be read, naming the file."""
+    from huggingface_hub import hf_hub_download
+
+    repo_id, _, revision = repo.partition('@')
+    for name in [filename] if filename else FOLDER_WEIGHT_NAMES[:2]:  # timm's order
+        try:  # the cached path, whatever is there (a folder in the file's place too)
+            cached = hf_hub_download(repo_id, name, revision=revision or None, cache_dir=cache_dir,
+                                     local_files_only=True)
+        except Exception:  # not cached under this name: the next one
+            continue
+        try:
+            check_weights_file(cached)
+        except (InvalidCheckpoint, NotFound) as named:
+            return InvalidCheckpoint(str(named))
+        return InvalidCheckpoint(f'{cached} (Hub repository {repo_id}) cannot be read ({_first_line(e)}); delete '
+                                 f'it and download it again.')
+    return InvalidCheckpoint(f'the weights of Hub repository {repo_id} cannot be read ({_first_line(e)}).')
 
 
 def read_state_dict(
@@ -174,17 +264,17 @@ def read_state_dict(
             raise InvalidArgument(f'{name}: EMA weights are read from a training checkpoint file, not a Hub repo.')
         # timm's default file name is tried as model.safetensors first
         hub_kwargs = dict(filename=filename) if filename else {}
-        return strip_wrappers(load_state_dict_from_hf(name[len(HF_HUB):], weights_only=True, cache_dir=cache_dir,
-                                                      **hub_kwargs))
+        try:
+            return strip_wrappers(load_state_dict_from_hf(name[len(HF_HUB):], weights_only=True, cache_dir=cache_dir,
+                                                          **hub_kwargs))
+        except Exception as e:
+            if _is_hub_error(e):
+                raise
+            raise _cached_file_error(name[len(HF_HUB):], filename, cache_dir, e) from e
     path = Path(source)
     if path.is_dir():
         path = folder_weights(path)
-    if not path.is_file():
-        raise NotFound(f'checkpoint file not found: {path}')
-    if not os.access(path, os.R_OK):
-        raise InvalidCheckpoint(f'{path} cannot be read: permission denied (mode '
-                                f'{oct(os.stat(path).st_mode & 0o777)[2:]:0>3}).')
-    state_dict = _read_file(path, ema)
+    state_dict = _read_file(check_weights_file(path), ema)
     if not isinstance(state_dict, Mapping):
         raise InvalidCheckpoint(f'{path} does not hold a state dict (found {type(state_dict).__name__}).')
     return strip_wrappers(state_dict)

@@ -17,7 +17,8 @@ from timm.models import resolve_pretrained_cfg
 from ..checkpoint_io.donors import locate_donor
 from ..checkpoint_io.hub import hub_errors_named
 from ..checkpoint_io.names import HF_HUB
-from ..errors import InvalidArgument, InvalidArgumentType
+from ..checkpoint_io.read import is_damaged_file_error
+from ..errors import InvalidArgument, InvalidArgumentType, InvalidCheckpoint
 from ..settings import unknown_kwargs_message
 from .inputs import resolve_inputs
 from .pretrained_filter import PretrainedFilter
@@ -54,20 +55,31 @@ class RecyclingOnLoad:
         filter: timm's ``pretrained_filter_fn``.
         record: The recipe recorded with the checkpoint (an exported model's), or None.
         trunk_id: The trunk donor's Hub repo, when the weights are the tag's.
-        trunk_repo: The same, when it is to be located before building (None: the weights are the caller's).
+        weights: What timm will read, as a donor is named (``hf-hub:ORG/REPO``, a folder, a file), to be located and
+            checked before building; None when the weights are in memory or behind a URL.
+        tags_trunk: Whether those weights are the pretrained tag's trunk donor (else the caller's).
     """
     kwargs: Dict[str, Any]
     recipe: RecyclingRecipe
     filter: PretrainedFilter
     record: Optional[Dict[str, Any]] = None
     trunk_id: Optional[str] = None
-    trunk_repo: Optional[str] = None
+    weights: Optional[str] = None
+    tags_trunk: bool = False
 
     @contextlib.contextmanager
     def loading(self) -> Iterator[None]:
-        """timm's download of the trunk donor, its errors naming it."""
-        with hub_errors_named(f'trunk donor {self.trunk_id or "(pretrained weights)"!r}'):
-            yield
+        """timm's download and read of the weights, its errors naming them (a damaged file that the checks before
+        building let through, such as a zip checkpoint with a damaged member, included)."""
+        what = self.weights or self.trunk_id or '(pretrained weights)'
+        with hub_errors_named(f'trunk donor {what!r}'):
+            try:
+                yield
+            except Exception as e:
+                if not is_damaged_file_error(e):
+                    raise
+                raise InvalidCheckpoint(f'{what} cannot be read ({type(e).__name__}: {str(e).strip()[:200]}); it may '
+                                        f'be truncated or damaged: delete it and download or copy it again.') from e
 
     def recorded(self, model: nn.Module, pretrained: bool) -> Dict[str, Any]:
         """The model's ``pretrained_cfg`` with the record of the weights it holds: the filter's when this load
@@ -121,7 +133,21 @@ def recipe_from_kwargs(variant: str, kwargs: Mapping[str, Any], recipes: Mapping
     recipe = dataclasses.replace(base, **overrides) if overrides else base
     check_strategy_reads(recipe.strategy, overrides)  # also a kwarg given at its default value
     return RecyclingOnLoad(kwargs, recipe, PretrainedFilter(recipe), record, resolved.hf_hub_id,
-                           None if callers_weights else resolved.hf_hub_id)
+                           _weights_read(resolved, overlay), not callers_weights)
+
+
+def _weights_read(cfg: Any, overlay: Mapping[str, Any]) -> Optional[str]:
+    """The weights timm's ``load_pretrained`` will read for this cfg, named as a donor (in timm's order of sources:
+    ``_resolve_pretrained_source``); None for a state dict in memory or a URL."""
+    if cfg.source == 'hf-hub' and cfg.hf_hub_id:
+        return HF_HUB + cfg.hf_hub_id
+    if cfg.source == 'local-dir' and cfg.file:
+        return str(cfg.file)
+    if overlay.get('state_dict') is not None or getattr(cfg, 'state_dict', None) is not None:
+        return None
+    if cfg.file:
+        return str(cfg.file)
+    return HF_HUB + cfg.hf_hub_id if cfg.hf_hub_id else None
 
 
 def prepare_on_load(variant: str, kwargs: Mapping[str, Any], recipes: Mapping[str, RecyclingRecipe],
@@ -132,7 +158,8 @@ def prepare_on_load(variant: str, kwargs: Mapping[str, Any], recipes: Mapping[st
     if not pretrained:
         return on_load
     cache_dir = on_load.kwargs.get('cache_dir')
-    if on_load.trunk_repo:  # a missing donor fails here, before 260M parameters are built
-        locate_donor(f'{HF_HUB}{on_load.trunk_repo}', cache_dir=cache_dir, role='trunk donor')
+    if on_load.weights:  # a missing or damaged file fails here, before 260M parameters are built
+        locate_donor(on_load.weights, cache_dir=cache_dir,
+                     role='trunk donor' if on_load.tags_trunk else 'pretrained weights')
     return dataclasses.replace(on_load, filter=PretrainedFilter(on_load.recipe, resolve_inputs(on_load.recipe,
                                                                                                  cache_dir)))
