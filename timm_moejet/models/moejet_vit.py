@@ -25,6 +25,7 @@ from ..family import Family, register_family
 from ..layers import SpheroMoE
 from ..recycling import RecyclingRecipe
 from ..settings import integer, real
+from .budget import check_block_count
 from .builder import build_moe_model, paper_cfg
 from .placement import MoEModelMixin, pop_moe_kwargs
 
@@ -143,8 +144,9 @@ class MoEVisionTransformer(MoEModelMixin, VisionTransformer):
                 a donor's norms (CLIP's are torch's 1e-5) into the model's config.json.
             **kwargs: MoE placement and layer settings, and ``VisionTransformer`` arguments.
         """
-        for name, value in (('embed_dim', embed_dim), ('depth', depth), ('num_heads', num_heads)):
+        for name, value in (('embed_dim', embed_dim), ('num_heads', num_heads)):
             integer(1)(name, value)
+        check_block_count('depth', depth)
         if norm_eps is not None:
             if kwargs.get('norm_layer') is not None:
                 raise InvalidArgument('give norm_eps or norm_layer, not both.')
@@ -387,7 +389,7 @@ def moejet_vit(pretrained: bool = False, **kwargs) -> MoEVisionTransformer:
 def softmoe_vit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> MoEVisionTransformer:
     """Soft MoE-T baseline: ViT-Ti/16 with 197 single-path experts (softmax combine) in blocks 6..11."""
     return _create_moejet(
-        'softmoe_vit_tiny_patch16_224', pretrained=pretrained, **dict(_MOEJET_TINY, **_SOFTMOE, **kwargs))
+        'softmoe_vit_tiny_patch16_224', pretrained=pretrained, **{**_MOEJET_TINY, **_SOFTMOE, **kwargs})
 
 
 @register_model
@@ -400,4 +402,4 @@ def moejet_vit_test(pretrained: bool = False, **kwargs) -> MoEVisionTransformer:
 def softmoe_vit_test(pretrained: bool = False, **kwargs) -> MoEVisionTransformer:
     """Reduced-size Soft MoE ViT for tests."""
     return _create_moejet(
-        'softmoe_vit_test', pretrained=pretrained, **dict(_TEST, **dict(_SOFTMOE, num_core_experts=12), **kwargs))
+        'softmoe_vit_test', pretrained=pretrained, **{**_TEST, **_SOFTMOE, 'num_core_experts': 12, **kwargs})
