@@ -112,6 +112,14 @@ def test_soft_moe_variant():
     assert layer.univ is None and layer.combine == 'softmax' and layer.log_temperature.numel() == 1
 
 
+@pytest.mark.parametrize('name', ['softmoe_vit_test', 'softmoe_vit_tiny_patch16_224'])
+def test_soft_moe_models_take_the_callers_settings(name):
+    """Settings the Soft MoE entrypoints fix (experts, combine) can still be given: the caller's win."""
+    model = timm.create_model(name, num_core_experts=6, moe_combine='entmax15', device='meta')
+    layer = model.blocks[model.moe_blocks[0]].mlp
+    assert layer.core.num_experts == 6 and layer.combine == 'entmax15'
+
+
 @pytest.mark.parametrize('kwargs, exc, match', [
     (dict(num_core_experts=0, num_univ_experts=0), ValueError, 'at least one expert.*num_core_experts'),
     (dict(moe_blocks=(2, 4)), ValueError, r'moe_blocks \[4\] are outside the model depth; allowed block indices '

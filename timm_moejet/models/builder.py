@@ -2,7 +2,8 @@
 
 A model builds; it reads nothing itself. What loading asks of recycling (the recipe of the tag and the ``recycle_*``
 kwargs, the donors and statistics it names, read once before the model is built, and the filter timm calls) is
-:func:`timm_moejet.recycling.prepare_on_load`'s.
+``timm_moejet.recycling.on_load``'s. Sizes are checked against the device's memory before anything is read or
+allocated (``budget.py``).
 """
 import contextlib
 from typing import Any, Dict, Type
@@ -11,7 +12,8 @@ import torch.nn as nn
 from timm.models import build_model_with_cfg
 
 from ..layers import experts_to_be_loaded
-from ..recycling import prepare_on_load
+from ..recycling.on_load import read_inputs, recipe_from_kwargs
+from .budget import check_fits_device, target_device
 
 __all__ = ['PAPER_CFG', 'paper_cfg', 'build_moe_model']
 
@@ -46,7 +48,12 @@ def build_moe_model(
         feature_cfg: timm's feature extraction config of the family.
         **kwargs: ``create_model`` kwargs; the ``recycle_*`` ones configure the pretrained filter.
     """
-    on_load = prepare_on_load(variant, kwargs, model_cls.family.recipes, pretrained)
+    on_load = recipe_from_kwargs(variant, kwargs, model_cls.family.recipes)
+    # absurd sizes refused before a donor is read or a byte allocated
+    check_fits_device(variant, lambda: build_model_with_cfg(model_cls, variant, False, feature_cfg=dict(feature_cfg),
+                                                            **dict(on_load.kwargs, device='meta')),
+                      target_device(on_load.kwargs.get('device')))
+    on_load = read_inputs(on_load) if pretrained else on_load
     # with pretrained weights the experts are about to be overwritten: skip drawing 260M random values
     with on_load.loading(), experts_to_be_loaded() if pretrained else contextlib.nullcontext():
         model = build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=on_load.filter,

@@ -25,6 +25,7 @@ from ..errors import InvalidArgument, InvalidArgumentType
 from ..family import Family, register_family
 from ..recycling import RecyclingRecipe
 from ..settings import integer
+from .budget import check_block_count
 from .builder import build_moe_model, paper_cfg
 from .placement import MoEModelMixin, pop_moe_kwargs, replace_mlps
 
@@ -121,6 +122,7 @@ class MoEConvNeXt(MoEModelMixin, ConvNeXt):
         if len(depths) != 4 or len(dims) != 4:
             raise InvalidArgument(f'depths {depths} and dims {dims} must have one entry per stage; timm\'s ConvNeXt '
                                   f'has 4 stages.')
+        check_block_count(f'depths {depths}: a total of', sum(depths))
         img_size = _image_size(img_size)
         integer(0)('num_classes', kwargs.get('num_classes', 0))
         cores = _per_stage('num_core_experts', num_core_experts, len(depths))

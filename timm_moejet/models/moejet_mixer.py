@@ -29,6 +29,7 @@ from ..errors import InvalidArgument
 from ..family import Family, register_family
 from ..recycling import RecyclingRecipe
 from ..settings import integer, optional
+from .budget import check_block_count
 from .builder import build_moe_model, paper_cfg
 from .placement import MoEModelMixin, pop_moe_kwargs, replace_mlps
 
@@ -93,8 +94,8 @@ class MoEMlpMixer(MoEModelMixin, MlpMixer):
             num_univ_experts: Universal experts per MoE layer (None: the family's rule, twice the core experts).
             **kwargs: MoE placement and layer settings, and ``MlpMixer`` arguments.
         """
-        for name, value in (('num_blocks', num_blocks), ('embed_dim', embed_dim)):
-            integer(1)(name, value)
+        integer(1)('embed_dim', embed_dim)
+        check_block_count('num_blocks', num_blocks)
         integer(0)('num_classes', kwargs.get('num_classes', 0))
         if kwargs.get('block_layer', MixerBlock) is not MixerBlock:
             raise InvalidArgument('MoEMlpMixer builds timm\'s MixerBlock; block_layer (ResMLP, gMLP blocks) cannot '

@@ -24,7 +24,7 @@ from .inputs import resolve_inputs
 from .pretrained_filter import PretrainedFilter
 from .recipe import NAMES_OTHER_SOURCES, RECYCLE_KWARGS, RecyclingRecipe, check_strategy_reads
 
-__all__ = ['RecyclingOnLoad', 'prepare_on_load', 'recipe_from_kwargs']
+__all__ = ['RecyclingOnLoad', 'prepare_on_load', 'recipe_from_kwargs', 'read_inputs']
 
 # where the weights come from when they are not the tag's trunk donor
 _WEIGHT_OVERLAYS = ('file', 'url', 'hf_hub_id', 'state_dict')
@@ -150,16 +150,19 @@ def _weights_read(cfg: Any, overlay: Mapping[str, Any]) -> Optional[str]:
     return HF_HUB + cfg.hf_hub_id if cfg.hf_hub_id else None
 
 
-def prepare_on_load(variant: str, kwargs: Mapping[str, Any], recipes: Mapping[str, RecyclingRecipe],
-                    pretrained: bool) -> RecyclingOnLoad:
-    """:func:`recipe_from_kwargs`, and with ``pretrained`` the recipe's inputs read once, before the model is built:
-    a missing trunk donor is named here, and the filter timm calls gets the expert donor and statistics in memory."""
-    on_load = recipe_from_kwargs(variant, kwargs, recipes)
-    if not pretrained:
-        return on_load
+def read_inputs(on_load: RecyclingOnLoad) -> RecyclingOnLoad:
+    """The recipe's inputs read once, before the model is built: a missing or damaged trunk donor is named here, and
+    the filter timm calls gets the expert donor and statistics in memory."""
     cache_dir = on_load.kwargs.get('cache_dir')
     if on_load.weights:  # a missing or damaged file fails here, before 260M parameters are built
         locate_donor(on_load.weights, cache_dir=cache_dir,
                      role='trunk donor' if on_load.tags_trunk else 'pretrained weights')
     return dataclasses.replace(on_load, filter=PretrainedFilter(on_load.recipe, resolve_inputs(on_load.recipe,
                                                                                                  cache_dir)))
+
+
+def prepare_on_load(variant: str, kwargs: Mapping[str, Any], recipes: Mapping[str, RecyclingRecipe],
+                    pretrained: bool) -> RecyclingOnLoad:
+    """:func:`recipe_from_kwargs`, and with ``pretrained`` :func:`read_inputs`."""
+    on_load = recipe_from_kwargs(variant, kwargs, recipes)
+    return read_inputs(on_load) if pretrained else on_load
