@@ -120,6 +120,18 @@ def test_soft_moe_models_take_the_callers_settings(name):
     assert layer.core.num_experts == 6 and layer.combine == 'entmax15'
 
 
+@pytest.mark.parametrize('name', ['moejet_vit_test', 'moejet_convnext_test', 'moejet_mixer_test'])
+def test_deprecated_layer_names_are_refused_by_create_model(name):
+    """The layer's old short names (num_core ...) are not create_model kwargs: named, with the setting to give, even
+    next to the current name (which would make one setting given twice)."""
+    from timm_moejet.errors import InvalidArgument
+
+    for kwargs in (dict(num_core=4, num_core_experts=8), dict(num_core=4), dict(expert_drop=0.1)):
+        old = next(iter(kwargs))
+        with pytest.raises(InvalidArgument, match=f"^{old} is the SpheroMoE layer's deprecated name of "):
+            timm.create_model(name, **kwargs)
+
+
 @pytest.mark.parametrize('kwargs, exc, match', [
     (dict(num_core_experts=0, num_univ_experts=0), ValueError, 'at least one expert.*num_core_experts'),
     (dict(moe_blocks=(2, 4)), ValueError, r'moe_blocks \[4\] are outside the model depth; allowed block indices '

@@ -222,6 +222,28 @@ def test_more_bad_inputs(donors, tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ['broken']
 
 
+@pytest.mark.parametrize('command', [['export', '--output', 'out'], ['inspect', '--random-images', '1']])
+def test_a_class_count_other_than_the_checkpoints_is_refused(donors, tmp_path, capsys, monkeypatch, command):
+    """A folder's model has its trained head: --num-classes 5 for a 10-class checkpoint would replace it."""
+    monkeypatch.chdir(tmp_path)
+    status, err = _run([command[0], donors / 'a_folder', '--num-classes', '5', *command[1:]], capsys)
+    _assert_failed(status, err, 'num_classes=5 conflicts with', 'whose checkpoint has 10 classes',
+                   'Leave num_classes out')
+    assert os.listdir(tmp_path) == []
+    from timm_moejet.build import load_model
+    from timm_moejet.errors import InvalidArgument
+    with pytest.raises(InvalidArgument, match='conflicts with'):
+        load_model(str(donors / 'a_folder'), model_kwargs=dict(num_classes=5))
+    assert load_model(str(donors / 'a_folder'), model_kwargs=dict(num_classes=10))[0].num_classes == 10
+
+
+def test_the_class_count_given_twice_is_refused(donors, tmp_path, capsys):
+    status, err = _run(['export', 'moejet_vit_test', '--num-classes', '10', '--model-kwargs', 'num_classes=10',
+                        '--output', tmp_path / 'out'], capsys)
+    _assert_failed(status, err, 'given twice', '--num-classes 10', 'num_classes=10')
+    assert not (tmp_path / 'out').exists()
+
+
 def _sha(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 

@@ -29,6 +29,7 @@ from .checkpoint_io.hub import (
     hub_errors_named,
     load_weights_into,
     read_folder_config,
+    read_hub_config,
 )
 from .checkpoint_io.names import HF_HUB, LOCAL_DIR, WEIGHT_SUFFIXES, PathLike, check_model_name, parse_source
 from .checkpoint_io.read import folder_weights
@@ -71,6 +72,10 @@ def load_model(
 
     Returns:
         The model and the extra top-level config entries of its source folder (e.g. ``imported_from``).
+
+    Raises:
+        InvalidArgument: If ``model_kwargs`` ask a folder or Hub model for another number of classes than its
+            checkpoint has (its trained head would be replaced by a random one).
     """
     kwargs = dict(model_kwargs or {})
     if spec.startswith((HF_HUB, LOCAL_DIR)) or os.path.isdir(spec):
@@ -84,6 +89,9 @@ def load_model(
             check_model_name(config['architecture'])
             check_weights_readable(source.path)
             spec = f'local-dir:{source.path.resolve()}'
+        else:
+            config = read_hub_config(source.location) or {}
+        _refuse_other_classes(kwargs.get('num_classes'), config, source.name, source.timm_name())
         with hub_errors_named(f'model {spec!r}'):
             return create_model(spec, pretrained=True, **kwargs), extra
     if spec.endswith(WEIGHT_SUFFIXES) or os.path.isfile(spec):
@@ -96,6 +104,17 @@ def load_model(
     if checkpoint:
         load_weights_into(model, checkpoint, ema=ema)
     return model, {}
+
+
+def _refuse_other_classes(num_classes: Any, config: Dict[str, Any], name: str, timm_name: str) -> None:
+    """A checkpoint's model loads with its own head: another ``num_classes`` would replace the trained head with a
+    random one (timm's way of starting a fine-tune, not of exporting or inspecting the checkpoint)."""
+    classes = config.get('num_classes', (config.get('pretrained_cfg') or {}).get('num_classes'))
+    if num_classes is not None and classes is not None and num_classes != classes:
+        raise InvalidArgument(
+            f'num_classes={num_classes} conflicts with {name}, whose checkpoint has {classes} classes: its trained '
+            f'head would be replaced by a random one. Leave num_classes out to keep it (for a new head on purpose: '
+            f'timm.create_model({timm_name!r}, pretrained=True, num_classes={num_classes}), then fine-tune).')
 
 
 def _donor_model(spec: str) -> nn.Module:

@@ -140,6 +140,9 @@ def model_kwargs_from(args: argparse.Namespace) -> Dict[str, Any]:
             raise InvalidArgument(f'--model-kwargs entries must look like key=value, got {item!r}.')
         kwargs[key] = _literal(value)
     if args.num_classes is not None:
+        if 'num_classes' in kwargs:
+            raise InvalidArgument(f'the number of classes is given twice: as --num-classes {args.num_classes} and as '
+                                  f'--model-kwargs num_classes={kwargs["num_classes"]}; give it once.')
         kwargs['num_classes'] = args.num_classes
     return kwargs
 

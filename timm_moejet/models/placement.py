@@ -19,8 +19,9 @@ import torch
 import torch.nn as nn
 from timm.layers import calculate_drop_path_rates
 
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, InvalidArgumentType
 from ..layers import SpheroMoE, SpheroMoESettings
+from ..layers.sphero_moe import DEPRECATED_NAMES
 from ..moe_keys import MOE_KEYS
 from ..settings import check_fields, from_kwargs, int_sequence, optional, real, setting
 
@@ -83,6 +84,11 @@ def pop_moe_kwargs(kwargs: Dict[str, Any], **defaults: Any) -> Tuple[MoEPlacemen
         kwargs: The constructor kwargs (modified in place); what remains goes to the timm base class.
         **defaults: Family defaults for layer settings, by name.
     """
+    old = sorted(k for k in kwargs if k in DEPRECATED_NAMES)
+    if old:  # the layer still takes them (deprecated); a model never did, and both names at once would be one twice
+        raise InvalidArgumentType('; '.join(f'{k} is the SpheroMoE layer\'s deprecated name of {DEPRECATED_NAMES[k]}, '
+                                            f'give {DEPRECATED_NAMES[k]} only' for k in old)
+                                  + ' (create_model takes the current names).')
     placement = from_kwargs(MoEPlacement, kwargs)
     for name, value in defaults.items():
         kwargs.setdefault(name, value)
