@@ -93,4 +93,5 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-    main()
+    from benchmarks.entry import run_main
+    run_main(main, 'python -m benchmarks.cpu_fast_path')

@@ -56,4 +56,5 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-    main()
+    from benchmarks.entry import run_main
+    run_main(main, 'python -m benchmarks.profile_step')

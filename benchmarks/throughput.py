@@ -498,4 +498,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    from benchmarks.entry import run_main
+    sys.exit(run_main(main, 'python -m benchmarks.throughput'))

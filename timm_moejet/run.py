@@ -14,6 +14,7 @@ import textwrap
 from typing import List, Optional, Sequence
 
 import timm_moejet  # noqa: F401  (registers the models before the script looks them up)
+from timm_moejet.interrupt import run_main
 
 __all__ = ['main', 'run_script']
 
@@ -134,4 +135,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run_main(PROG, main))
