@@ -6,6 +6,8 @@
   exit with status 2 (the module is blocked in a subprocess), and ``import timm_moejet`` imports no optional package.
 - Every ``weights-tools`` command in the code blocks of README.md and docs/ is the installed script, names a real
   subcommand and parses with the command line's own parser; ``weights_tools`` is never written as a command.
+- The README shows the two commands of a newcomer's set-up, the demo and the tests (the development install and the
+  test command CI runs), and its offline example prints what the README shows.
 """
 import re
 import shlex
@@ -242,3 +244,32 @@ def test_ci_runs_what_contributing_says():
     ci = (ROOT / '.ci' / 'run').read_text()
     for line in setup[1:]:  # after creating the venv
         assert line in ci or line.replace('pip install', 'python -m pip install') in ci, f'.ci/run does not run {line}'
+
+
+def _fenced_blocks(page: Path):
+    """(language, text) of every fenced code block."""
+    return re.findall(r'```([a-z]*)\n(.*?)```', page.read_text(), flags=re.S)
+
+
+def test_the_readme_shows_the_development_install_and_the_test_command_ci_runs():
+    ci = (ROOT / '.ci' / 'run').read_text()
+    blocks = [text for _, text in _fenced_blocks(ROOT / 'README.md') if 'python -m pytest' in text]
+    assert len(blocks) == 1, 'the README shows the test command once, in its own block'
+    lines = blocks[0].strip().splitlines()
+    assert any(line.startswith('pip install -e ".[test]"') for line in lines), lines
+    for line in lines:
+        assert line in ci or line.replace('pip install', 'python -m pip install') in ci, f'.ci/run does not run {line}'
+
+
+def test_the_readme_offline_example_prints_what_the_readme_shows(tmp_path):
+    """The example that recycles a local dense ViT runs from a fresh folder, offline, and prints (stdout and the
+    logged warning) exactly the output block that follows it."""
+    blocks = _fenced_blocks(ROOT / 'README.md')
+    at = next(i for i, (lang, text) in enumerate(blocks)
+              if lang == 'python' and "create_moejet_from('local-dir:" in text)
+    code, (lang, shown) = blocks[at][1], blocks[at + 1]
+    assert lang == '', 'the output block follows the example'
+    res = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert res.stdout.strip().splitlines() == shown.strip().splitlines()
