@@ -60,24 +60,25 @@ def _named(err: str, path: Path) -> None:
     assert str(path) in err and 'Traceback' not in err and len(err.strip().splitlines()) == 1, err
 
 
-@pytest.mark.parametrize('how', SAFETENSORS_DAMAGE)
-def test_create_moejet_from_names_a_damaged_cached_download(hub, how):
+@pytest.fixture(params=SAFETENSORS_DAMAGE)
+def damaged_cached_tiny(hub, request) -> Path:
+    """ViT-Ti in21k in the offline cache, its model.safetensors damaged (each way in turn)."""
     build_hub_cache(hub, {TINY_REPO: DenseDonor('vit_tiny_patch16_224', depth=4)})
     damaged = repo_snapshot(hub, TINY_REPO) / 'model.safetensors'
-    _damage(damaged, how)
+    _damage(damaged, request.param)
+    return damaged
+
+
+def test_create_moejet_from_names_a_damaged_cached_download(damaged_cached_tiny):
     with pytest.raises(InvalidCheckpoint) as e:
         timm_moejet.create_moejet_from('vit_tiny_patch16_224.augreg_in21k', depth=4)
-    _named(str(e.value), damaged)
+    _named(str(e.value), damaged_cached_tiny)
 
 
-@pytest.mark.parametrize('how', SAFETENSORS_DAMAGE)
-def test_a_pretrained_tag_names_its_damaged_cached_trunk_donor_before_building(hub, how):
-    build_hub_cache(hub, {TINY_REPO: DenseDonor('vit_tiny_patch16_224', depth=4)})
-    damaged = repo_snapshot(hub, TINY_REPO) / 'model.safetensors'
-    _damage(damaged, how)
+def test_a_pretrained_tag_names_its_damaged_cached_trunk_donor_before_building(damaged_cached_tiny):
     with pytest.raises(InvalidCheckpoint) as e:
         timm.create_model('moejet_vit_tiny', pretrained=True)
-    _named(str(e.value), damaged)
+    _named(str(e.value), damaged_cached_tiny)
 
 
 @pytest.mark.parametrize('how', PTH_DAMAGE)
