@@ -152,6 +152,8 @@ def check_weights_file(path: PathLike) -> Path:
     if not os.access(path, os.R_OK):
         raise InvalidCheckpoint(f'{path} cannot be read: permission denied (mode '
                                 f'{oct(os.stat(path).st_mode & 0o777)[2:]:0>3}).')
+    if not path.name.endswith(WEIGHT_SUFFIXES):
+        return path  # another format: the reader names it
     if path.stat().st_size == 0:
         raise InvalidCheckpoint(f'{path} is empty (0 bytes), a download or copy that did not finish; {again}.')
     if path.suffix == '.safetensors':
@@ -166,8 +168,6 @@ def check_weights_file(path: PathLike) -> Path:
             raise InvalidCheckpoint(f'{path} is not a readable safetensors file ({_first_line(e)}); it may be '
                                     f'truncated or damaged: {again}.') from e
         return path
-    if not path.name.endswith(WEIGHT_SUFFIXES):
-        return path  # another format: the reader names it
     with open(path, 'rb') as f:
         magic = f.read(len(_ZIP_MAGIC))
     if magic == _ZIP_MAGIC:

@@ -12,7 +12,7 @@ import torch.nn as nn
 from timm.models import build_model_with_cfg
 
 from ..layers import experts_to_be_loaded
-from ..recycling.on_load import read_inputs, recipe_from_kwargs
+from ..recycling.on_load import locate_weights, read_inputs, recipe_from_kwargs
 from .budget import check_fits_device, target_device
 
 __all__ = ['PAPER_CFG', 'paper_cfg', 'build_moe_model']
@@ -49,7 +49,9 @@ def build_moe_model(
         **kwargs: ``create_model`` kwargs; the ``recycle_*`` ones configure the pretrained filter.
     """
     on_load = recipe_from_kwargs(variant, kwargs, model_cls.family.recipes)
-    # absurd sizes refused before a donor is read or a byte allocated
+    if pretrained:  # a missing or damaged donor is named before anything is built, on the meta device too
+        locate_weights(on_load)
+    # absurd sizes refused before a byte is allocated or a donor read
     check_fits_device(variant, lambda: build_model_with_cfg(model_cls, variant, False, feature_cfg=dict(feature_cfg),
                                                             **dict(on_load.kwargs, device='meta')),
                       target_device(on_load.kwargs.get('device')))

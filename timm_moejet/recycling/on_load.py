@@ -1,10 +1,11 @@
 """ Recycling on load: what ``timm.create_model(..., pretrained=True)`` of a MoE model asks of recycling.
 
-The model entrypoint (``models/builder.py``) builds; this module reads. :func:`prepare_on_load` turns the
-``recycle_*`` kwargs and the pretrained tag's recipe into one :class:`~timm_moejet.recycling.RecyclingRecipe`, names a
-missing trunk donor before 260M parameters are built, and loads what the recipe names (the expert donor, the
-statistics) once; the :class:`~timm_moejet.recycling.pretrained_filter.PretrainedFilter` it hands timm then works on
-what is in memory. :meth:`RecyclingOnLoad.recorded` gives the model's ``pretrained_cfg`` with the record of the
+The model entrypoint (``models/builder.py``) builds; this module reads, in three steps (:func:`prepare_on_load` runs
+them all): :func:`recipe_from_kwargs` turns the ``recycle_*`` kwargs and the pretrained tag's recipe into one
+:class:`~timm_moejet.recycling.RecyclingRecipe` (reading nothing), :func:`locate_weights` names a missing or damaged
+trunk donor before 260M parameters are built, and :func:`read_inputs` loads what the recipe names (the expert donor,
+the statistics) once; the :class:`~timm_moejet.recycling.pretrained_filter.PretrainedFilter` it hands timm then works
+on what is in memory. :meth:`RecyclingOnLoad.recorded` gives the model's ``pretrained_cfg`` with the record of the
 weights it holds.
 """
 import contextlib
@@ -24,7 +25,7 @@ from .inputs import resolve_inputs
 from .pretrained_filter import PretrainedFilter
 from .recipe import NAMES_OTHER_SOURCES, RECYCLE_KWARGS, RecyclingRecipe, check_strategy_reads
 
-__all__ = ['RecyclingOnLoad', 'prepare_on_load', 'recipe_from_kwargs', 'read_inputs']
+__all__ = ['RecyclingOnLoad', 'prepare_on_load', 'recipe_from_kwargs', 'locate_weights', 'read_inputs']
 
 # where the weights come from when they are not the tag's trunk donor
 _WEIGHT_OVERLAYS = ('file', 'url', 'hf_hub_id', 'state_dict')
@@ -150,19 +151,26 @@ def _weights_read(cfg: Any, overlay: Mapping[str, Any]) -> Optional[str]:
     return HF_HUB + cfg.hf_hub_id if cfg.hf_hub_id else None
 
 
-def read_inputs(on_load: RecyclingOnLoad) -> RecyclingOnLoad:
-    """The recipe's inputs read once, before the model is built: a missing or damaged trunk donor is named here, and
-    the filter timm calls gets the expert donor and statistics in memory."""
-    cache_dir = on_load.kwargs.get('cache_dir')
-    if on_load.weights:  # a missing or damaged file fails here, before 260M parameters are built
-        locate_donor(on_load.weights, cache_dir=cache_dir,
+def locate_weights(on_load: RecyclingOnLoad) -> None:
+    """Make sure the weights timm will read are there and readable (fetched into the cache when online), naming a
+    missing or damaged file before 260M parameters are built."""
+    if on_load.weights:
+        locate_donor(on_load.weights, cache_dir=on_load.kwargs.get('cache_dir'),
                      role='trunk donor' if on_load.tags_trunk else 'pretrained weights')
-    return dataclasses.replace(on_load, filter=PretrainedFilter(on_load.recipe, resolve_inputs(on_load.recipe,
-                                                                                                 cache_dir)))
+
+
+def read_inputs(on_load: RecyclingOnLoad) -> RecyclingOnLoad:
+    """The recipe's inputs read once, before the model is built: the filter timm calls gets the expert donor and
+    statistics in memory."""
+    inputs = resolve_inputs(on_load.recipe, on_load.kwargs.get('cache_dir'))
+    return dataclasses.replace(on_load, filter=PretrainedFilter(on_load.recipe, inputs))
 
 
 def prepare_on_load(variant: str, kwargs: Mapping[str, Any], recipes: Mapping[str, RecyclingRecipe],
                     pretrained: bool) -> RecyclingOnLoad:
-    """:func:`recipe_from_kwargs`, and with ``pretrained`` :func:`read_inputs`."""
+    """:func:`recipe_from_kwargs`, and with ``pretrained`` :func:`locate_weights` and :func:`read_inputs`."""
     on_load = recipe_from_kwargs(variant, kwargs, recipes)
-    return read_inputs(on_load) if pretrained else on_load
+    if not pretrained:
+        return on_load
+    locate_weights(on_load)
+    return read_inputs(on_load)
