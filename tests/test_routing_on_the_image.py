@@ -207,3 +207,11 @@ def test_without_matplotlib_one_line_names_the_plot_extra(photo, tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert status == 2 and 'pip install "timm-moejet[plot]"' in err and len(err.splitlines()) == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ['photo.jpg']
+
+
+def test_mixer_tokens_are_its_patches_without_prefix():
+    torch.manual_seed(0)
+    model = timm.create_model('moejet_mixer_test').eval()
+    size = model.pretrained_cfg['input_size'][1:]
+    maps = routing_maps(model, torch.randn(3, *size))
+    assert maps and all(m.grid == tuple(model.stem.grid_size) and m.prefix_names == () for m in maps)
