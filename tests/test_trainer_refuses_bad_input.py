@@ -75,6 +75,7 @@ def test_config_typo_is_refused_with_the_close_name(trainer_argv, capsys, tmp_pa
     ({'epochs': 'ten'}, ["epochs: 'ten' is not int"]),
     ({'lr_base': '4e-3'}, ['lr_base', 'write 4.0e-3']),
     ({'opt_betas': 0.9}, ['opt_betas', 'must be a list']),
+    ({'model_kwargs': 'img_size=32'}, ['model_kwargs', 'must be a mapping']),
 ])
 def test_config_that_would_change_training_unsupported_is_refused(trainer_argv, capsys, tmp_path, content, words):
     _refused(trainer_argv('--config', _config(tmp_path, content)), capsys, tmp_path, *words)

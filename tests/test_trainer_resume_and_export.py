@@ -70,7 +70,9 @@ def test_resume_continues_the_log_without_repeating_steps(trained, trainer_argv,
 
 def test_resume_from_an_earlier_epoch_keeps_the_checkpoint_it_saves(trained, trainer_argv, tmp_path):
     run = _copy(trained, tmp_path)
-    # epoch 2 is saved again, epoch_1 goes (--checkpoint-hist 1): the folder keeps its newest checkpoint only
+    # a later checkpoint of the run being redone (epoch_3) is newer than the epoch_2 the resume saves: the checkpoint
+    # just saved is the one kept, and latest names it
+    shutil.copytree(run / 'checkpoints' / 'epoch_2', run / 'checkpoints' / 'epoch_3')
     assert main(trainer_argv('--epochs', '2', '--checkpoint-hist', '1', '--no-export',
                              '--resume', str(run / 'checkpoints' / 'epoch_1'))) == 0
     assert _epochs(run) == ['epoch_2']

@@ -145,7 +145,9 @@ def _of_type(value: Any, kind: type) -> bool:
 
 def _check_value(action: argparse.Action, value: Any, where: str) -> None:
     """A YAML value of the type its option parses to (argparse converts command-line strings, not defaults)."""
-    flag = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+    if isinstance(action.default, dict) and not isinstance(value, dict):  # --model-kwargs, --opt-kwargs
+        raise InvalidArgumentType(f'{where}: {action.dest}: {value!r} must be a mapping (e.g. {{drop_rate: 0.1}}).')
+    flag = action.nargs == 0 and isinstance(action.const, bool)  # store_true / store_false
     if value is None or not flag and action.type not in (int, float):
         return
     kind = bool if flag else action.type
@@ -154,7 +156,7 @@ def _check_value(action: argparse.Action, value: Any, where: str) -> None:
         raise InvalidArgumentType(f'{where}: {action.dest}: {value!r} must be a list of {kind.__name__}.')
     if not all(_of_type(v, kind) for v in (value if many else [value])):
         raise InvalidArgumentType(f'{where}: {action.dest}: {value!r} is not {kind.__name__}'
-                                  f'{" (YAML reads 4e-3 as text: write 4.0e-3)" if kind is float else ""}.')
+                                  f'{" (YAML reads 4e-3 as text: write 4.0e-3)" if isinstance(value, str) else ""}.')
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
