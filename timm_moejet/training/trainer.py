@@ -37,7 +37,7 @@ from ..cost import num_params
 from ..errors import MoEJetError
 from . import checkpoint as ckpt
 from .args import check_args, fingerprint, output_dir, parse_args
-from .data import SyntheticImages, train_loader
+from .data import SyntheticImages, check_batches, train_dataset, train_loader
 
 __all__ = ['main', 'parse_args', 'train', 'Run', 'build_run', 'train_epoch', 'SyntheticImages']
 
@@ -98,7 +98,7 @@ class Run:
         scheduler: timm's scheduler.
         num_epochs: Epochs the schedule runs.
         loader: The training loader.
-        updates_per_epoch: Optimizer updates an epoch makes (an incomplete accumulation at its end is dropped).
+        updates_per_epoch: Optimizer updates an epoch makes (as train.py: a trailing partial accumulation is one).
         loss_fn: The loss (soft targets with mixup/cutmix).
         mixup: timm's ``Mixup``, or None.
         autocast: A context of bfloat16 autocast with ``--amp``, else of nothing.
@@ -180,13 +180,15 @@ def build_run(args: argparse.Namespace) -> Run:
     recorded = fingerprint(args, world)
     if args.resume:
         ckpt.check_fingerprint(ckpt.read_record(args.resume), recorded, args.resume)
+    dataset = train_dataset(args)
+    check_batches(args, dataset, world)
     device = _setup_distributed()
     rss_start = _peak_rss()  # the memory a process needs beyond torch, timm and the process group
     model = _build_model(args, device, world, resuming=bool(args.resume))
     args.lr = _scaled_lr(args, args.batch_size * world * args.grad_accum_steps)
     optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
-    loader = train_loader(args, model, device)
-    updates_per_epoch = len(loader) // args.grad_accum_steps
+    loader = train_loader(args, model, device, dataset)
+    updates_per_epoch = -(-len(loader) // args.grad_accum_steps)
     scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args),
                                                 updates_per_epoch=updates_per_epoch)
     loss_fn, mixup = _loss_and_mixup(args)
@@ -203,16 +205,16 @@ def build_run(args: argparse.Namespace) -> Run:
     return run
 
 
-def forward_backward(run: Run, x: torch.Tensor, y: torch.Tensor, last: bool) -> float:
-    """One micro-batch: its share of the update's gradient (synchronised over the ranks on the ``last`` one only);
-    returns its loss on this rank."""
+def forward_backward(run: Run, x: torch.Tensor, y: torch.Tensor, last: bool, accum: int) -> float:
+    """One micro-batch of an update of ``accum``: its share of the update's gradient (synchronised over the ranks on
+    the ``last`` one only); returns its loss on this rank."""
     x, y = x.to(run.device), y.to(run.device)
     if run.mixup is not None:
         x, y = run.mixup(x, y)
     run.model.set_requires_gradient_sync(last)
     with run.autocast():
         loss = run.loss_fn(run.model(x), y)
-    (loss / run.args.grad_accum_steps).backward()
+    (loss / accum).backward()
     return loss.item()
 
 
@@ -247,19 +249,19 @@ def _log_update(run: Run, loss: float) -> None:
 
 def train_epoch(run: Run) -> None:
     """The updates of one epoch, then the scheduler's epoch step. The random state is re-seeded before each update,
-    after its first micro-batch is drawn."""
-    accum = run.args.grad_accum_steps
+    after its first micro-batch is drawn. As train.py, the micro-batches left at the end of an epoch (fewer than
+    ``--grad-accum-steps``) make one more update, their losses averaged over their own count."""
+    num_batches, accum = len(run.loader), run.args.grad_accum_steps
     run.loader.sampler.set_epoch(run.epoch)
     _reseed(run.args, run.num_updates, run.rank)  # the data workers' seeds are drawn when the iterator starts
     run.model.train()
     for batch_idx, (x, y) in enumerate(run.loader):
-        if batch_idx // accum >= run.updates_per_epoch:
-            break  # an incomplete accumulation at the end of the epoch is dropped
-        micro = batch_idx % accum
+        micro, first = batch_idx % accum, batch_idx - batch_idx % accum
         if micro == 0:
             _reseed(run.args, run.num_updates, run.rank)
-        loss = forward_backward(run, x, y, last=micro == accum - 1)
-        if micro == accum - 1:
+        size = min(accum, num_batches - first)  # this update's micro-batches
+        loss = forward_backward(run, x, y, last=micro == size - 1, accum=size)
+        if micro == size - 1:
             optimizer_step(run)
             _log_update(run, loss)
     run.scheduler.step(run.epoch + 1)
@@ -274,12 +276,29 @@ def _save(run: Run) -> Path:
                                      world_size=run.world), keep=args.checkpoint_hist)
 
 
+def _drop_logged_after(log: Path, num_updates: int) -> None:
+    """Keep the lines of ``steps.jsonl`` up to update ``num_updates`` (a resume makes the later ones again; a line
+    cut by a kill is dropped too)."""
+    if not log.is_file():
+        return
+    kept = []
+    for line in log.read_text().splitlines():
+        try:
+            step = json.loads(line).get('step')
+        except (json.JSONDecodeError, AttributeError):
+            continue
+        if isinstance(step, int) and step <= num_updates:
+            kept.append(line + '\n')
+    atomic_write_bytes(''.join(kept).encode(), log)
+
+
 def _open_log(run: Run) -> None:
     """Rank 0: the run's folder, its arguments (``args.yaml``) and its step log."""
     if run.rank != 0:
         return
     run.output_dir.mkdir(parents=True, exist_ok=True)
     # steps.jsonl is a log appended to as the run goes (a resume continues it), not an output written once
+    _drop_logged_after(run.output_dir / 'steps.jsonl', run.num_updates)
     run.log = open(run.output_dir / 'steps.jsonl', 'a')
     atomic_write_bytes(yaml.safe_dump(vars(run.args), default_flow_style=False).encode(), run.output_dir / 'args.yaml')
     global_batch = run.args.batch_size * run.world * run.args.grad_accum_steps
@@ -318,6 +337,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return train(parse_args(argv))
     except MoEJetError as e:
+        import torch.distributed as dist
+        if dist.is_initialized():  # refused after the group was made: leave none behind (a caller may train again)
+            dist.destroy_process_group()
         print(f'error: {e}', file=sys.stderr)
         return 2
 
