@@ -57,8 +57,9 @@ MAX_SLOTS = 16384  # a combine row stays in registers: the threshold needs sever
 TILE = 4096  # elements of a [B, N, S] tensor a program holds at once (16 a thread in 8 warps)
 
 
-def _no_triton(fn):
-    return fn
+def _no_triton(fn=None, **_):
+    """Stands in for triton.jit where Triton is missing: the kernels stay plain, never-called functions."""
+    return fn if fn is not None else _no_triton
 
 
 _jit = triton.jit if triton is not None else _no_triton
@@ -74,6 +75,18 @@ def available() -> bool:
 
 # ---------------------------------------------------------------------------------------------------------------
 # kernels
+
+
+@_jit
+def _store(ptr, offs, x, mask):
+    """Store float32 x in the dtype of ptr, rounded to nearest even (for bfloat16 by hand: Triton's interpreter
+    truncates float32 to bfloat16, CUDA rounds; this way both round, to the same bits)."""
+    if tl.constexpr(ptr.dtype.element_ty == tl.bfloat16):
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        tl.store(ptr + offs, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(ptr + offs, x.to(ptr.dtype.element_ty), mask=mask)
 
 
 @_jit
@@ -100,7 +113,7 @@ def _dispatch_columns(raw_ptr, dscale_ptr, out_ptr, b, s0, N, S, noise_std, seed
     if SINGLE:  # the whole column in registers: one read
         logits, offs, ok = _dispatch_logits(raw_ptr, dscale_ptr, b, rows, cols, N, S, noise_std, seed, HAS_NOISE)
         e = tl.exp(logits - tl.max(logits, 0)[None, :])
-        tl.store(out_ptr + offs, (e / tl.sum(e, 0)[None, :]).to(out_ptr.dtype.element_ty), mask=ok)
+        _store(out_ptr, offs, e / tl.sum(e, 0)[None, :], ok)
     else:  # online max and sum, then a second pass that writes
         m = tl.full([BLOCK_S], float('-inf'), tl.float32)
         den = tl.zeros([BLOCK_S], tl.float32)
@@ -114,7 +127,7 @@ def _dispatch_columns(raw_ptr, dscale_ptr, out_ptr, b, s0, N, S, noise_std, seed
             logits, offs, ok = _dispatch_logits(raw_ptr, dscale_ptr, b, n0 + rows, cols, N, S, noise_std, seed,
                                                 HAS_NOISE)
             out = tl.exp(logits - m[None, :]) / den[None, :]
-            tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=ok)
+            _store(out_ptr, offs, out, ok)
 
 
 @_jit
@@ -161,7 +174,7 @@ def _combine_rows(raw_ptr, cscale_ptr, out_ptr, r0, M, S, noise_std, seed, inv_s
     else:
         e = tl.exp(z - tl.max(z, 1)[:, None])
         out = e / tl.sum(e, 1)[:, None]
-    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=ok)
+    _store(out_ptr, offs, out, ok)
 
 
 @_jit(do_not_specialize=['seed'])
