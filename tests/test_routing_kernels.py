@@ -200,6 +200,49 @@ def test_importing_without_triton_leaves_it_unavailable(monkeypatch):
     assert routing_triton.available()  # the tested installation has Triton
 
 
+# each kernel's variants, in the dtype of its outputs and gradients, compiled for one CUDA architecture
+COMPILED = [
+    ('_forward_kernel', 'bf16', dict(HAS_NOISE=True, SPARSE=True, NEWTON=4, BLOCK_N=256, BLOCK_S=16, SINGLE=True,
+                                     ROWS=8, ROW_BLOCK_S=512)),
+    ('_forward_kernel', 'fp32', dict(HAS_NOISE=False, SPARSE=False, NEWTON=4, BLOCK_N=256, BLOCK_S=16, SINGLE=False,
+                                     ROWS=8, ROW_BLOCK_S=512)),
+    ('_dispatch_colsum_kernel', 'bf16', dict(BLOCK_N=32, BLOCK_S=128)),
+    ('_backward_rows_kernel', 'bf16', dict(HAS_GD=True, HAS_GC=True, SPARSE=True, ROWS=8, BLOCK_S=512)),
+]
+
+
+def _signature(fn, out: str, constexprs: Dict[str, object]) -> Dict[str, str]:
+    """Argument types of a kernel: pointers to outputs and gradients in ``out``, the rest float32; strides and the
+    seed int64; other scalars int32."""
+    def kind(name: str) -> str:
+        if name in constexprs:
+            return 'constexpr'
+        if name.endswith('_ptr'):
+            return '*' + (out if name.split('_')[0] in ('dispatch', 'combine', 'gd', 'gc') else 'fp32')
+        if name in ('noise_std', 'inv_sqrt_s'):
+            return 'fp32'
+        return 'i64' if name == 'seed' or name[-3:] in ('_sb', '_sn', '_ss') else 'i32'
+    return {name: kind(name) for name in fn.arg_names}
+
+
+@pytest.mark.parametrize('kernel, out, constexprs', COMPILED, ids=[f'{k}-{o}' for k, o, _ in COMPILED])
+def test_the_kernels_compile_for_cuda(kernel, out, constexprs, tmp_path, monkeypatch):
+    """What the interpreter does not check, Triton's compiler does, without a GPU: the kernels lower to sm_90
+    machine code (through ptxas) for the variants the launches use."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    monkeypatch.setenv('TRITON_CACHE_DIR', str(tmp_path))  # compile every time, and leave the user's cache alone
+    fn = getattr(routing_triton, kernel)
+    if not isinstance(fn, triton.runtime.JITFunction):
+        pytest.skip('TRITON_INTERPRET is set in this process: the kernels are interpreted, not compiled')
+    source = ASTSource(fn=fn, signature=_signature(fn, out, constexprs),
+                       constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    compiled = triton.compile(source, target=GPUTarget('cuda', 90, 32), options={'num_warps': 8})
+    assert compiled.asm['cubin'] and compiled.metadata.num_warps == 8
+
+
 def _main(out: str, names: Optional[list] = None) -> None:
     assert os.environ.get('TRITON_INTERPRET') == '1', 'run with TRITON_INTERPRET=1 (the kernels on the CPU)'
     results = {}

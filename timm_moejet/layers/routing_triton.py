@@ -25,14 +25,27 @@ Layout (one forward launch, two backward launches):
   [B, N, 1], each once. The softmax over tokens needs a sum over N, the combine's a sum over S; a row program
   cannot finish before every column sum is known, hence the second launch.
 
-GPU cost (DRAM bytes per call; E = B * N * S, o = bytes of an output element, g = of a gradient element; the
-per-token scales and the [B, S] column sums, a few bytes per row or column, are left out):
-:func:`forward_bytes` = ``2 * 4 E + 2 * o E`` (raw read by the column and by the row programs, both outputs written),
-:func:`backward_bytes` = ``(g + o) E`` (launch 1) ``+ (2 g + 2 o + 4 + 4) E`` (launch 2). With bfloat16 outputs
-and gradients that is 3 and 5 float32-sized passes over [B, N, S], against about 30 for the tensor-op path.
+GPU cost (DRAM bytes per call; E = B * N * S, o = bytes of an output element, g = of a gradient element):
+:func:`forward_bytes` = ``2 * 4 E + 2 * o E`` (raw read by the column and by the row programs, both outputs
+written), :func:`backward_bytes` = ``(g + o) E`` (launch 1) ``+ (2 g + 2 o + 4 + 4) E`` (launch 2), both plus the
+per-token scales and the [B, S] column sums, which they count too. With bfloat16 outputs and gradients that is 3 and
+5 float32-sized passes over [B, N, S] (the tensor-op entmax threshold alone makes about 30).
+:func:`forward_launches` and :func:`backward_launches` count the kernels. With noise, each element's Philox draw
+(10 rounds) runs twice, in its column and in its row program: integer work of the order of a pass's memory time.
+Compiled for sm_90 with 8 warps (``tests/test_routing_kernels.py`` compiles them without a GPU), ptxas reports
+128 registers for the forward with one-tile dispatch columns, 162 with the two-pass ones, 158 for the entmax
+backward rows, 64 for the column sums, no spills.
+
+Precision: everything in float32 in registers; the outputs rounded once to ``out_dtype``, to nearest. The backward
+reads the outputs it is given (in ``out_dtype``), as autograd would.
+
+Triton's interpreter (``TRITON_INTERPRET=1``) runs these kernels as they are, Philox included, with one exception
+handled here: it truncates float32 to bfloat16 where CUDA rounds, so bfloat16 outputs are rounded by hand
+(integer ops, the same bits on both).
 """
 from __future__ import annotations  # 'tl.constexpr' stays a name: Triton reads it, and it needs no Triton here
 
+import contextlib
 import math
 from functools import lru_cache
 from typing import Optional, Tuple
@@ -295,6 +308,11 @@ def _row_blocks(slots: int) -> Tuple[int, int]:
     return max(1, min(64, TILE // block_s)), block_s
 
 
+def _on(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' one."""
+    return torch.cuda.device(device) if device.type == 'cuda' else contextlib.nullcontext()
+
+
 def _seed(seed: int) -> int:
     if not 0 <= seed < 2 ** 63:
         raise InvalidArgument(f'the routing noise seed must be in [0, 2**63), got {seed}')
@@ -323,12 +341,15 @@ def routing_forward(raw: torch.Tensor, dscale: torch.Tensor, cscale: torch.Tenso
     combine = torch.empty(raw.shape, dtype=out_dtype, device=raw.device)
     block_n, block_s, single = _dispatch_blocks(tokens, slots)
     rows, row_block_s = _row_blocks(slots)
+    if raw.numel() == 0:
+        return dispatch, combine
     grid = (batch * triton.cdiv(slots, block_s) + triton.cdiv(batch * tokens, rows),)
-    _forward_kernel[grid](
-        raw, dscale.contiguous(), cscale.contiguous(), dispatch, combine, batch, tokens, slots, float(noise_std),
-        _seed(seed), slots ** -0.5, HAS_NOISE=noise_std > 0., SPARSE=bool(sparse), NEWTON=NEWTON_STEPS,
-        BLOCK_N=block_n, BLOCK_S=block_s, SINGLE=single, ROWS=rows, ROW_BLOCK_S=row_block_s,
-        num_warps=_num_warps(max(block_n * block_s, rows * row_block_s)))
+    with _on(raw.device):
+        _forward_kernel[grid](
+            raw, dscale.contiguous(), cscale.contiguous(), dispatch, combine, batch, tokens, slots, float(noise_std),
+            _seed(seed), slots ** -0.5, HAS_NOISE=noise_std > 0., SPARSE=bool(sparse), NEWTON=NEWTON_STEPS,
+            BLOCK_N=block_n, BLOCK_S=block_s, SINGLE=single, ROWS=rows, ROW_BLOCK_S=row_block_s,
+            num_warps=_num_warps(max(block_n * block_s, rows * row_block_s)))
     return dispatch, combine
 
 
@@ -364,21 +385,25 @@ def routing_backward(grad_dispatch: Optional[torch.Tensor], grad_combine: Option
     g_raw = torch.empty(raw.shape, dtype=torch.float32, device=raw.device)
     g_dscale = torch.empty((batch, tokens, 1), dtype=torch.float32, device=raw.device)
     g_cscale = torch.empty((batch, tokens, 1), dtype=torch.float32, device=raw.device)
+    if raw.numel() == 0:
+        return g_raw, g_dscale, g_cscale
     gd = _grad_args(grad_dispatch, dispatch)
     gc = _grad_args(grad_combine, combine)
-    colsum = g_dscale  # not read when dispatch has no gradient
-    if grad_dispatch is not None:
-        colsum = torch.empty((batch, slots), dtype=torch.float32, device=raw.device)
-        block_s = min(_pow2(slots), 128)
-        block_n = max(1, min(_pow2(tokens), TILE // block_s))
-        _dispatch_colsum_kernel[(triton.cdiv(slots, block_s), batch)](
-            *gd, dispatch, colsum, tokens, slots, BLOCK_N=block_n, BLOCK_S=block_s,
-            num_warps=_num_warps(block_n * block_s))
-    rows, block_s = _row_blocks(slots)
-    _backward_rows_kernel[(triton.cdiv(batch * tokens, rows),)](
-        raw, dscale.contiguous(), cscale.contiguous(), dispatch, combine, *gd, *gc, colsum, g_raw, g_dscale, g_cscale,
-        batch * tokens, tokens, slots, HAS_GD=grad_dispatch is not None, HAS_GC=grad_combine is not None,
-        SPARSE=bool(sparse), ROWS=rows, BLOCK_S=block_s, num_warps=_num_warps(rows * block_s))
+    with _on(raw.device):
+        colsum = g_dscale  # not read when dispatch has no gradient
+        if grad_dispatch is not None:
+            colsum = torch.empty((batch, slots), dtype=torch.float32, device=raw.device)
+            block_s = min(_pow2(slots), 128)
+            block_n = max(1, min(_pow2(tokens), TILE // block_s))
+            _dispatch_colsum_kernel[(triton.cdiv(slots, block_s), batch)](
+                *gd, dispatch, colsum, tokens, slots, BLOCK_N=block_n, BLOCK_S=block_s,
+                num_warps=_num_warps(block_n * block_s))
+        rows, block_s = _row_blocks(slots)
+        _backward_rows_kernel[(triton.cdiv(batch * tokens, rows),)](
+            raw, dscale.contiguous(), cscale.contiguous(), dispatch, combine, *gd, *gc, colsum, g_raw, g_dscale,
+            g_cscale, batch * tokens, tokens, slots, HAS_GD=grad_dispatch is not None,
+            HAS_GC=grad_combine is not None, SPARSE=bool(sparse), ROWS=rows, BLOCK_S=block_s,
+            num_warps=_num_warps(rows * block_s))
     return g_raw, g_dscale, g_cscale
 
 
