@@ -64,7 +64,7 @@ except ImportError:  # the tensor-op path serves (see available())
 __all__ = ['available', 'routing_forward', 'routing_backward', 'routing_noise', 'forward_bytes', 'backward_bytes',
            'forward_launches', 'backward_launches']
 
-MIN_TORCH = (2, 4)  # what the kernels were written against (torch.library.custom_op); Triton 3 ships with it
+MIN_TORCH = (2, 4)  # the operator API the kernels serve (torch.library.custom_op); its CUDA builds ship Triton 3
 MAX_SINGLE_TOKENS = 1024  # a dispatch column up to this many tokens stays in registers (one read)
 MAX_SLOTS = 16384  # a combine row stays in registers: the threshold needs several passes over it
 TILE = 4096  # elements of a [B, N, S] tensor a program holds at once (16 a thread in 8 warps)
