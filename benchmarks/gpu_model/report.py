@@ -1,0 +1,41 @@
+""" The model's tables, as Markdown. """
+from typing import Any, Dict, List, Sequence
+
+__all__ = ['ratio_table', 'error_table', 'top_table']
+
+
+def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    return '\n'.join(['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)] +
+                     ['| ' + ' | '.join(r) + ' |' for r in rows])
+
+
+def ratio_table(results: Dict[str, Any]) -> str:
+    """Per pair: modeled ms of MoE and dense, the ratio, and the kernels, for eval and train (forward+backward)."""
+    rows = []
+    pairs = dict.fromkeys(k.split('/')[0] for k in results['pairs'])
+    for pair in pairs:
+        cells = [pair]
+        for mode in ('eval', 'train'):
+            row = results['pairs'].get(f'{pair}/{mode}')
+            if row is None:
+                cells += ['-'] * 3
+                continue
+            cells += [f'{row["moe"]["seconds"] * 1e3:.2f} / {row["dense"]["seconds"] * 1e3:.2f}',
+                      f'**{row["ratio"]:.2f}x**', f'{row["moe"]["kernels"]} / {row["dense"]["kernels"]}']
+        rows.append(cells)
+    return _table(['pair', 'eval ms (moe / dense)', 'eval ratio', 'eval kernels', 'train ms (moe / dense)',
+                   'train ratio', 'train kernels'], rows)
+
+
+def error_table(rows: List[Dict[str, Any]]) -> str:
+    """The H200 measurements against the model."""
+    return _table(['measured on an H200', 'measured', 'modeled', 'error'],
+                  [[r['what'], f'{r["measured"]:.3g}', f'{r["modeled"]:.3g}', f'{r["error"] * 100:+.0f}%']
+                   for r in rows])
+
+
+def top_table(rows: List[Dict[str, Any]]) -> str:
+    """The costliest op kinds of one step."""
+    return _table(['op', 'dtype', 'calls', 'kernels', 'GB moved', 'ms'],
+                  [[r['op'], r['dtype'], str(r['count']), str(r['kernels']), f'{r["gbytes"]:.2f}', f'{r["ms"]:.3f}']
+                   for r in rows])
