@@ -41,7 +41,7 @@ CUDA_FP32_OPS = (
     'smooth_l1_loss', 'huber_loss', 'mse_loss', 'binary_cross_entropy_with_logits', 'dist', 'pdist', 'cdist',
     'renorm', 'logsumexp', 'norm.Scalar', 'norm.ScalarOpt_dim',
 )
-# run with dtype=float32 where no dtype is given (the kernel reads bfloat16 and writes float32: no cast kernel)
+# run with dtype=float32 where no dtype is given (as CUDA autocast passes it; sum reads bfloat16 without a cast)
 CUDA_FP32_DTYPE_OPS = ('softmax.int', 'log_softmax.int', 'sum', 'sum.dim_IntList', 'prod', 'prod.dim_int', 'cumsum',
                        'cumprod', 'linalg_vector_norm')
 # inputs cast to the widest floating dtype among them
