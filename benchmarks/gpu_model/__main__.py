@@ -17,10 +17,10 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from benchmarks.throughput import PAIRS
 
-from .cost import DEVICES, FITTED
+from .cost import DEVICES, FITTED, Constants
 from .fit import errors, fit
 from .pairs import MODES, Records, modeled, record_pairs, top_ops, unknown_ops
-from .report import error_table, ratio_table, top_table
+from .report import copy_table, error_table, ratio_table, top_table
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_PAIRS = ('tiny', 'small', 'convnext_femto', 'layer')
@@ -39,7 +39,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help='also model a checkout of this git ref (a temporary worktree) and print both tables')
     parser.add_argument('--fit', action='store_true',
                         help='fit the constants to the H200 measurements (needs --device h200, batch 256, every '
-                             'measured pair) and print them with their errors')
+                             'measured pair) and print them with their errors; with --ref, fitted on the ref and '
+                             'used for both')
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f'--batch-size must be >= 1, got {args.batch_size}')
@@ -57,13 +58,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def run_model(args: argparse.Namespace) -> Dict[str, Any]:
-    """Record the pairs, model them on ``args.device`` and return the results (what ``--json`` writes)."""
+def run_model(args: argparse.Namespace, constants: Optional[Constants] = None) -> Dict[str, Any]:
+    """Record the pairs, model them on ``args.device`` with ``constants`` (default: fitted with ``--fit``, else
+    :data:`FITTED`) and return the results (what ``--json`` writes)."""
     records: Records = record_pairs(args.pairs, args.batch_size, MODES)
     device = DEVICES[args.device]
-    constants = FITTED
-    if args.fit:
-        constants = fit(records, device)
+    if constants is None:
+        constants = fit(records, device) if args.fit else FITTED
     table = modeled(records, device, constants)
     return dict(
         device=device.name, batch_size=args.batch_size, constants=dataclasses.asdict(constants),
@@ -99,7 +100,9 @@ def _ref_results(ref: str, argv: Sequence[str]) -> Dict[str, Any]:
 
 def _print(results: Dict[str, Any], title: str) -> None:
     print(f'## {title}\n')
+    print('constants: ' + ', '.join(f'{k} {v:.3g}' for k, v in results['constants'].items()) + '\n')
     print(ratio_table(results) + '\n')
+    print(copy_table(results) + '\n')
     if results['errors']:
         print(error_table(results['errors']) + '\n')
     for key, rows in results['top'].items():
@@ -124,13 +127,14 @@ def _own_argv(argv: Sequence[str]) -> List[str]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    results = run_model(args)
-    _print(results, f'this checkout: {results["device"]}, bf16 autocast, batch {args.batch_size}, eager (modeled)')
-    out: Dict[str, Any] = dict(current=results)
-    if args.ref:
+    out: Dict[str, Any] = {}
+    if args.ref:  # with --fit, the constants are fitted on the ref (the code that was measured) and used for both
         before = _ref_results(args.ref, _own_argv(argv))
         _print(before, f'{args.ref}: {before["device"]}, bf16 autocast, batch {args.batch_size}, eager (modeled)')
         out['ref'] = dict(before, ref=args.ref)
+    results = run_model(args, Constants(**out['ref']['constants']) if args.fit and args.ref else None)
+    _print(results, f'this checkout: {results["device"]}, bf16 autocast, batch {args.batch_size}, eager (modeled)')
+    out['current'] = results
     if args.json:
         from timm_moejet.checkpoint_io import atomic_write_bytes
         atomic_write_bytes(json.dumps(out if args.ref else results, indent=1).encode(), args.json)

@@ -11,7 +11,7 @@ from typing import Dict, List, Sequence
 
 from .record import Op
 
-__all__ = ['Device', 'Constants', 'DEVICES', 'FITTED', 'op_times', 'step_time']
+__all__ = ['Device', 'Constants', 'DEVICES', 'FITTED', 'COPY_OPS', 'op_times', 'step_time']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +47,10 @@ FITTED = Constants(gemm_efficiency=0.31, bandwidth_efficiency=0.37, grouped_conv
                    view_s=4.7e-6, kernel_floor_s=2.17e-6)
 
 
+# ops that only move or convert data: autocast's casts, .to(), .contiguous(), clones
+COPY_OPS = frozenset({'_to_copy', 'copy_', 'clone', '_copy_from', '_copy_from_and_resize'})
+
+
 def _gemm_rate(device: Device, dtype: str) -> float:
     return device.bf16_flops if dtype in ('bfloat16', 'float16') else device.fp32_flops
 
@@ -67,9 +71,10 @@ def op_times(ops: Sequence[Op], device: Device, c: Constants) -> List[float]:
 
 def step_time(ops: Sequence[Op], device: Device, c: Constants) -> Dict[str, float]:
     """The modeled step: ``seconds`` (pipeline finish), ``device_s`` (sum of kernel times), ``host_s`` (sum of
-    issue costs) and ``kernels``."""
-    host = gpu = busy = 0.
-    kernels = 0
+    issue costs), ``kernels``, and the kernels and device seconds of copies and dtype casts (``copy_kernels``,
+    ``copy_s``)."""
+    host = gpu = busy = copy_s = 0.
+    kernels = copy_kernels = 0
     for op, t in zip(ops, op_times(ops, device, c)):
         if op.kernels == 0:
             host += c.view_s
@@ -78,4 +83,8 @@ def step_time(ops: Sequence[Op], device: Device, c: Constants) -> Dict[str, floa
         gpu = max(gpu, host) + t
         busy += t
         kernels += op.kernels
-    return dict(seconds=max(gpu, host), device_s=busy, host_s=host, kernels=kernels)
+        if op.name in COPY_OPS:
+            copy_s += t
+            copy_kernels += op.kernels
+    return dict(seconds=max(gpu, host), device_s=busy, host_s=host, kernels=kernels, copy_kernels=copy_kernels,
+                copy_s=copy_s)

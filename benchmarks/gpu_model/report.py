@@ -1,7 +1,7 @@
 """ The model's tables, as Markdown. """
 from typing import Any, Dict, List, Sequence
 
-__all__ = ['ratio_table', 'error_table', 'top_table']
+__all__ = ['ratio_table', 'copy_table', 'error_table', 'top_table']
 
 
 def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -25,6 +25,15 @@ def ratio_table(results: Dict[str, Any]) -> str:
         rows.append(cells)
     return _table(['pair', 'eval ms (moe / dense)', 'eval ratio', 'eval kernels', 'train ms (moe / dense)',
                    'train ratio', 'train kernels'], rows)
+
+
+def copy_table(results: Dict[str, Any]) -> str:
+    """Copies and dtype casts (``_to_copy``, ``copy_``, ``clone``) per step: kernels and modeled device ms."""
+    rows = []
+    for key, row in results['pairs'].items():
+        rows.append([key.replace('/', ' ')] + [f'{row[r]["copy_kernels"]} / {row[r]["copy_s"] * 1e3:.2f}'
+                                               for r in ('moe', 'dense')])
+    return _table(['pair, mode', 'MoE copies and casts: kernels / ms', 'dense: kernels / ms'], rows)
 
 
 def error_table(rows: List[Dict[str, Any]]) -> str:
