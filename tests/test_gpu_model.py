@@ -146,3 +146,14 @@ def test_gpu_model_models_another_checkout_side_by_side_and_removes_its_worktree
     results = json.loads(out.read_text())
     assert results['ref']['ref'] == 'HEAD' and set(results['ref']['pairs']) == set(results['current']['pairs'])
     assert 'gpu_model_' not in _run(['git', 'worktree', 'list']).stdout  # its temporary worktree is gone
+
+
+def test_a_depthwise_convolution_backward_costs_what_its_forward_costs_per_gradient():
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    build = lambda: nn.Sequential(*[nn.Conv2d(8, 8, 3, padding=1, groups=8) for _ in range(2)])  # noqa: E731
+    ops = record_step(fake_module(build, fake), (8, 14, 14), 4, train=True, is_model=False, fake_mode=fake)
+    forward = [op for op in ops if op.name == 'convolution_grouped']
+    backward = [op for op in ops if op.name == 'convolution_grouped_backward']
+    assert len(forward) == len(backward) == 2 and forward[0].flops == 2 * 4 * 8 * 14 * 14 * 9
+    # the first convolution needs the weight gradient only, the second the input's too
+    assert sum(op.flops for op in backward) == 3 * forward[0].flops

@@ -105,7 +105,7 @@ def _dtype_name(tensors: List[torch.Tensor]) -> str:
 
 def _attention_flops(name: str, args) -> float:
     # q [B, H, N, d], k [B, H, M, d]: QK^T and PV forward; the backward recomputes QK^T and does four more
-    q, k = (args[1], args[3]) if name.endswith('backward') else (args[0], args[1])
+    q, k = (args[1], args[2]) if name.endswith('backward') else (args[0], args[1])
     b, h, n, d = q.shape
     return 2 * (5 if name.endswith('backward') else 2) * b * h * n * k.shape[-2] * d
 
