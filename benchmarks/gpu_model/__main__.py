@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from torch._subclasses.fake_tensor import DataDependentOutputException
+
 from benchmarks.throughput import PAIRS
 
 from .cost import DEVICES, FITTED, Constants
@@ -132,7 +134,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         before = _ref_results(args.ref, _own_argv(argv))
         _print(before, f'{args.ref}: {before["device"]}, bf16 autocast, batch {args.batch_size}, eager (modeled)')
         out['ref'] = dict(before, ref=args.ref)
-    results = run_model(args, Constants(**out['ref']['constants']) if args.fit and args.ref else None)
+    try:
+        results = run_model(args, Constants(**out['ref']['constants']) if args.fit and args.ref else None)
+    except DataDependentOutputException as e:  # fake tensors hold no values to read
+        print(f'python -m benchmarks.gpu_model: error: the step reads a tensor\'s value on the host ({e.func}), '
+              'which the model cannot record: it models code without host synchronisation', file=sys.stderr)
+        return 1
     _print(results, f'this checkout: {results["device"]}, bf16 autocast, batch {args.batch_size}, eager (modeled)')
     out['current'] = results
     if args.json:
