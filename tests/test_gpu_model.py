@@ -145,6 +145,9 @@ def test_gpu_model_models_another_checkout_side_by_side_and_removes_its_worktree
     assert proc.returncode == 0, proc.stderr
     results = json.loads(out.read_text())
     assert results['ref']['ref'] == 'HEAD' and set(results['ref']['pairs']) == set(results['current']['pairs'])
+    # each checkout's tables once, then the two side by side
+    assert proc.stdout.count('## this checkout:') == proc.stdout.count('## HEAD:') == 1
+    assert '## MoE/dense, HEAD -> this checkout' in proc.stdout
     assert 'gpu_model_' not in _run(['git', 'worktree', 'list']).stdout  # its temporary worktree is gone
 
 

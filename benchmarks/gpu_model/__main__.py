@@ -22,7 +22,7 @@ from benchmarks.throughput import PAIRS
 from .cost import DEVICES, FITTED, Constants
 from .fit import errors, fit
 from .pairs import MODES, Records, modeled, record_pairs, top_ops, unknown_ops
-from .report import copy_table, error_table, ratio_table, top_table
+from .report import compare_table, copy_table, error_table, ratio_table, top_table
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_PAIRS = ('tiny', 'small', 'convnext_femto', 'layer')
@@ -93,7 +93,8 @@ def _ref_results(ref: str, argv: Sequence[str]) -> Dict[str, Any]:
                     'sys.exit(main(sys.argv[3:]))')
             cmd = [sys.executable, '-c', boot, str(tree), str(ROOT / 'benchmarks'), *argv, '--json', str(out)]
             env = dict(os.environ, PYTHONPATH=str(tree))
-            if subprocess.run(cmd, cwd=tree, env=env).returncode != 0:
+            # its tables come back through the JSON and are printed here; its errors go to stderr as they come
+            if subprocess.run(cmd, cwd=tree, env=env, stdout=subprocess.DEVNULL).returncode != 0:
                 sys.exit(f'python -m benchmarks.gpu_model: error: the model failed on --ref {ref} (output above)')
             return json.loads(out.read_text())
         finally:
@@ -142,6 +143,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     _print(results, f'this checkout: {results["device"]}, bf16 autocast, batch {args.batch_size}, eager (modeled)')
     out['current'] = results
+    if args.ref:
+        print(f'## MoE/dense, {args.ref} -> this checkout\n\n' + compare_table(out['ref'], results) + '\n')
     if args.json:
         from timm_moejet.checkpoint_io import atomic_write_bytes
         atomic_write_bytes(json.dumps(out if args.ref else results, indent=1).encode(), args.json)

@@ -1,7 +1,7 @@
 """ The model's tables, as Markdown. """
 from typing import Any, Dict, List, Sequence
 
-__all__ = ['ratio_table', 'copy_table', 'error_table', 'top_table']
+__all__ = ['ratio_table', 'copy_table', 'compare_table', 'error_table', 'top_table']
 
 
 def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -34,6 +34,16 @@ def copy_table(results: Dict[str, Any]) -> str:
         rows.append([key.replace('/', ' ')] + [f'{row[r]["copy_kernels"]} / {row[r]["copy_s"] * 1e3:.2f}'
                                                for r in ('moe', 'dense')])
     return _table(['pair, mode', 'MoE copies and casts: kernels / ms', 'dense: kernels / ms'], rows)
+
+
+def compare_table(before: Dict[str, Any], after: Dict[str, Any]) -> str:
+    """MoE/dense ratios and MoE kernels of two checkouts, pair by pair."""
+    rows = []
+    for key, row in after['pairs'].items():
+        old = before['pairs'].get(key)
+        rows.append([key.replace('/', ' '), f'{old["ratio"]:.2f}x' if old else '-', f'**{row["ratio"]:.2f}x**',
+                     f'{old["moe"]["kernels"] if old else "-"} -> {row["moe"]["kernels"]}'])
+    return _table(['pair, mode', 'before', 'after', 'MoE kernels'], rows)
 
 
 def error_table(rows: List[Dict[str, Any]]) -> str:
