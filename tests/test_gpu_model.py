@@ -160,3 +160,18 @@ def test_a_depthwise_convolution_backward_costs_what_its_forward_costs_per_gradi
     assert len(forward) == len(backward) == 2 and forward[0].flops == 2 * 4 * 8 * 14 * 14 * 9
     # the first convolution needs the weight gradient only, the second the input's too
     assert sum(op.flops for op in backward) == 3 * forward[0].flops
+
+
+class _ReadsAValue(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * float(x.abs().max())  # a host synchronisation
+
+
+def test_a_step_that_reads_a_value_on_the_host_is_refused_in_one_line(monkeypatch, capsys):
+    import benchmarks.gpu_model.pairs as pairs
+    monkeypatch.setattr(pairs, 'SpheroMoE', lambda dim, **kwargs: _ReadsAValue(dim, dim))
+    assert main(['--pairs', 'layer', '--batch-size', '2']) == 1
+    assert capsys.readouterr().err.strip() == (
+        "python -m benchmarks.gpu_model: error: the step reads a tensor's value on the host "
+        '(aten._local_scalar_dense.default), which the model cannot record: it models code without host '
+        'synchronisation')
