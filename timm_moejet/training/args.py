@@ -26,6 +26,11 @@ def _data_options(a: Callable[..., Any]) -> None:
     a('--dataset', default='', help='timm dataset ("" image folder, "torch/...", "hfds/...", ...) or "synthetic"')
     a('--train-split', default='train')
     a('--train-num-samples', type=int, default=None, help='samples of an iterable dataset; synthetic: its size')
+    a('--val-split', default='validation', help='validation split ("" for none); synthetic: needs --val-num-samples')
+    a('--val-num-samples', type=int, default=None, help='validation samples of an iterable dataset or synthetic')
+    a('--val-interval', type=int, default=1, help='validate every N epochs (and after the last)')
+    a('-vb', '--validation-batch-size', type=int, default=None, help='validation batch size per process (default: -b)')
+    a('--crop-pct', type=float, default=None, help='validation center crop fraction (default: the model\'s)')
     a('--img-size', type=int, default=None, help='input image size (default: the model\'s)')
     a('--input-size', type=int, nargs=3, default=None, help='input dimensions (C H W)')
     a('--mean', type=float, nargs='+', default=None)
@@ -54,6 +59,13 @@ def _model_options(a: Callable[..., Any]) -> None:
     a('--drop-path', type=float, default=None)
     a('--model-kwargs', nargs='*', default={}, action=ParseKwargs)
     a('--grad-checkpointing', action='store_true')
+    a('--torchcompile', nargs='?', default=None, const='inductor',
+      help='compile every block with this torch.compile backend (default when given: inductor)')
+    a('--torchcompile-mode', default=None, help='torch.compile mode (e.g. max-autotune)')
+    a('--model-ema', action='store_true', help='keep an exponential moving average of the weights (sharded)')
+    a('--model-ema-decay', type=float, default=0.9998)
+    a('--model-ema-warmup', action='store_true', help='warm the EMA decay up over the first updates (timm ModelEmaV3)')
+    a('--model-ema-force-cpu', action='store_true', help='not supported: the EMA is sharded like the model')
 
 
 def _optimizer_options(a: Callable[..., Any]) -> None:
@@ -95,7 +107,8 @@ def _run_options(a: Callable[..., Any]) -> None:
     a('--output', default='', help='output folder (default: ./output/train)')
     a('--experiment', default='', help='sub-folder of --output (default: the model name)')
     a('--resume', default='', help='a sharded checkpoint (epoch_N, or the checkpoints folder: its latest)')
-    a('--checkpoint-hist', type=int, default=10, help='checkpoints to keep')
+    a('--checkpoint-hist', type=int, default=10, help='checkpoints to keep: the best by --eval-metric, and the latest')
+    a('--eval-metric', default='top1', help='validation metric that ranks the checkpoints: top1, top5 or loss')
     a('--log-interval', type=int, default=50)
     a('--no-export', action='store_true', help='do not write model.safetensors + config.json at the end')
 
