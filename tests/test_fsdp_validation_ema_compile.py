@@ -161,6 +161,20 @@ def test_rank_checkpoints_by_metric():
     assert rank_checkpoints({1: {}, 2: {}, 3: {}}) == [3, 2, 1]  # without validation: the newest
 
 
+def test_prune_keeps_the_best_and_the_latest(tmp_path):
+    import json
+
+    from timm_moejet.training.history import prune_checkpoints
+
+    for epoch, top1 in ((1, 80.), (2, 90.), (3, 70.), (4, 60.)):
+        (tmp_path / f'epoch_{epoch}').mkdir()
+        (tmp_path / f'epoch_{epoch}' / 'moejet_train.json').write_text(json.dumps(dict(metric=top1,
+                                                                                       eval_metric='top1')))
+    assert prune_checkpoints(tmp_path, keep=2) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['best', 'epoch_1', 'epoch_2', 'epoch_4']
+    assert (tmp_path / 'best').read_text() == 'epoch_2'
+
+
 @pytest.fixture
 def gloo():
     import torch.distributed as dist
