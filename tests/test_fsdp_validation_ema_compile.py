@@ -166,12 +166,13 @@ def test_prune_keeps_the_best_and_the_latest(tmp_path):
 
     from timm_moejet.training.history import prune_checkpoints
 
-    for epoch, top1 in ((1, 80.), (2, 90.), (3, 70.), (4, 60.)):
+    for epoch, top1 in ((1, 80.), (2, 90.), (3, 70.), (4, 60.), (5, 99.)):
         (tmp_path / f'epoch_{epoch}').mkdir()
         (tmp_path / f'epoch_{epoch}' / 'moejet_train.json').write_text(json.dumps(dict(metric=top1,
                                                                                        eval_metric='top1')))
-    assert prune_checkpoints(tmp_path, keep=2) == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ['best', 'epoch_1', 'epoch_2', 'epoch_4']
+    # epoch 5: left by an earlier run after the checkpoint this one resumed from; neither ranked nor deleted
+    assert prune_checkpoints(tmp_path, keep=2, latest=4) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['best', 'epoch_1', 'epoch_2', 'epoch_4', 'epoch_5']
     assert (tmp_path / 'best').read_text() == 'epoch_2'
 
 

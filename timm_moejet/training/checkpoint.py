@@ -63,7 +63,7 @@ def save_checkpoint(root: Path, epoch: int, model: nn.Module, optimizer: torch.o
             write_json(dict(record, epoch=epoch), tmp / RECORD)
     if _rank() == 0:
         atomic_write_bytes(final.name.encode(), root / LATEST)
-        prune_checkpoints(root, keep)
+        prune_checkpoints(root, keep, latest=epoch)
     _barrier()
     return final
 

@@ -5,7 +5,8 @@ Every ``epoch_N/moejet_train.json`` records the epoch's validation metric (``met
 epoch without validation). After each save, the ``keep`` best checkpoints are kept, ranked by that metric (higher
 is better, lower for ``loss``; epochs without one rank last, newer before older), and the latest in any case; the
 folder's ``best`` file names the best one, as ``latest`` names the newest. A run without validation keeps the
-``keep`` newest.
+``keep`` newest. Checkpoints after the latest (left by a run that was resumed from an earlier one) are left alone:
+the resumed run replaces them as it reaches them.
 """
 import json
 import shutil
@@ -43,14 +44,14 @@ def _records(root: Path) -> Dict[int, Dict[str, Any]]:
     return records
 
 
-def prune_checkpoints(root: Path, keep: int) -> Optional[int]:
-    """Delete the checkpoints under ``root`` that are neither among the ``keep`` best nor the latest; write ``best``.
-    Returns the best epoch (None without validation metrics). Rank 0 only."""
-    records = _records(root)
+def prune_checkpoints(root: Path, keep: int, latest: int) -> Optional[int]:
+    """Delete the checkpoints under ``root`` up to epoch ``latest`` that are neither among the ``keep`` best nor the
+    latest; write ``best``. Returns the best epoch (None without validation metrics). Rank 0 only."""
+    records = {epoch: record for epoch, record in _records(root).items() if epoch <= latest}
     if not records:
         return None
     ranked = rank_checkpoints(records)
-    kept = set(ranked[:max(keep, 1)]) | {max(records)}
+    kept = set(ranked[:max(keep, 1)]) | {latest}
     for epoch in set(records) - kept:
         shutil.rmtree(root / f'epoch_{epoch}', ignore_errors=True)
     best = ranked[0] if records[ranked[0]].get('metric') is not None else None
