@@ -213,6 +213,23 @@ def test_sharded_ema_equals_timm_model_ema_v3(gloo, warmup):
     assert max((full[k] - v).abs().max().item() for k, v in reference.module.state_dict().items()) <= ATOL
 
 
+def test_compiled_blocks_break_only_at_the_fsdp_hooks(gloo):
+    """Per-block compilation (dynamo's eager backend: no Inductor): the only graph breaks are FSDP2's own hooks
+    of the units inside the blocks (experts, routers), so the graphs end where the sharding units do."""
+    from torch._dynamo.utils import counters
+
+    from timm_moejet.training import init_device_mesh, shard_model
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = timm.create_model('moejet_vit_test', img_size=32, patch_size=8, num_classes=10)
+    shard_model(model, init_device_mesh('cpu'), compile_backend='eager')
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    breaks = counters['graph_break']
+    assert sum(breaks.values()) > 0 and all('skipping FSDP hooks' in reason for reason in breaks), dict(breaks)
+    assert counters['stats']['unique_graphs'] >= 4  # one per block at least
+
+
 def test_compiled_blocks_train_as_eager(tmp_path):
     """--torchcompile --grad-checkpointing on two processes: the same losses and validation as eager."""
     import json
