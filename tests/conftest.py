@@ -39,3 +39,35 @@ def donors(tmp_path_factory):
         save_for_hf(model, str(root / name), safe_serialization=True)
     save_file(small_dense_vit(0).state_dict(), str(root / 'vit.safetensors'))
     return root
+
+
+@pytest.fixture(scope='session')
+def tiny_images(tmp_path_factory):
+    """A tiny ImageFolder: ``train/<class>/*.png``, 2 classes of 8 random 32 x 32 images (2 batches of 8)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp('tiny_images')
+    g = torch.Generator().manual_seed(0)
+    for label in ('a', 'b'):
+        (root / 'train' / label).mkdir(parents=True)
+        for i in range(8):
+            pixels = torch.randint(0, 256, (32, 32, 3), generator=g, dtype=torch.uint8)
+            Image.fromarray(pixels.numpy()).save(root / 'train' / label / f'{i}.png')
+    return root
+
+
+@pytest.fixture(scope='session')
+def trainer_command(tiny_images):
+    """The trainer's command line of the hardening checks: ``moejet_vit_test`` at 32 x 32 on ``tiny_images``, 1 epoch
+    of 2 batches, one process; ``trainer_command(output, *extra)`` writes under ``output/run``."""
+    def argv(output, *extra: str) -> list:
+        return ['--model', 'moejet_vit_test', '--model-kwargs', 'img_size=32', 'patch_size=8', '--img-size', '32',
+                '--num-classes', '10', '-b', '8', '--epochs', '1', '--workers', '0', '--output', str(output),
+                '--experiment', 'run', '--data-dir', str(tiny_images), *extra]
+    return argv
+
+
+@pytest.fixture
+def trainer_argv(trainer_command, tmp_path):
+    """:func:`trainer_command` writing under ``tmp_path/runs``: ``trainer_argv('--epochs', '2')``."""
+    return lambda *extra: trainer_command(tmp_path / 'runs', *extra)

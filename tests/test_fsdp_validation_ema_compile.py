@@ -159,6 +159,7 @@ def test_rank_checkpoints_by_metric():
     losses = {1: dict(metric=0.5, eval_metric='loss'), 2: dict(metric=0.7, eval_metric='loss')}
     assert rank_checkpoints(losses) == [1, 2]
     assert rank_checkpoints({1: {}, 2: {}, 3: {}}) == [3, 2, 1]  # without validation: the newest
+    assert rank_checkpoints({1: {}, 2: {}, 3: {}}, saved=2) == [2, 1, 3]  # a resume saved 2: 3 is left over
 
 
 def test_prune_keeps_the_best_and_the_latest(tmp_path):
@@ -170,9 +171,9 @@ def test_prune_keeps_the_best_and_the_latest(tmp_path):
         (tmp_path / f'epoch_{epoch}').mkdir()
         (tmp_path / f'epoch_{epoch}' / 'moejet_train.json').write_text(json.dumps(dict(metric=top1,
                                                                                        eval_metric='top1')))
-    # epoch 5: left by an earlier run after the checkpoint this one resumed from; neither ranked nor deleted
-    assert prune_checkpoints(tmp_path, keep=2, latest=4) == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ['best', 'epoch_1', 'epoch_2', 'epoch_4', 'epoch_5']
+    # epoch 5: left by an earlier run after the checkpoint this one resumed from (4): it ranks last
+    assert prune_checkpoints(tmp_path, keep=2, saved=4) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['best', 'epoch_1', 'epoch_2', 'epoch_4']
     assert (tmp_path / 'best').read_text() == 'epoch_2'
 
 

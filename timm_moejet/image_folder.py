@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from .errors import InvalidArgument, InvalidCheckpoint, NotFound
 
-__all__ = ['image_loader', 'balanced_indices', 'find_images', 'split_folder']
+__all__ = ['image_loader', 'balanced_indices', 'find_images', 'split_folder', 'read_image']
 
 # the sub-folder names timm's datasets take for a split (timm's own search for them is not public)
 _SPLIT_SYNONYMS = (('train', 'training'), ('val', 'valid', 'validation', 'eval', 'evaluation'))
@@ -117,20 +117,33 @@ class _ImageFiles(Dataset):
 
     @staticmethod
     def _read(path: str, decode: bool = True):
-        from PIL import Image
-
-        try:
-            with Image.open(path) as img:
-                return img.convert('RGB') if decode else None
-        except Image.DecompressionBombError as e:
-            raise InvalidCheckpoint(f'image {path} is too large to decode safely ({e}).') from e
-        except (OSError, ValueError, SyntaxError) as e:  # PIL: truncated, corrupt or not an image
-            raise InvalidCheckpoint(f'image {path} cannot be read ({type(e).__name__}: {e}); remove or replace '
-                                    f'it.') from e
+        return read_image(path, decode)
 
     def __getitem__(self, index: int):
         path, target = self.samples[index]
         return self.transform(self._read(path)), target
+
+
+def read_image(path: str, decode: bool = True):
+    """An image file as an RGB PIL image; with ``decode=False`` only its header is read (None is returned), so an
+    unreadable image is named before any slow work.
+
+    Raises:
+        NotFound: If ``path`` is not a file.
+        InvalidCheckpoint: If it cannot be decoded (truncated, corrupt, not an image, a decompression bomb).
+    """
+    from PIL import Image
+
+    if not os.path.isfile(path):
+        raise NotFound(f'image {path} does not exist or is not a file.')
+    try:
+        with Image.open(path) as img:
+            return img.convert('RGB') if decode else None
+    except Image.DecompressionBombError as e:
+        raise InvalidCheckpoint(f'image {path} is too large to decode safely ({e}).') from e
+    except (OSError, ValueError, SyntaxError) as e:  # PIL: truncated, corrupt or not an image
+        raise InvalidCheckpoint(f'image {path} cannot be read ({type(e).__name__}: {e}); remove or replace '
+                                f'it.') from e
 
 
 def image_loader(

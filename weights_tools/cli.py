@@ -25,7 +25,7 @@ EXIT_FAILURE = 1
 
 
 # arguments that name what a command writes (checked after an interrupt: was it written?)
-_OUTPUT_ARGS = ('output', 'plot', 'json')
+_OUTPUT_ARGS = ('output', 'plot', 'json', 'route_plot')
 
 
 class Terminated(KeyboardInterrupt):

@@ -11,25 +11,30 @@ resumes on M, or loads into one unsharded model for export.
 (timm's Hub layout, as ``weights-tools export`` writes it) from a checkpoint, in one process.
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from ..checkpoint_io import atomic_output_dir, atomic_write_bytes, write_json
-from ..errors import InvalidCheckpoint, MoEJetError, NotFound, OutputExists
+from ..errors import InvalidArgument, InvalidCheckpoint, MoEJetError, NotFound, OutputExists
 from .history import prune_checkpoints
 
-__all__ = ['RECORD', 'save_checkpoint', 'load_checkpoint', 'read_record', 'resolve_checkpoint', 'check_fingerprint',
-           'build_model_from_record', 'export_checkpoint']
+__all__ = ['RECORD', 'save_checkpoint', 'load_checkpoint', 'read_record', 'resolve_checkpoint', 'check_shards',
+           'check_fingerprint', 'build_model_from_record', 'export_checkpoint']
 
 RECORD = 'moejet_train.json'
 LATEST = 'latest'
+CHECKPOINTS = 'checkpoints'  # a run folder's folder of checkpoints
+TRAINED_TAG = 'trained'  # the pretrained tag of an exported model (its config.json)
+# what a record holds, and of which type
+RECORD_ENTRIES = dict(model=str, model_kwargs=dict, fingerprint=dict, epoch=int, num_updates=int)
 
 
 def _rank() -> int:
@@ -46,11 +51,18 @@ def _barrier() -> None:
 def save_checkpoint(root: Path, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     record: Dict[str, Any], keep: int = 10, extra: Optional[Dict[str, nn.Module]] = None) -> Path:
     """Save ``epoch_{epoch}`` under ``root`` (a collective: every rank calls it), with the state of the ``extra``
-    models (e.g. ``{'model_ema': ...}``) under their keys. Keeps the ``keep`` best by the records' validation metric
-    and the latest (:func:`~timm_moejet.training.history.prune_checkpoints`)."""
+    models (e.g. ``{'model_ema': ...}``) under their keys. Keeps the one just saved and the ``keep`` best by the
+    records' validation metric, the newest without one (:func:`~timm_moejet.training.history.prune_checkpoints`).
+
+    Raises:
+        InvalidArgument: ``keep`` is less than 1 (the checkpoint just saved is always kept).
+    """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise InvalidArgument(f'keep must be an int of at least 1 (the checkpoint just saved is always kept), got '
+                              f'{keep!r}.')
     root = Path(root)
     final = root / f'epoch_{epoch}'
     model_sd, optim_sd = get_state_dict(model, optimizer)
@@ -63,16 +75,33 @@ def save_checkpoint(root: Path, epoch: int, model: nn.Module, optimizer: torch.o
             write_json(dict(record, epoch=epoch), tmp / RECORD)
     if _rank() == 0:
         atomic_write_bytes(final.name.encode(), root / LATEST)
-        prune_checkpoints(root, keep, latest=epoch)
+        prune_checkpoints(root, keep, saved=epoch)
     _barrier()
     return final
 
 
+def _latest(root: Path) -> Path:
+    """The checkpoint ``root/latest`` names: a file holding a folder name of ``root`` (not a link, not a path)."""
+    latest = root / LATEST
+    name = latest.read_text().strip() if latest.is_file() and not latest.is_symlink() else ''
+    target = root / name
+    if latest.is_symlink() or not name or Path(name).name != name or name in ('.', '..') \
+            or target.is_symlink() or not target.resolve().is_relative_to(root.resolve()):
+        raise InvalidCheckpoint(f'{latest} must be a file naming a checkpoint folder beside it (e.g. epoch_3); it is a '
+                                f'link or names something else. Pass the checkpoint folder itself.')
+    return target
+
+
 def resolve_checkpoint(path: os.PathLike) -> Path:
-    """A checkpoint folder, or a folder of them (its ``latest``)."""
+    """A checkpoint folder: ``path`` itself, or the ``latest`` of a folder of them or of a run folder."""
     path = Path(path)
-    if (path / LATEST).is_file():
-        path = path / (path / LATEST).read_text().strip()
+    if path.is_file():
+        raise InvalidCheckpoint(f'{path} is a file; give the run folder, its {CHECKPOINTS} folder or a checkpoint '
+                                f'folder (epoch_N).')
+    if not (path / LATEST).exists() and (path / CHECKPOINTS / LATEST).exists():
+        path = path / CHECKPOINTS  # a run folder
+    if os.path.lexists(path / LATEST):
+        path = _latest(path)
     if not path.is_dir():
         raise NotFound(f'checkpoint {path} does not exist.')
     if not (path / RECORD).is_file() or not (path / '.metadata').is_file():
@@ -81,16 +110,45 @@ def resolve_checkpoint(path: os.PathLike) -> Path:
     return path
 
 
-def read_record(path: os.PathLike) -> Dict[str, Any]:
-    """The ``moejet_train.json`` of a checkpoint folder."""
+def check_shards(path: os.PathLike) -> Path:
+    """A checkpoint folder whose DCP ``.metadata`` reads and whose shard files hold every byte it points to.
+
+    Raises:
+        InvalidCheckpoint: naming the damaged file.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+
     path = resolve_checkpoint(path)
+    try:
+        metadata = FileSystemReader(os.fspath(path)).read_metadata()
+        ends: Dict[str, int] = {}
+        for info in metadata.storage_data.values():
+            ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    except Exception as e:  # a damaged pickle raises anything
+        raise InvalidCheckpoint(f'{path / ".metadata"} is damaged ({type(e).__name__}: {e}); resume from an '
+                                f'earlier checkpoint.') from e
+    for name, end in sorted(ends.items()):
+        size = (path / name).stat().st_size if (path / name).is_file() else None
+        if size is None or size < end:
+            state = 'is missing' if size is None else f'is truncated ({size} of {end} bytes)'
+            raise InvalidCheckpoint(f'{path / name} {state}; resume from an earlier checkpoint.')
+    return path
+
+
+def read_record(path: os.PathLike) -> Dict[str, Any]:
+    """The ``moejet_train.json`` of a checkpoint folder, once its shards are checked (:func:`check_shards`)."""
+    path = check_shards(path)
     try:
         record = json.loads((path / RECORD).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InvalidCheckpoint(f'{path / RECORD} is not valid JSON ({e}).') from e
-    for key in ('model', 'model_kwargs', 'fingerprint', 'epoch', 'num_updates'):
+    if not isinstance(record, dict):
+        raise InvalidCheckpoint(f'{path / RECORD} holds a {type(record).__name__}, not the record of a checkpoint.')
+    for key, kind in RECORD_ENTRIES.items():
         if key not in record:
             raise InvalidCheckpoint(f'{path / RECORD} has no {key!r} entry.')
+        if not isinstance(record[key], kind) or isinstance(record[key], bool):
+            raise InvalidCheckpoint(f'{path / RECORD}: {key!r} is {record[key]!r}, not a {kind.__name__}.')
     return record
 
 
@@ -102,6 +160,17 @@ def check_fingerprint(record: Dict[str, Any], fingerprint: Dict[str, Any], path:
     if diffs:
         raise InvalidCheckpoint(f'{path} was written by another model or recipe, it cannot be resumed here ('
                                 + '; '.join(diffs) + '). Nothing was trained or written.')
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """DCP's errors on reading a checkpoint (a shard damaged inside, a model that does not fit) as
+    ``InvalidCheckpoint`` naming the folder."""
+    try:
+        yield
+    except Exception as e:  # DCP wraps every rank's failure in a CheckpointException, its text the ranks' tracebacks
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise InvalidCheckpoint(f'cannot read the shards of {path}: {first}') from e
 
 
 def load_checkpoint(path: os.PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer],
@@ -121,7 +190,8 @@ def load_checkpoint(path: os.PathLike, model: nn.Module, optimizer: Optional[tor
     model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
     state = {'model': model_sd, 'optim': optim_sd} if optimizer is not None else {'model': model_sd}
     state.update({key: get_model_state_dict(module) for key, module in (extra or {}).items()})
-    dcp.load(state, checkpoint_id=path)
+    with _reading(path):
+        dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=state['model'],
                    optim_state_dict=state.get('optim', {}))
     for key, module in (extra or {}).items():
@@ -139,13 +209,24 @@ def build_model_from_record(record: Dict[str, Any], device: Any = 'cpu') -> nn.M
     return model.to(device)
 
 
+def _check_output_apart(output: os.PathLike, inputs: Tuple[Path, ...]) -> None:
+    """Refuse an export output that is, holds or lies inside a checkpoint or the folder of checkpoints."""
+    out = Path(output).resolve()
+    for folder in inputs:
+        folder = folder.resolve()
+        if out == folder or out.is_relative_to(folder) or folder.is_relative_to(out):
+            raise OutputExists(f'the output {output} would overwrite the checkpoints it is exported from ({folder}); '
+                               f'write it outside that folder.')
+
+
 def export_checkpoint(checkpoint: os.PathLike, output: os.PathLike, overwrite: bool = False,
                       ema: bool = False) -> Tuple[Path, nn.Module]:
     """Consolidate a sharded checkpoint into one ``model.safetensors`` + ``config.json`` (in this process only):
     the model's weights, or with ``ema`` those of its model EMA (``--model-ema``).
 
     Raises:
-        OutputExists: ``output`` exists and not ``overwrite``.
+        OutputExists: ``output`` exists and not ``overwrite``, or it is, holds or lies inside the checkpoint or its
+            folder of checkpoints (whatever ``overwrite`` says).
         InvalidCheckpoint / NotFound: not a checkpoint; ``ema`` and the checkpoint holds no EMA weights.
     """
     import torch.distributed.checkpoint as dcp
@@ -154,6 +235,8 @@ def export_checkpoint(checkpoint: os.PathLike, output: os.PathLike, overwrite: b
 
 
     path = resolve_checkpoint(checkpoint)
+    root = (path.parent,) if (path.parent / LATEST).exists() or path.parent.name == CHECKPOINTS else ()
+    _check_output_apart(output, (Path(checkpoint), path, *root))
     if os.path.lexists(output) and not overwrite:  # refused before the model is built
         raise OutputExists(f'{output} exists; pass --overwrite (overwrite=True) to replace it.')
     record = read_record(path)
@@ -162,10 +245,11 @@ def export_checkpoint(checkpoint: os.PathLike, output: os.PathLike, overwrite: b
         raise NotFound(f'{path} holds no EMA weights (its run was trained without --model-ema); export the model\'s.')
     model = build_model_from_record(record)
     state = {key: model.state_dict()}
-    with warnings.catch_warnings():  # DCP warns that it loads in one process, which is the point here
+    with warnings.catch_warnings(), _reading(path):  # DCP warns that it loads in one process, the point here
         warnings.filterwarnings('ignore', message='torch.distributed is disabled')
         dcp.load(state, checkpoint_id=path, no_dist=True)
     model.load_state_dict(state[key], strict=True)
+    model.pretrained_cfg = dict(model.pretrained_cfg, tag=TRAINED_TAG)  # its weights are no longer the untrained ones
     return save_hub_folder(model, output, overwrite=overwrite), model
 
 

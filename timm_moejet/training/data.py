@@ -1,11 +1,13 @@
 """ The trainer's data: timm's datasets and training loader, and ``--dataset synthetic`` for smoke tests. """
 import argparse
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
 
-__all__ = ['SyntheticImages', 'train_loader']
+from ..errors import InvalidArgument
+
+__all__ = ['SyntheticImages', 'train_dataset', 'check_batches', 'train_loader']
 
 
 class SyntheticImages(torch.utils.data.Dataset):
@@ -27,21 +29,52 @@ class SyntheticImages(torch.utils.data.Dataset):
         return (self.transform(img) if self.transform is not None else img), index % self.num_classes
 
 
-def train_loader(args: argparse.Namespace, model: nn.Module, device: torch.device) -> Any:
-    """timm's training loader of ``--dataset`` with the model's data config; every world size sees the same global
-    batches (torch's ``DistributedSampler``, seed 0 + epoch, on one process too)."""
-    from timm.data import create_dataset, create_loader, resolve_data_config
+def train_dataset(args: argparse.Namespace) -> Optional[Any]:
+    """timm's training dataset of ``--dataset``, built (and checked) before the process group or the model exist;
+    None for ``--dataset synthetic``, which :func:`train_loader` makes at the model's input size.
+
+    Raises:
+        InvalidArgument: timm cannot read the data, or it holds no sample.
+    """
+    from timm.data import create_dataset
+
+    if args.dataset == 'synthetic':
+        return None
+    where = f'--data-dir {args.data_dir}' + (f' (--dataset {args.dataset})' if args.dataset else '')
+    try:
+        dataset = create_dataset(args.dataset, root=args.data_dir, split=args.train_split, is_training=True,
+                                 batch_size=args.batch_size, seed=args.seed, num_samples=args.train_num_samples,
+                                 download=args.dataset_download)
+    except (RuntimeError, OSError, ValueError) as e:  # timm's readers: no images, no split, unknown kind, ...
+        raise InvalidArgument(f'{where}: timm cannot read the training data ({e}).') from e
+    if hasattr(dataset, '__len__') and len(dataset) == 0:
+        raise InvalidArgument(f'{where} holds no training samples (split {args.train_split!r}).')
+    return dataset
+
+
+def check_batches(args: argparse.Namespace, dataset: Optional[Any], world: int) -> None:
+    """Refuse data smaller than one global batch: the training loader drops an incomplete last batch, so an epoch
+    would make no update."""
+    samples = args.train_num_samples if dataset is None else len(dataset) if hasattr(dataset, '__len__') else None
+    if samples is not None and -(-samples // world) < args.batch_size:
+        raise InvalidArgument(f'the training data has {samples} samples, fewer than one batch of {args.batch_size} '
+                              f'on each of {world} process(es): lower -b/--batch-size.')
+
+
+def train_loader(args: argparse.Namespace, model: nn.Module, device: torch.device,
+                 dataset: Optional[Any] = None) -> Any:
+    """timm's training loader of ``dataset`` (from :func:`train_dataset`; synthetic when None) with the model's data
+    config; every world size sees the same global batches (torch's ``DistributedSampler``, seed 0 + epoch, on one
+    process too)."""
+    from timm.data import create_loader, resolve_data_config
 
     data_config = resolve_data_config(vars(args), model=model)
-    if args.dataset == 'synthetic':
+    if dataset is None:
         dataset = SyntheticImages(args.train_num_samples, data_config['input_size'][-1], args.num_classes)
-    else:
-        dataset = create_dataset(args.dataset, root=args.data_dir, split=args.train_split, is_training=True,
-                                 batch_size=args.batch_size, seed=args.seed, num_samples=args.train_num_samples)
     # distributed=True on one process too: DistributedSampler gives every world size the same global batches
     return create_loader(
         dataset, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
         no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, hflip=args.hflip, auto_augment=args.aa,
-        interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
-        num_workers=args.workers, distributed=True, pin_memory=args.pin_mem, device=device, use_prefetcher=False,
-        persistent_workers=False)
+        interpolation=args.train_interpolation or data_config['interpolation'], mean=data_config['mean'],
+        std=data_config['std'], num_workers=args.workers, distributed=True, pin_memory=args.pin_mem, device=device,
+        use_prefetcher=False, persistent_workers=False)

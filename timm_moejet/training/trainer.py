@@ -41,7 +41,7 @@ from ..cost import num_params
 from ..errors import MoEJetError
 from . import checkpoint as ckpt
 from .args import check_args, fingerprint, output_dir, parse_args
-from .data import SyntheticImages, train_loader
+from .data import SyntheticImages, check_batches, train_dataset, train_loader
 from .ema import ShardedEma, check_ema_args
 from .sharding import check_compile_args
 from .validation import (
@@ -112,7 +112,7 @@ class Run:
         scheduler: timm's scheduler.
         num_epochs: Epochs the schedule runs.
         loader: The training loader.
-        updates_per_epoch: Optimizer updates an epoch makes (an incomplete accumulation at its end is dropped).
+        updates_per_epoch: Optimizer updates an epoch makes (as train.py: a trailing partial accumulation is one).
         loss_fn: The loss (soft targets with mixup/cutmix).
         mixup: timm's ``Mixup``, or None.
         autocast: A context of bfloat16 autocast with ``--amp``, else of nothing.
@@ -223,13 +223,15 @@ def build_run(args: argparse.Namespace) -> Run:
     record = ckpt.read_record(args.resume) if args.resume else {}
     if args.resume:
         ckpt.check_fingerprint(record, recorded, args.resume)
+    dataset = train_dataset(args)
+    check_batches(args, dataset, world)
     device = _setup_distributed()
     rss_start = _peak_rss()  # the memory a process needs beyond torch, timm and the process group
     model = _build_model(args, device, world, resuming=bool(args.resume))
     args.lr = _scaled_lr(args, args.batch_size * world * args.grad_accum_steps)
     optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
-    loader = train_loader(args, model, device)
-    updates_per_epoch = len(loader) // args.grad_accum_steps
+    loader = train_loader(args, model, device, dataset)
+    updates_per_epoch = -(-len(loader) // args.grad_accum_steps)
     scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args),
                                                 updates_per_epoch=updates_per_epoch)
     loss_fn, mixup = _loss_and_mixup(args)
@@ -253,16 +255,16 @@ def build_run(args: argparse.Namespace) -> Run:
     return run
 
 
-def forward_backward(run: Run, x: torch.Tensor, y: torch.Tensor, last: bool) -> float:
-    """One micro-batch: its share of the update's gradient (synchronised over the ranks on the ``last`` one only);
-    returns its loss on this rank."""
+def forward_backward(run: Run, x: torch.Tensor, y: torch.Tensor, last: bool, accum: int) -> float:
+    """One micro-batch of an update of ``accum``: its share of the update's gradient (synchronised over the ranks on
+    the ``last`` one only); returns its loss on this rank."""
     x, y = x.to(run.device), y.to(run.device)
     if run.mixup is not None:
         x, y = run.mixup(x, y)
     run.model.set_requires_gradient_sync(last)
     with run.autocast():
         loss = run.loss_fn(run.model(x), y)
-    (loss / run.args.grad_accum_steps).backward()
+    (loss / accum).backward()
     return loss.item()
 
 
@@ -302,21 +304,22 @@ def _log_update(run: Run, loss: float) -> None:
 
 def train_epoch(run: Run) -> float:
     """The updates of one epoch, then the scheduler's epoch step; returns the epoch's mean global loss. The random
-    state is re-seeded before each update, after its first micro-batch is drawn."""
-    accum = run.args.grad_accum_steps
+    state is re-seeded before each update, after its first micro-batch is drawn. As train.py, the micro-batches left
+    at the end of an epoch (fewer than ``--grad-accum-steps``) make one more update, their losses averaged over their
+    own count."""
+    num_batches, accum = len(run.loader), run.args.grad_accum_steps
     run.losses = []
     run.last_log = time.perf_counter()
     run.loader.sampler.set_epoch(run.epoch)
     _reseed(run.args, run.num_updates, run.rank)  # the data workers' seeds are drawn when the iterator starts
     run.model.train()
     for batch_idx, (x, y) in enumerate(run.loader):
-        if batch_idx // accum >= run.updates_per_epoch:
-            break  # an incomplete accumulation at the end of the epoch is dropped
-        micro = batch_idx % accum
+        micro, first = batch_idx % accum, batch_idx - batch_idx % accum
         if micro == 0:
             _reseed(run.args, run.num_updates, run.rank)
-        loss = forward_backward(run, x, y, last=micro == accum - 1)
-        if micro == accum - 1:
+        size = min(accum, num_batches - first)  # this update's micro-batches
+        loss = forward_backward(run, x, y, last=micro == size - 1, accum=size)
+        if micro == size - 1:
             optimizer_step(run)
             _log_update(run, loss)
     run.scheduler.step(run.epoch + 1)
@@ -356,12 +359,29 @@ def _save(run: Run, metrics: Optional[Dict[str, float]]) -> Path:
                                 extra={'model_ema': run.ema.module} if run.ema is not None else None)
 
 
+def _drop_logged_after(log: Path, num_updates: int) -> None:
+    """Keep the lines of ``steps.jsonl`` up to update ``num_updates`` (a resume makes the later ones again; a line
+    cut by a kill is dropped too)."""
+    if not log.is_file():
+        return
+    kept = []
+    for line in log.read_text().splitlines():
+        try:
+            step = json.loads(line).get('step')
+        except (json.JSONDecodeError, AttributeError):
+            continue
+        if isinstance(step, int) and step <= num_updates:
+            kept.append(line + '\n')
+    atomic_write_bytes(''.join(kept).encode(), log)
+
+
 def _open_log(run: Run) -> None:
     """Rank 0: the run's folder, its arguments (``args.yaml``) and its step log."""
     if run.rank != 0:
         return
     run.output_dir.mkdir(parents=True, exist_ok=True)
     # steps.jsonl is a log appended to as the run goes (a resume continues it), not an output written once
+    _drop_logged_after(run.output_dir / 'steps.jsonl', run.num_updates)
     run.log = open(run.output_dir / 'steps.jsonl', 'a')
     atomic_write_bytes(yaml.safe_dump(vars(run.args), default_flow_style=False).encode(), run.output_dir / 'args.yaml')
     truncate_summary(run.output_dir / 'summary.csv', run.epoch)  # rows past the resumed checkpoint are redone
@@ -412,6 +432,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return train(parse_args(argv))
     except MoEJetError as e:
+        import torch.distributed as dist
+        if dist.is_initialized():  # refused after the group was made: leave none behind (a caller may train again)
+            dist.destroy_process_group()
         print(f'error: {e}', file=sys.stderr)
         return 2
 

@@ -1,0 +1,103 @@
+""" ``python -m timm_moejet.train`` refuses bad input before anything runs: one line naming what is wrong and what to
+do, exit status 2, nothing written; the same checks raise the project's errors to a library caller.
+
+The trainer runs in this process (``main(argv)``, as tests/test_fsdp.py does for one process): a refusal happens
+before the model is built, so these tests take a second each.
+"""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from timm_moejet.errors import InvalidArgument, MoEJetError
+from timm_moejet.train import main, parse_args
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / 'configs').glob('*.yaml'))
+
+
+def _refused(argv, capsys, tmp_path, *words):
+    """``main(argv)`` exits with status 2 and one line on stderr holding ``words``, and writes no run folder."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert all(w in err for w in words), err
+    assert not (tmp_path / 'runs').exists()
+    return err
+
+
+@pytest.mark.parametrize('extra, words', [
+    (['--data-dir', 'no/such/folder'], ['--data-dir', 'does not exist']),
+    (['--model', 'moejet_vit_tset'], ['--model moejet_vit_tset', 'did you mean moejet_vit_test']),
+    (['--opt', 'nosuch'], ['--opt nosuch', 'list_optimizers']),
+    (['--opt', 'adamww'], ['did you mean adamw']),
+    (['--sched', 'nosuch'], ['--sched nosuch', 'cosine']),
+    (['--epochs', '0'], ['--epochs must be at least 1']),
+    (['--workers', '-1'], ['--workers must be at least 0']),
+    (['--log-interval', '0'], ['--log-interval must be at least 1']),
+    (['--checkpoint-hist', '0'], ['--checkpoint-hist must be at least 1', 'newest checkpoint is always kept']),
+    (['--batch-size', '0'], ['--batch-size must be at least 1']),
+])
+def test_bad_option_values_are_refused_in_one_line(trainer_argv, capsys, tmp_path, extra, words):
+    _refused(trainer_argv(*extra), capsys, tmp_path, *words)
+
+
+def test_missing_data_dir_is_refused(trainer_argv, capsys, tmp_path):
+    argv = trainer_argv()
+    i = argv.index('--data-dir')
+    _refused(argv[:i] + argv[i + 2:], capsys, tmp_path, '--data-dir is required')
+
+
+def test_empty_data_dir_is_refused(trainer_argv, capsys, tmp_path):
+    (tmp_path / 'empty' / 'train').mkdir(parents=True)
+    _refused(trainer_argv('--data-dir', str(tmp_path / 'empty')), capsys, tmp_path, str(tmp_path / 'empty'))
+
+
+def test_data_smaller_than_a_batch_is_refused(trainer_argv, capsys, tmp_path):
+    _refused(trainer_argv('-b', '32'), capsys, tmp_path, '16 samples', 'fewer than one batch of 32')
+
+
+def _config(tmp_path, content) -> str:
+    path = tmp_path / 'c.yaml'
+    path.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
+    return str(path)
+
+
+def test_config_typo_is_refused_with_the_close_name(trainer_argv, capsys, tmp_path):
+    _refused(trainer_argv('--config', _config(tmp_path, {'lr_bsae': 0.1})), capsys, tmp_path,
+             "'lr_bsae'", "did you mean 'lr_base'")
+
+
+@pytest.mark.parametrize('content, words', [
+    ({'clip_mode': 'agc'}, ["clip_mode: 'agc' would change training", "only 'norm'"]),
+    ({'jsd_loss': True}, ['jsd_loss: True would change training']),
+    ({'no_such_option': 1}, ["unknown key 'no_such_option'"]),
+    ('- epochs\n- 3\n', ['top level is a list', 'mapping']),
+    ({'epochs': 'ten'}, ["epochs: 'ten' is not int"]),
+    ({'lr_base': '4e-3'}, ['lr_base', 'write 4.0e-3']),
+    ({'opt_betas': 0.9}, ['opt_betas', 'must be a list']),
+    ({'model_kwargs': 'img_size=32'}, ['model_kwargs', 'must be a mapping']),
+])
+def test_config_that_would_change_training_unsupported_is_refused(trainer_argv, capsys, tmp_path, content, words):
+    _refused(trainer_argv('--config', _config(tmp_path, content)), capsys, tmp_path, *words)
+
+
+def test_config_keys_that_do_not_change_training_are_named_and_left_out(tmp_path, caplog):
+    path = _config(tmp_path, {'device_modules': ['timm_moejet'], 'clip_mode': 'norm', 'epochs': 3})
+    args = parse_args(['--config', path])
+    assert args.epochs == 3
+    assert not hasattr(args, 'device_modules') and not hasattr(args, 'clip_mode')
+    notes = [r.getMessage() for r in caplog.records if 'left out' in r.getMessage()]
+    assert len(notes) == 1 and 'device_modules' in notes[0] and 'clip_mode' in notes[0], notes
+
+
+def test_config_errors_are_the_projects_errors(tmp_path):
+    with pytest.raises(InvalidArgument, match='did you mean'):
+        parse_args(['--config', _config(tmp_path, {'lr_bsae': 0.1})])
+    with pytest.raises(MoEJetError, match='mapping'):
+        parse_args(['--config', _config(tmp_path, '[1, 2]')])
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.stem)
+def test_shipped_configs_load(path, caplog):
+    args = parse_args(['--config', str(path)])
+    assert args.model == yaml.safe_load(path.read_text())['model']
