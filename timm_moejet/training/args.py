@@ -31,7 +31,9 @@ def _data_options(a: Callable[..., Any]) -> None:
     a('--train-split', default='train')
     a('--dataset-download', action='store_true', help='download a torch/ or tfds/ dataset that is not there yet')
     a('--train-num-samples', type=int, default=None, help='samples of an iterable dataset; synthetic: its size')
-    a('--val-split', default='validation', help='validation split ("" for none); synthetic: needs --val-num-samples')
+    a('--val-split', default=None,
+      help='validation split, "" for none (default: validation where the dataset has it; synthetic: with '
+           '--val-num-samples)')
     a('--val-num-samples', type=int, default=None, help='validation samples of an iterable dataset or synthetic')
     a('--val-interval', type=int, default=1, help='validate every N epochs (and after the last)')
     a('-vb', '--validation-batch-size', type=int, default=None, help='validation batch size per process (default: -b)')

@@ -35,8 +35,8 @@ _EVAL_SYNONYMS = ('val', 'valid', 'validation', 'eval', 'evaluation')
 
 
 def validation_enabled(args: argparse.Namespace) -> bool:
-    """Validation runs with a ``--val-split`` (train.py's default 'validation'; '' turns it off); on synthetic
-    images only with ``--val-num-samples``."""
+    """Validation runs with a ``--val-split`` ('' turns it off; see :func:`check_validation_args` for the default);
+    on synthetic images only with ``--val-num-samples``."""
     if args.dataset == 'synthetic':
         return bool(args.val_split) and bool(args.val_num_samples)
     return bool(args.val_split)
@@ -49,18 +49,29 @@ def _split_folder(root: Path, split: str) -> Optional[Path]:
     return next((root / c for c in candidates if (root / c).is_dir()), None)
 
 
+def _is_folder(args: argparse.Namespace) -> bool:
+    """An image folder (or tar) on disk: timm's ``create_dataset`` for a dataset name without a ``/`` prefix."""
+    return args.dataset != 'synthetic' and '/' not in args.dataset and bool(args.data_dir) \
+        and os.path.isdir(args.data_dir)
+
+
 def check_validation_args(args: argparse.Namespace) -> None:
-    """Refuse validation options that cannot run, before anything is built: a metric timm's validate does not
-    report, an interval below 1, an image folder without the ``--val-split`` folder (timm would silently validate on
-    the dataset root, training images included)."""
+    """Settle ``--val-split`` and refuse validation options that cannot run, before anything is built.
+
+    Without ``--val-split``, train.py's 'validation' is used where the dataset has it (an image folder without such
+    a folder trains without validation, as before validation existed). Refused: a metric timm's validate does not
+    report, an interval below 1, an image folder without the ``--val-split`` folder named (timm would silently
+    validate on the dataset root, training images included)."""
+    if args.val_split is None:
+        missing = _is_folder(args) and _split_folder(Path(args.data_dir), 'validation') is None
+        args.val_split = '' if missing else 'validation'
     if args.eval_metric not in METRICS:
         raise InvalidArgument(f'--eval-metric {args.eval_metric!r} is not reported; use one of {", ".join(METRICS)}.')
     if args.val_interval < 1:
         raise InvalidArgument(f'--val-interval must be 1 or more (epochs), got {args.val_interval}.')
     if args.validation_batch_size is not None and args.validation_batch_size < 1:
         raise InvalidArgument('--validation-batch-size must be positive.')
-    folder_dataset = args.dataset != 'synthetic' and '/' not in args.dataset
-    if not validation_enabled(args) or not folder_dataset or not args.data_dir or not os.path.isdir(args.data_dir):
+    if not validation_enabled(args) or not _is_folder(args):
         return
     if _split_folder(Path(args.data_dir), args.val_split) is None:
         raise InvalidArgument(f'--val-split {args.val_split}: {args.data_dir} has no such folder (nor a synonym: '
