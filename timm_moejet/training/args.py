@@ -31,6 +31,13 @@ def _data_options(a: Callable[..., Any]) -> None:
     a('--train-split', default='train')
     a('--dataset-download', action='store_true', help='download a torch/ or tfds/ dataset that is not there yet')
     a('--train-num-samples', type=int, default=None, help='samples of an iterable dataset; synthetic: its size')
+    a('--val-split', default=None,
+      help='validation split, "" for none (default: validation where the dataset has it; synthetic: with '
+           '--val-num-samples)')
+    a('--val-num-samples', type=int, default=None, help='validation samples of an iterable dataset or synthetic')
+    a('--val-interval', type=int, default=1, help='validate every N epochs (and after the last)')
+    a('-vb', '--validation-batch-size', type=int, default=None, help='validation batch size per process (default: -b)')
+    a('--crop-pct', type=float, default=None, help='validation center crop fraction (default: the model\'s)')
     a('--img-size', type=int, default=None, help='input image size (default: the model\'s)')
     a('--input-size', type=int, nargs=3, default=None, help='input dimensions (C H W)')
     a('--mean', type=float, nargs='+', default=None)
@@ -60,6 +67,13 @@ def _model_options(a: Callable[..., Any]) -> None:
     a('--drop-path', type=float, default=None)
     a('--model-kwargs', nargs='*', default={}, action=ParseKwargs)
     a('--grad-checkpointing', action='store_true')
+    a('--torchcompile', nargs='?', default=None, const='inductor',
+      help='compile every block with this torch.compile backend (default when given: inductor)')
+    a('--torchcompile-mode', default=None, help='torch.compile mode (e.g. max-autotune)')
+    a('--model-ema', action='store_true', help='keep an exponential moving average of the weights (sharded)')
+    a('--model-ema-decay', type=float, default=0.9998)
+    a('--model-ema-warmup', action='store_true', help='warm the EMA decay up over the first updates (timm ModelEmaV3)')
+    a('--model-ema-force-cpu', action='store_true', help='not supported: the EMA is sharded like the model')
 
 
 def _optimizer_options(a: Callable[..., Any]) -> None:
@@ -104,7 +118,9 @@ def _run_options(a: Callable[..., Any]) -> None:
     a('--resume', default='',
       help='a sharded checkpoint: epoch_N, or a run folder or its checkpoints folder (their latest)')
     a('--checkpoint-hist', type=int, default=10,
-      help='checkpoints to keep, at least 1: the newest is always kept, older ones are deleted past this count')
+      help='checkpoints to keep, at least 1: the best by --eval-metric (the newest without validation), and the one '
+           'just saved')
+    a('--eval-metric', default='top1', help='validation metric that ranks the checkpoints: top1, top5 or loss')
     a('--log-interval', type=int, default=50, help='updates between log lines (steps.jsonl has every update)')
     a('--no-export', action='store_true', help='do not write model.safetensors + config.json at the end')
 

@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch.nn as nn
 
 from ..checkpoint_io import atomic_output_dir, atomic_write_bytes, write_json
 from ..errors import InvalidArgument, InvalidCheckpoint, MoEJetError, NotFound, OutputExists
+from .history import prune_checkpoints
 
 __all__ = ['RECORD', 'save_checkpoint', 'load_checkpoint', 'read_record', 'resolve_checkpoint', 'check_shards',
            'check_fingerprint', 'build_model_from_record', 'export_checkpoint']
@@ -49,15 +49,16 @@ def _barrier() -> None:
 
 
 def save_checkpoint(root: Path, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    record: Dict[str, Any], keep: int = 10) -> Path:
-    """Save ``epoch_{epoch}`` under ``root`` (a collective: every rank calls it). Keeps ``keep`` checkpoints: the one
-    just saved and the newest others.
+                    record: Dict[str, Any], keep: int = 10, extra: Optional[Dict[str, nn.Module]] = None) -> Path:
+    """Save ``epoch_{epoch}`` under ``root`` (a collective: every rank calls it), with the state of the ``extra``
+    models (e.g. ``{'model_ema': ...}``) under their keys. Keeps the one just saved and the ``keep`` best by the
+    records' validation metric, the newest without one (:func:`~timm_moejet.training.history.prune_checkpoints`).
 
     Raises:
         InvalidArgument: ``keep`` is less than 1 (the checkpoint just saved is always kept).
     """
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
         raise InvalidArgument(f'keep must be an int of at least 1 (the checkpoint just saved is always kept), got '
@@ -67,23 +68,16 @@ def save_checkpoint(root: Path, epoch: int, model: nn.Module, optimizer: torch.o
     model_sd, optim_sd = get_state_dict(model, optimizer)
     # an earlier run's epoch N is replaced only once the new one is complete
     with atomic_output_dir(final, overwrite=True, distributed=True) as tmp:
-        dcp.save({'model': model_sd, 'optim': optim_sd}, checkpoint_id=tmp)
+        state = {'model': model_sd, 'optim': optim_sd}
+        state.update({key: get_model_state_dict(module) for key, module in (extra or {}).items()})
+        dcp.save(state, checkpoint_id=tmp)
         if _rank() == 0:
             write_json(dict(record, epoch=epoch), tmp / RECORD)
     if _rank() == 0:
         atomic_write_bytes(final.name.encode(), root / LATEST)
-        _prune(root, epoch, keep)
+        prune_checkpoints(root, keep, saved=epoch)
     _barrier()
     return final
-
-
-def _prune(root: Path, saved: int, keep: int) -> None:
-    """Delete all but the ``keep - 1`` newest checkpoints other than ``saved`` (e.g. a resume from epoch 1 of a
-    run that went on to epoch 3 saves epoch 2, older than epoch 3, and keeps it)."""
-    others = sorted((int(p.name[6:]) for p in root.glob('epoch_*') if p.name[6:].isdigit() and p.name[6:] != str(saved)
-                     and not p.is_symlink()), reverse=True)
-    for old_epoch in others[keep - 1:]:
-        shutil.rmtree(root / f'epoch_{old_epoch}', ignore_errors=True)
 
 
 def _latest(root: Path) -> Path:
@@ -179,20 +173,29 @@ def _reading(path: Path) -> Iterator[None]:
         raise InvalidCheckpoint(f'cannot read the shards of {path}: {first}') from e
 
 
-def load_checkpoint(path: os.PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> Dict[str, Any]:
-    """Load a checkpoint's shards into a sharded (or plain) model and optimizer, re-sharding as needed
-    (a collective under torch.distributed). Returns its record."""
+def load_checkpoint(path: os.PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer],
+                    extra: Optional[Dict[str, nn.Module]] = None) -> Dict[str, Any]:
+    """Load a checkpoint's shards into a sharded (or plain) model and optimizer, and the ``extra`` models saved
+    under their keys, re-sharding as needed (a collective under torch.distributed). Returns its record."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
 
     path = resolve_checkpoint(path)
     record = read_record(path)
     model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
     state = {'model': model_sd, 'optim': optim_sd} if optimizer is not None else {'model': model_sd}
+    state.update({key: get_model_state_dict(module) for key, module in (extra or {}).items()})
     with _reading(path):
         dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=state['model'],
                    optim_state_dict=state.get('optim', {}))
+    for key, module in (extra or {}).items():
+        set_model_state_dict(module, state[key])
     return record
 
 
@@ -216,13 +219,15 @@ def _check_output_apart(output: os.PathLike, inputs: Tuple[Path, ...]) -> None:
                                f'write it outside that folder.')
 
 
-def export_checkpoint(checkpoint: os.PathLike, output: os.PathLike, overwrite: bool = False) -> Tuple[Path, nn.Module]:
-    """Consolidate a sharded checkpoint into one ``model.safetensors`` + ``config.json`` (in this process only).
+def export_checkpoint(checkpoint: os.PathLike, output: os.PathLike, overwrite: bool = False,
+                      ema: bool = False) -> Tuple[Path, nn.Module]:
+    """Consolidate a sharded checkpoint into one ``model.safetensors`` + ``config.json`` (in this process only):
+    the model's weights, or with ``ema`` those of its model EMA (``--model-ema``).
 
     Raises:
         OutputExists: ``output`` exists and not ``overwrite``, or it is, holds or lies inside the checkpoint or its
             folder of checkpoints (whatever ``overwrite`` says).
-        InvalidCheckpoint / NotFound: not a checkpoint.
+        InvalidCheckpoint / NotFound: not a checkpoint; ``ema`` and the checkpoint holds no EMA weights.
     """
     import torch.distributed.checkpoint as dcp
 
@@ -235,12 +240,15 @@ def export_checkpoint(checkpoint: os.PathLike, output: os.PathLike, overwrite: b
     if os.path.lexists(output) and not overwrite:  # refused before the model is built
         raise OutputExists(f'{output} exists; pass --overwrite (overwrite=True) to replace it.')
     record = read_record(path)
+    key = 'model_ema' if ema else 'model'
+    if ema and not record.get('model_ema'):
+        raise NotFound(f'{path} holds no EMA weights (its run was trained without --model-ema); export the model\'s.')
     model = build_model_from_record(record)
-    state = {'model': model.state_dict()}
+    state = {key: model.state_dict()}
     with warnings.catch_warnings(), _reading(path):  # DCP warns that it loads in one process, the point here
         warnings.filterwarnings('ignore', message='torch.distributed is disabled')
         dcp.load(state, checkpoint_id=path, no_dist=True)
-    model.load_state_dict(state['model'], strict=True)
+    model.load_state_dict(state[key], strict=True)
     model.pretrained_cfg = dict(model.pretrained_cfg, tag=TRAINED_TAG)  # its weights are no longer the untrained ones
     return save_hub_folder(model, output, overwrite=overwrite), model
 
@@ -251,9 +259,10 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument('checkpoint', help='a checkpoint folder (epoch_N) or the folder holding them (its latest)')
     parser.add_argument('output', help='the Hub folder to write')
     parser.add_argument('--overwrite', action='store_true', help='replace an existing output folder')
+    parser.add_argument('--ema', action='store_true', help='export the model EMA\'s weights (--model-ema runs)')
     args = parser.parse_args(argv)
     try:
-        out, _ = export_checkpoint(args.checkpoint, args.output, overwrite=args.overwrite)
+        out, _ = export_checkpoint(args.checkpoint, args.output, overwrite=args.overwrite, ema=args.ema)
     except MoEJetError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2

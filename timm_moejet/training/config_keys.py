@@ -23,9 +23,7 @@ IGNORED = frozenset({
     'device_modules', 'device', 'local_rank', 'log_wandb', 'wandb_project', 'wandb_tags', 'wandb_resume_id',
     'recovery_interval', 'save_images', 'no_prefetcher', 'use_multi_epochs_loader', 'synchronize_step', 'no_ddp_bb',
     'channels_last', 'torchscript', 'fuser', 'dist_bn', 'worker_seeding', 'dataset_trust_remote_code',
-    # evaluation and averaged copies: read after training, never by the optimizer
-    'val_split', 'val_num_samples', 'validation_batch_size', 'val_interval', 'eval_metric', 'tta', 'crop_pct',
-    'model_ema', 'model_ema_decay', 'model_ema_force_cpu', 'model_ema_warmup', 'torchcompile', 'torchcompile_mode',
+    'tta',  # test-time augmentation of train.py's validation (validation, EMA and compile keys are options)
 })
 
 # train.py keys that change training, with the value this trainer does what they say at (train.py's default,

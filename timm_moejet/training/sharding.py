@@ -13,8 +13,12 @@ one of them a gradient in every step: DDP keeps the whole model, its gradients a
   anything is sharded;
 * mixed precision (``mixed_precision=True``): bf16 all-gathered parameters and compute, float32 gradient reductions
   and sharded float32 master weights; the routers stay float32 (their cosine logits feed the entmax threshold, see
-  ``SpheroMoE``), run the forward under ``torch.autocast(dtype=torch.bfloat16)`` as timm's ``--amp`` does.
+  ``SpheroMoE``), run the forward under ``torch.autocast(dtype=torch.bfloat16)`` as timm's ``--amp`` does;
+* ``torch.compile`` per block (``compile_backend``), before sharding, as torchtitan does: the FSDP2 hooks of a block
+  (all-gather before, reshard after) stay outside its graphs, and the units inside it (experts, routers) split its
+  graphs at their own hooks, so graphs and sharding units line up.
 """
+import argparse
 import dataclasses
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -27,7 +31,7 @@ from ..layers.experts import BatchedExperts, BatchedLinear
 from ..layers.sphero_moe import SpheroMoE
 
 __all__ = ['ShardPlan', 'shard_model', 'plan_shards', 'expert_shard_dim', 'fsdp_units', 'local_numel',
-           'init_device_mesh']
+           'init_device_mesh', 'compile_units', 'compile_blocks', 'check_compile_args']
 
 
 def expert_shard_dim(shape: Sequence[int], world_size: int) -> Optional[int]:
@@ -121,6 +125,35 @@ def plan_shards(model: nn.Module, world_size: int) -> ShardPlan:
     return ShardPlan(world_size, fsdp_units(model) + [''], shard_dims)
 
 
+def compile_units(model: nn.Module) -> List[str]:
+    """The modules compiled one by one: the family's FSDP units that hold no other one (the blocks)."""
+    family = family_of_model(model)
+    if family is None:
+        raise InvalidArgumentType(f'{type(model).__name__} is not a MoE Jetpack model of a registered family.')
+    units = family.fsdp_units(model)
+    return [u for u in units if not any(v.startswith(u + '.') for v in units)]
+
+
+def check_compile_args(args: argparse.Namespace) -> None:
+    """Refuse a ``--torchcompile`` backend torch does not have, before anything runs."""
+    if args.torchcompile is None:
+        return
+    backends = torch.compiler.list_backends(exclude_tags=())
+    if args.torchcompile not in backends:
+        raise InvalidArgument(f'--torchcompile {args.torchcompile}: torch has no such backend; use one of '
+                              f'{", ".join(sorted(backends))} (inductor when given without a value).')
+
+
+def compile_blocks(model: nn.Module, backend: str = 'inductor', mode: Optional[str] = None) -> List[str]:
+    """Compile the forward of every block in place (its module, its name and its state dict keys stay as they
+    are); returns the names compiled."""
+    modules = dict(model.named_modules())
+    names = compile_units(model)
+    for name in names:
+        modules[name].forward = torch.compile(modules[name].forward, backend=backend, mode=mode)
+    return names
+
+
 def init_device_mesh(device_type: Optional[str] = None):
     """A 1-D mesh over every rank of the default process group (``device_type``: 'cuda' when available, else
     'cpu')."""
@@ -152,6 +185,8 @@ def shard_model(
         reshard_after_forward: bool = True,
         cpu_offload: bool = False,
         grad_checkpointing: bool = False,
+        compile_backend: Optional[str] = None,
+        compile_mode: Optional[str] = None,
 ) -> nn.Module:
     """Shard a MoE Jetpack model (of any registered family) in place with FSDP2 over a 1-D device mesh.
 
@@ -164,6 +199,8 @@ def shard_model(
         cpu_offload: Keep the sharded parameters, gradients and optimizer step on the CPU (``CPUOffloadPolicy``);
             needs an accelerator mesh.
         grad_checkpointing: Recompute block activations in the backward (timm's ``set_grad_checkpointing``).
+        compile_backend: ``torch.compile`` every block with this backend (e.g. 'inductor'), before sharding.
+        compile_mode: The ``torch.compile`` mode.
 
     Returns:
         The same model, now an ``FSDPModule`` whose parameters are ``DTensor`` shards. Build the optimizer after
@@ -184,6 +221,8 @@ def shard_model(
     plan = plan_shards(model, mesh.size())
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
+    if compile_backend:
+        compile_blocks(model, compile_backend, compile_mode)
 
     names = {id(p): n for n, p in model.named_parameters()}
     placement: Callable[[nn.Parameter], Shard] = lambda p: Shard(plan.shard_dims.get(names.get(id(p), ''), 0))

@@ -14,7 +14,10 @@ every world size, so N processes with ``-b B`` see the same global batches as on
 
 A run is a :class:`Run` (what it trains with: model, optimizer, schedule, loader, loss, log) that :func:`train`
 builds (:func:`build_run`), then steps through epochs (:func:`train_epoch`: :func:`forward_backward` per micro-batch,
-:func:`optimizer_step` per update), saving a sharded checkpoint after each and exporting the model at the end.
+:func:`optimizer_step` per update, which also updates the model EMA), validates the model and its EMA
+(:mod:`.validation`, every ``--val-interval`` epochs), writes ``summary.csv``, saves a sharded checkpoint (the EMA's
+shards with the model's) and keeps the best and the latest (:mod:`.history`), and exports the model (and its EMA) at
+the end. ``--torchcompile`` compiles every block (:func:`~timm_moejet.training.sharding.shard_model`).
 """
 import argparse
 import dataclasses
@@ -24,6 +27,7 @@ import os
 import sys
 import time
 import warnings
+from collections import OrderedDict
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, TextIO
@@ -38,6 +42,16 @@ from ..errors import MoEJetError
 from . import checkpoint as ckpt
 from .args import check_args, fingerprint, output_dir, parse_args
 from .data import SyntheticImages, check_batches, train_dataset, train_loader
+from .ema import ShardedEma, check_ema_args
+from .sharding import check_compile_args
+from .validation import (
+    check_validation_args,
+    eval_loader,
+    truncate_summary,
+    validate,
+    validation_enabled,
+    write_summary,
+)
 
 __all__ = ['main', 'parse_args', 'train', 'Run', 'build_run', 'train_epoch', 'SyntheticImages']
 
@@ -106,6 +120,10 @@ class Run:
         log: ``steps.jsonl`` on rank 0, one line per update; None on the other ranks.
         epoch: The epoch the next update belongs to.
         num_updates: Optimizer updates made.
+        ema: The model EMA (``--model-ema``), sharded like the model, or None.
+        eval_loader: This rank's validation loader, or None without validation.
+        losses: The global losses of the current epoch's updates.
+        last_log: When the previous update was logged (its step time is the interval).
     """
     args: argparse.Namespace
     world: int
@@ -126,6 +144,10 @@ class Run:
     log: Optional[TextIO] = None
     epoch: int = 0
     num_updates: int = 0
+    ema: Optional[ShardedEma] = None
+    eval_loader: Any = None
+    losses: List[float] = dataclasses.field(default_factory=list)
+    last_log: float = 0.
 
 
 def _build_model(args: argparse.Namespace, device: torch.device, world: int, resuming: bool) -> nn.Module:
@@ -142,7 +164,24 @@ def _build_model(args: argparse.Namespace, device: torch.device, world: int, res
     plan_shards(model, world)  # a world size that cannot split the experts evenly fails here, before any step
     return shard_model(model, init_device_mesh(device.type), mixed_precision=args.amp,
                        reshard_after_forward=not args.no_reshard_after_forward, cpu_offload=args.cpu_offload,
-                       grad_checkpointing=args.grad_checkpointing)
+                       grad_checkpointing=args.grad_checkpointing, compile_backend=args.torchcompile,
+                       compile_mode=args.torchcompile_mode)
+
+
+def _build_ema(args: argparse.Namespace, device: torch.device, model: nn.Module) -> ShardedEma:
+    """The model EMA: a second model sharded with the same plan (eager: it only validates), starting as a copy."""
+    from ..build import create_model
+    from ..layers import experts_to_be_loaded
+    from .sharding import init_device_mesh, shard_model
+
+    with experts_to_be_loaded():  # every weight is copied from the model just below
+        module = create_model(args.model, num_classes=args.num_classes, drop_rate=args.drop,
+                              drop_path_rate=args.drop_path, **args.model_kwargs)
+    module.to(device)
+    shard_model(module, init_device_mesh(device.type), mixed_precision=args.amp, cpu_offload=args.cpu_offload)
+    ema = ShardedEma(module, args.model_ema_decay, args.model_ema_warmup)
+    ema.reset(model)
+    return ema
 
 
 def _loss_and_mixup(args: argparse.Namespace) -> tuple:
@@ -177,9 +216,13 @@ def build_run(args: argparse.Namespace) -> Run:
     world = int(os.environ.get('WORLD_SIZE', 1))
     folder = output_dir(args)
     check_args(args, world, folder)
+    check_validation_args(args)
+    check_ema_args(args)
+    check_compile_args(args)
     recorded = fingerprint(args, world)
+    record = ckpt.read_record(args.resume) if args.resume else {}
     if args.resume:
-        ckpt.check_fingerprint(ckpt.read_record(args.resume), recorded, args.resume)
+        ckpt.check_fingerprint(record, recorded, args.resume)
     dataset = train_dataset(args)
     check_batches(args, dataset, world)
     device = _setup_distributed()
@@ -195,8 +238,15 @@ def build_run(args: argparse.Namespace) -> Run:
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp else nullcontext
     run = Run(args, world, dist.get_rank(), device, folder, recorded, model, optimizer, scheduler, num_epochs, loader,
               updates_per_epoch, loss_fn, mixup, autocast, rss_start)
+    run.ema = _build_ema(args, device, model) if args.model_ema else None
+    run.eval_loader = eval_loader(args, model, run.rank, world) if validation_enabled(args) else None
     if args.resume:
-        record = ckpt.load_checkpoint(args.resume, model, optimizer)
+        # train.py: the EMA resumes from the checkpoint's, or starts as the model where it has none
+        saved_ema = run.ema is not None and record.get('model_ema', False)
+        record = ckpt.load_checkpoint(args.resume, model, optimizer,
+                                      extra={'model_ema': run.ema.module} if saved_ema else None)
+        if run.ema is not None and not saved_ema:
+            run.ema.reset(model)
         run.epoch, run.num_updates = record['epoch'], record['num_updates']
     # timm's schedulers are functions of the epoch and the update count: restoring those restores them
     scheduler.step(run.epoch)
@@ -219,12 +269,14 @@ def forward_backward(run: Run, x: torch.Tensor, y: torch.Tensor, last: bool, acc
 
 
 def optimizer_step(run: Run) -> None:
-    """The optimizer update of the accumulated gradient, and the scheduler's update step."""
+    """The optimizer update of the accumulated gradient, the EMA's update and the scheduler's update step."""
     if run.args.clip_grad is not None:
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.args.clip_grad)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.num_updates += 1
+    if run.ema is not None:
+        run.ema.update(run.model, run.num_updates)
     run.scheduler.step_update(run.num_updates)
 
 
@@ -238,20 +290,26 @@ def _log_update(run: Run, loss: float) -> None:
     dist.all_reduce(loss_sum)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     mean_loss = loss_sum.item() / run.world
+    run.losses.append(mean_loss)
+    now = time.perf_counter()
+    step_time, run.last_log = now - run.last_log, now
     if run.log is not None:
         run.log.write(json.dumps(dict(step=run.num_updates, epoch=run.epoch, loss=mean_loss,
-                                      lr=run.optimizer.param_groups[0]['lr'],
+                                      lr=run.optimizer.param_groups[0]['lr'], step_time=step_time,
                                       peak_rss_growth=int(peak.item()))) + '\n')
         run.log.flush()
         if run.num_updates % run.args.log_interval == 0:
             _logger.info(f'epoch {run.epoch} update {run.num_updates}: loss {mean_loss:.4f}')
 
 
-def train_epoch(run: Run) -> None:
-    """The updates of one epoch, then the scheduler's epoch step. The random state is re-seeded before each update,
-    after its first micro-batch is drawn. As train.py, the micro-batches left at the end of an epoch (fewer than
-    ``--grad-accum-steps``) make one more update, their losses averaged over their own count."""
+def train_epoch(run: Run) -> float:
+    """The updates of one epoch, then the scheduler's epoch step; returns the epoch's mean global loss. The random
+    state is re-seeded before each update, after its first micro-batch is drawn. As train.py, the micro-batches left
+    at the end of an epoch (fewer than ``--grad-accum-steps``) make one more update, their losses averaged over their
+    own count."""
     num_batches, accum = len(run.loader), run.args.grad_accum_steps
+    run.losses = []
+    run.last_log = time.perf_counter()
     run.loader.sampler.set_epoch(run.epoch)
     _reseed(run.args, run.num_updates, run.rank)  # the data workers' seeds are drawn when the iterator starts
     run.model.train()
@@ -265,15 +323,40 @@ def train_epoch(run: Run) -> None:
             optimizer_step(run)
             _log_update(run, loss)
     run.scheduler.step(run.epoch + 1)
+    return sum(run.losses) / max(len(run.losses), 1)
 
 
-def _save(run: Run) -> Path:
-    """The sharded checkpoint of the epoch just finished (a collective)."""
+def _validate(run: Run) -> Optional[Dict[str, float]]:
+    """Validation after this epoch (every ``--val-interval`` epochs and after the last), or None. With
+    ``--model-ema`` the ``loss``/``top1``/``top5`` are the EMA's, as in train.py (they choose the best checkpoint),
+    and the model's are ``model_loss``/``model_top1``/``model_top5``."""
+    epochs_done = run.epoch + 1
+    if run.eval_loader is None or (epochs_done % run.args.val_interval and epochs_done != run.num_epochs):
+        return None
+    metrics = validate(run.model, run.eval_loader, run.device, run.autocast, run.args.num_classes)
+    if run.ema is None:
+        return metrics
+    ema_metrics = validate(run.ema.module, run.eval_loader, run.device, run.autocast, run.args.num_classes,
+                           label=' (EMA)')
+    return OrderedDict(**ema_metrics, **{f'model_{k}': v for k, v in metrics.items()})
+
+
+def _summary_keys(run: Run) -> List[str]:
+    keys = ['loss', 'top1', 'top5']
+    return keys + [f'model_{k}' for k in keys] if run.ema is not None else keys
+
+
+def _save(run: Run, metrics: Optional[Dict[str, float]]) -> Path:
+    """The sharded checkpoint of the epoch just finished, with the EMA's shards and the epoch's validation metric
+    (a collective)."""
     args = run.args
-    return ckpt.save_checkpoint(run.output_dir / 'checkpoints', run.epoch + 1, run.model, run.optimizer,
-                                dict(model=args.model, model_kwargs=args.model_kwargs, num_classes=args.num_classes,
-                                     fingerprint=run.fingerprint, num_updates=run.num_updates,
-                                     world_size=run.world), keep=args.checkpoint_hist)
+    record = dict(model=args.model, model_kwargs=args.model_kwargs, num_classes=args.num_classes,
+                  fingerprint=run.fingerprint, num_updates=run.num_updates, world_size=run.world,
+                  model_ema=run.ema is not None, eval_metric=args.eval_metric,
+                  metric=metrics[args.eval_metric] if metrics else None)
+    return ckpt.save_checkpoint(run.output_dir / 'checkpoints', run.epoch + 1, run.model, run.optimizer, record,
+                                keep=args.checkpoint_hist,
+                                extra={'model_ema': run.ema.module} if run.ema is not None else None)
 
 
 def _drop_logged_after(log: Path, num_updates: int) -> None:
@@ -301,9 +384,18 @@ def _open_log(run: Run) -> None:
     _drop_logged_after(run.output_dir / 'steps.jsonl', run.num_updates)
     run.log = open(run.output_dir / 'steps.jsonl', 'a')
     atomic_write_bytes(yaml.safe_dump(vars(run.args), default_flow_style=False).encode(), run.output_dir / 'args.yaml')
+    truncate_summary(run.output_dir / 'summary.csv', run.epoch)  # rows past the resumed checkpoint are redone
     global_batch = run.args.batch_size * run.world * run.args.grad_accum_steps
     _logger.info(f'{run.args.model}: {num_params(run.model) / 1e6:.1f}M parameters sharded over {run.world} '
                  f'process(es), global batch {global_batch}, lr {run.args.lr:.3g}')
+
+
+def _export(run: Run) -> None:
+    """The latest checkpoint as ``model/`` (``model.safetensors`` + ``config.json``), and its EMA as ``model_ema/``
+    (rank 0)."""
+    for name, ema in (('model', False), ('model_ema', True))[:2 if run.ema is not None else 1]:
+        out, _ = ckpt.export_checkpoint(run.output_dir / 'checkpoints', run.output_dir / name, overwrite=True, ema=ema)
+        _logger.info(f'exported {out} (model.safetensors + config.json)')
 
 
 def train(args: argparse.Namespace) -> int:
@@ -317,15 +409,18 @@ def train(args: argparse.Namespace) -> int:
     _open_log(run)
     for run.epoch in range(start_epoch, run.num_epochs):
         start = time.time()
-        train_epoch(run)
-        saved = _save(run)
+        train_loss = train_epoch(run)
+        metrics = _validate(run)
+        if run.rank == 0:  # before the checkpoint: a resume from the previous one drops the row and writes it again
+            write_summary(run.output_dir / 'summary.csv', run.epoch, train_loss, metrics, _summary_keys(run),
+                          run.optimizer.param_groups[0]['lr'])
+        saved = _save(run, metrics)
         if run.rank == 0:
             _logger.info(f'epoch {run.epoch}: {time.time() - start:.1f} s, saved {saved}')
     if run.rank == 0:
         run.log.close()
         if not args.no_export and run.num_epochs > start_epoch:
-            out, _ = ckpt.export_checkpoint(run.output_dir / 'checkpoints', run.output_dir / 'model', overwrite=True)
-            _logger.info(f'exported {out} (model.safetensors + config.json)')
+            _export(run)
     dist.barrier()
     dist.destroy_process_group()
     return 0
