@@ -21,6 +21,9 @@ __all__ = ['COMBINE_MODES', 'SpheroRouter', 'l2_normalize', 'routing_logits']
 
 COMBINE_MODES = ('entmax15', 'softmax')
 
+# one operator: a leaf for plain torch.fx too (timm's tracer treats it as one through register_notrace_function)
+torch.fx.wrap('routing_weights')
+
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """x / (||x|| + eps), the released code's form (not F.normalize's max(||x||, eps))."""
