@@ -31,6 +31,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+from timm_moejet.moe_keys import MOE_KEYS
+
 __all__ = ['DenseDonor', 'build_hub_cache', 'add_repo_files', 'add_model_repo', 'dense_vit_state_dict',
            'use_offline_hub', 'offline_hub', 'pretrained_tag_repos', 'build_pretrained_tag_cache', 'repo_snapshot',
            'official_state_dict', 'small_dense_vit']
@@ -257,11 +259,12 @@ def official_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, tor
     for key, value in state_dict.items():
         for group in ('core', 'univ'):
             key = key.replace(f'.mlp.{group}.fc', f'.mlp.{group}_experts.vit_fc')
-        if key.endswith('.slot_queries'):
-            official[key.replace('slot_queries', 'phi')] = value[None]
-        elif key.endswith('.log_temperature'):
-            official[key.replace('log_temperature', 'scales.0')] = value[0].exp()
-            official[key.replace('log_temperature', 'scales.1')] = value[1].exp()
+        key = key.replace(f'.mlp.{MOE_KEYS.slot_norm}.', '.mlp.slot_norm.')
+        if key.endswith(f'.{MOE_KEYS.slot_queries}'):
+            official[key.replace(MOE_KEYS.slot_queries, 'phi')] = value[None]
+        elif key.endswith(f'.{MOE_KEYS.temperature}'):
+            official[key.replace(MOE_KEYS.temperature, 'scales.0')] = value[0].exp()
+            official[key.replace(MOE_KEYS.temperature, 'scales.1')] = value[1].exp()
         else:
             official[key] = value
     return official

@@ -17,6 +17,7 @@ from hub_cache import use_offline_hub
 from safetensors.torch import save_file
 
 import timm_moejet  # noqa: F401
+from timm_moejet.moe_keys import MOE_KEYS
 from weights_tools.cli import main
 
 DOC = Path(__file__).resolve().parents[1] / 'docs' / 'command_line.md'
@@ -107,7 +108,7 @@ def _round_three_files(root: Path, donor: torch.nn.Module) -> None:
               str(root / 'conv_experts.safetensors'))
     save_file(dict(sd, **{'blocks.1.attn.qkv.weight': sd['blocks.1.attn.qkv.weight'].to(torch.int32)}),
               str(root / 'int_donor.safetensors'))
-    official = {k.replace('.mlp.slot_queries', '.mlp.phi'): v for k, v in
+    official = {k.replace(f'.mlp.{MOE_KEYS.slot_queries}', '.mlp.phi'): v for k, v in
                 timm.create_model('moejet_vit_test').state_dict().items()}
     huge = dict(embed_dim=8192, depth=24, num_heads=8, moe_layers=[22, 23], core_experts=4, img_size=64)
     save_file(official, str(root / 'huge_official.safetensors'), metadata={'config': json.dumps(huge)})

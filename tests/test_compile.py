@@ -35,7 +35,7 @@ import torch._inductor.config
 import torch._inductor.metrics
 
 import timm_moejet  # noqa: F401  (registers the models)
-from timm_moejet.layers import SpheroMoE
+from timm_moejet.layers import SpheroMoE, SpheroRouter
 
 
 def _deterministic(model: torch.nn.Module) -> torch.nn.Module:
@@ -43,7 +43,7 @@ def _deterministic(model: torch.nn.Module) -> torch.nn.Module:
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.
-        if isinstance(m, SpheroMoE):
+        if isinstance(m, SpheroRouter):
             m.noise_std = 0.
         if hasattr(m, 'drop_prob'):
             m.drop_prob = 0.

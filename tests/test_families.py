@@ -174,7 +174,7 @@ def test_mixer_trains_with_timm_layer_decay_features_and_checkpointing():
     groups = {id(p): g['lr_scale'] for g in optimizer.param_groups for p in g['params']}
     named = dict(model.named_parameters())
     # the MoE layers and the norms feeding them at the full lr, the dense trunk decayed by depth
-    assert groups[id(named['blocks.2.mlp_channels.slot_queries'])] == 1.0
+    assert groups[id(named['blocks.2.mlp_channels.router.slot_queries'])] == 1.0
     assert groups[id(named['blocks.3.norm2.weight'])] == 1.0
     assert groups[id(named['blocks.1.mlp_channels.fc1.weight'])] < 1.0
     assert groups[id(named['blocks.2.mlp_tokens.fc1.weight'])] < 1.0

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from timm_moejet.errors import InvalidArgumentType
 from timm_moejet.layers import SpheroMoE, SpheroMoESettings, entmax15
 
 
@@ -85,7 +86,7 @@ class TestSpheroMoE:
         layer = small_layer(slots_per_expert=2).eval()
         x = torch.randn(4, 17, 32)
         assert layer(x).shape == x.shape
-        dispatch, combine = layer.route(x)
+        dispatch, combine = layer.router(x)
         assert dispatch.shape == combine.shape == (4, 17, layer.num_slots) == (4, 17, 18)
         # dispatch: each slot is a distribution over tokens; combine: each token a distribution over slots
         torch.testing.assert_close(dispatch.sum(1), torch.ones(4, 18), rtol=0, atol=1e-5)
@@ -100,7 +101,7 @@ class TestSpheroMoE:
             for p in layer.parameters():
                 p.add_(torch.randn_like(p) * 0.05)
         x = torch.randn(2, 11, 32)
-        dispatch, combine = layer.route(x)
+        dispatch, combine = layer.router(x)
         slots = torch.einsum('bns,bnd->bsd', dispatch, x)
         outs = []
         for group in (layer.core, layer.univ):
@@ -124,13 +125,13 @@ class TestSpheroMoE:
         assert torch.equal(layer_no_noise(x), layer_no_noise(x))
 
     def test_default_noise_is_one_over_slots(self):
-        assert small_layer().noise_std == pytest.approx(1 / 9)
+        assert small_layer().router.noise_std == pytest.approx(1 / 9)
 
     def test_temperatures_start_at_init_and_stay_positive(self):
         layer = small_layer(moe_temperature_init=0.5)
-        assert torch.allclose(layer.log_temperature.exp(), torch.tensor([0.5, 0.5]))
+        assert torch.allclose(layer.router.log_temperature.exp(), torch.tensor([0.5, 0.5]))
         with torch.no_grad():
-            layer.log_temperature.fill_(-50.)  # any real value is a positive temperature
+            layer.router.log_temperature.fill_(-50.)  # any real value is a positive temperature
         x = torch.randn(1, 5, 32)
         assert torch.isfinite(layer.eval()(x)).all()
 
@@ -141,15 +142,15 @@ class TestSpheroMoE:
         dense = small_layer(num_core_experts=30, num_univ_experts=60, moe_combine='softmax',
                             moe_temperature_init=0.05).eval()
         dense.load_state_dict(sparse.state_dict())
-        _, c_sparse = sparse.route(x)
-        _, c_dense = dense.route(x)
+        _, c_sparse = sparse.router(x)
+        _, c_dense = dense.router(x)
         assert (c_sparse == 0).any() and (c_dense > 0).all()
         # both are distributions over slots from the same logits; entmax-1.5 puts more mass on the top slots
         torch.testing.assert_close(c_dense.sum(-1), torch.ones(2, 50), rtol=0, atol=1e-5)
         assert (c_sparse.amax(-1) >= c_dense.amax(-1) - 1e-6).all()
         # softmax combine: exactly softmax of the scaled cosine logits
         keys = x / (x.norm(dim=-1, keepdim=True) + 1e-6)
-        q = dense.slot_norm(dense.slot_queries)
+        q = dense.router.slot_norm(dense.router.slot_queries)
         q = q / (q.norm(dim=-1, keepdim=True) + 1e-6)
         logits = keys @ q.t() / 0.05
         torch.testing.assert_close(c_dense, torch.softmax(logits, -1), rtol=0, atol=1e-5)
@@ -158,12 +159,12 @@ class TestSpheroMoE:
         layer = SpheroMoE(32, num_core_experts=12, num_univ_experts=0, moe_combine='softmax',
                           moe_shared_temperature=True, moe_temperature_init=1.0, moe_slot_norm=False,
                           moe_expert_drop=0.).eval()
-        assert layer.univ is None and layer.log_temperature.numel() == 1
+        assert layer.univ is None and layer.router.log_temperature.numel() == 1
         assert not any('slot_norm' in n for n, _ in layer.named_parameters())
         x = torch.randn(2, 7, 32)
-        dispatch, combine = layer.route(x)
+        dispatch, combine = layer.router(x)
         keys = x / (x.norm(dim=-1, keepdim=True) + 1e-6)
-        q = layer.slot_queries / (layer.slot_queries.norm(dim=-1, keepdim=True) + 1e-6)
+        q = layer.router.slot_queries / (layer.router.slot_queries.norm(dim=-1, keepdim=True) + 1e-6)
         logits = keys @ q.t()
         # one scale: dispatch and combine come from the same logits
         torch.testing.assert_close(dispatch, torch.softmax(logits, 1), rtol=0, atol=1e-6)
@@ -241,6 +242,11 @@ class TestTimmMlpCall:
             old = SpheroMoE(16, num_core=2, num_univ_experts=3, combine='softmax')
         assert old.settings == SpheroMoESettings(num_core_experts=2, num_univ_experts=3, moe_combine='softmax')
 
+    def test_an_old_name_beside_its_new_name_is_refused(self):
+        with pytest.raises(InvalidArgumentType, match='^SpheroMoE got both num_core and num_core_experts, one '
+                                                      'setting twice: give num_core_experts only.$'):
+            SpheroMoE(16, num_core=4, num_core_experts=8)
+
     def test_a_settings_object_is_taken_as_it_is(self, monkeypatch):
         from timm_moejet.settings import Check
         cfg = SpheroMoESettings(num_core_experts=2, num_univ_experts=3)
@@ -274,7 +280,7 @@ def test_routing_is_recorded_from_the_forward_itself():
     layer(x)  # off again after the context
     assert len(records) == 1
     torch.testing.assert_close(out, out_plain, rtol=0, atol=0)
-    dispatch, combine = layer.route(x)
+    dispatch, combine = layer.router(x)
     torch.testing.assert_close(records[0].dispatch, dispatch, rtol=0, atol=0)
     torch.testing.assert_close(records[0].combine, combine, rtol=0, atol=0)
     slots = torch.bmm(dispatch.transpose(1, 2), x)

@@ -55,7 +55,7 @@ def test_default_layout_of_moejet_vit_tiny():
     layer = moe[6]
     assert (layer.num_core, layer.num_univ, layer.num_slots) == (98, 196, 294)
     assert (layer.core.hidden_features, layer.univ.hidden_features) == (768, 192)
-    assert layer.noise_std == pytest.approx(1 / 294) and layer.combine == 'entmax15'
+    assert layer.router.noise_std == pytest.approx(1 / 294) and layer.router.combine == 'entmax15'
     assert layer.core.drop1.p == 0.4
     # MoE drop path ramps linearly to 0.1 over depth, as released: linspace(0, 0.1, 12)[i]
     for i in range(6, 12):
@@ -64,7 +64,7 @@ def test_default_layout_of_moejet_vit_tiny():
     assert 'fc_norm.weight' in sd and 'norm.weight' not in sd
     assert sd['blocks.6.mlp.core.fc1.weight'].shape == (98, 768, 192)
     assert sd['blocks.6.mlp.univ.fc2.weight'].shape == (196, 192, 192)
-    assert sd['blocks.6.mlp.slot_queries'].shape == (294, 192)
+    assert sd['blocks.6.mlp.router.slot_queries'].shape == (294, 192)
 
 
 def test_create_model_kwargs_reach_the_layers():
@@ -76,8 +76,9 @@ def test_create_model_kwargs_reach_the_layers():
     layer = model.blocks[3].mlp
     assert (layer.num_core, layer.num_univ, layer.num_slots) == (2, 3, 10)
     assert (layer.core.hidden_features, layer.univ.hidden_features) == (40, 9)
-    assert layer.combine == 'softmax' and layer.noise_std == 0.
-    assert layer.log_temperature.shape == (1,) and torch.allclose(layer.log_temperature.exp(), torch.tensor(0.7))
+    assert layer.router.combine == 'softmax' and layer.router.noise_std == 0.
+    temperature = layer.router.log_temperature
+    assert temperature.shape == (1,) and torch.allclose(temperature.exp(), torch.tensor(0.7))
     assert layer.core.drop1.p == 0.1 and layer.drop_path.drop_prob == pytest.approx(0.2)
     assert not isinstance(model.blocks[2].mlp, SpheroMoE)
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
@@ -109,7 +110,7 @@ def test_timm_vit_features_keep_working():
 def test_soft_moe_variant():
     model = timm.create_model('softmoe_vit_test')
     layer = model.blocks[3].mlp
-    assert layer.univ is None and layer.combine == 'softmax' and layer.log_temperature.numel() == 1
+    assert layer.univ is None and layer.router.combine == 'softmax' and layer.router.log_temperature.numel() == 1
 
 
 @pytest.mark.parametrize('name', ['softmoe_vit_test', 'softmoe_vit_tiny_patch16_224'])
@@ -117,7 +118,7 @@ def test_soft_moe_models_take_the_callers_settings(name):
     """Settings the Soft MoE entrypoints fix (experts, combine) can still be given: the caller's win."""
     model = timm.create_model(name, num_core_experts=6, moe_combine='entmax15', device='meta')
     layer = model.blocks[model.moe_blocks[0]].mlp
-    assert layer.core.num_experts == 6 and layer.combine == 'entmax15'
+    assert layer.core.num_experts == 6 and layer.router.combine == 'entmax15'
 
 
 @pytest.mark.parametrize('name', ['moejet_vit_test', 'moejet_convnext_test', 'moejet_mixer_test'])

@@ -34,13 +34,13 @@ def entmax15_sorted(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 def reference_layer_forward(layer: SpheroMoE, x: torch.Tensor) -> torch.Tensor:
     """The layer's function written plainly: normalised keys, sort-based entmax, slices, autograd's own bmm."""
-    keys = x / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + layer.eps)
-    q = layer.slot_norm(layer.slot_queries)
-    q = q / (torch.linalg.vector_norm(q, dim=-1, keepdim=True) + layer.eps)
+    keys = x / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + layer.router.eps)
+    q = layer.router.slot_norm(layer.router.slot_queries)
+    q = q / (torch.linalg.vector_norm(q, dim=-1, keepdim=True) + layer.router.eps)
     logits = keys @ q.t()
-    inv_temp = torch.exp(-layer.log_temperature)
+    inv_temp = torch.exp(-layer.router.log_temperature)
     dispatch = torch.softmax(logits * inv_temp[0], dim=1)
-    if layer.sparse_combine:
+    if layer.router.sparse:
         combine = entmax15_sorted(logits * inv_temp[-1], dim=-1)
     else:
         combine = torch.softmax(logits * inv_temp[-1], dim=-1)
@@ -260,23 +260,24 @@ class TestFixtureAtSpeed:
         with pytest.raises(InvalidArgument, match='no experts'):
             cast_experts(torch.nn.Linear(2, 2))
 
-    def test_routing_stays_float32_under_autocast(self):
+    def test_routing_is_computed_in_float32_under_autocast_and_written_in_bfloat16(self):
+        # the weights are written in the dtype of the bmm's that use them: exactly the float32 weights rounded
         model, tensors = _fixture_model()
         layer = model.blocks[model.moe_blocks[0]].mlp
         x = torch.randn(2, 17, 64)
         with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
-            dispatch, combine = layer.route(x)
-        assert dispatch.dtype == torch.float32 and combine.dtype == torch.float32
+            dispatch, combine = layer.router(x)
+        assert dispatch.dtype == torch.bfloat16 and combine.dtype == torch.bfloat16
         with torch.no_grad():
-            d32, c32 = layer.route(x)
-        torch.testing.assert_close(combine, c32, rtol=0, atol=1e-6)
+            d32, c32 = layer.router(x)
+        assert torch.equal(dispatch, d32.bfloat16()) and torch.equal(combine, c32.bfloat16())
 
     @pytest.mark.parametrize('combine', ['entmax15', 'softmax'])
     def test_compile_equals_eager_without_graph_breaks(self, combine):
         model, tensors = _fixture_model()
         layer = model.blocks[model.moe_blocks[0]].mlp
-        layer.sparse_combine = combine == 'entmax15'
-        layer.combine = combine
+        layer.router.sparse = combine == 'entmax15'
+        layer.router.combine = combine
         x = model.blocks[model.moe_blocks[0]].norm2(torch.randn(4, 17, 64)).detach()
         torch._dynamo.reset()
         compiled = torch.compile(layer, fullgraph=True)  # fullgraph: any graph break raises

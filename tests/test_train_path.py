@@ -78,11 +78,12 @@ def test_layer_decay_groups_moe_at_full_lr_and_trunk_decays():
         assert math.isclose(groups[f'blocks.{i}.mlp.fc1.weight'][0], LAYER_DECAY ** (12 - i), rel_tol=1e-9)
     assert math.isclose(groups['patch_embed.proj.weight'][0], LAYER_DECAY ** 13, rel_tol=1e-9)
     # weight decay: none for temperatures, biases of every shape (experts' are 2-D), norms, position embedding
-    no_wd = ['blocks.6.mlp.log_temperature', 'blocks.6.mlp.core.fc1.bias', 'blocks.11.mlp.univ.fc2.bias',
-             'blocks.6.mlp.slot_norm.weight', 'blocks.6.norm2.weight', 'fc_norm.weight', 'pos_embed', 'head.bias']
+    no_wd = ['blocks.6.mlp.router.log_temperature', 'blocks.6.mlp.core.fc1.bias', 'blocks.11.mlp.univ.fc2.bias',
+             'blocks.6.mlp.router.slot_norm.weight', 'blocks.6.norm2.weight', 'fc_norm.weight', 'pos_embed',
+             'head.bias']
     assert model.blocks[6].mlp.core.fc1.bias.ndim == 2
     assert {n: groups[n][1] for n in no_wd} == {n: 0. for n in no_wd}
-    wd = ['blocks.6.mlp.core.fc1.weight', 'blocks.6.mlp.univ.fc2.weight', 'blocks.6.mlp.slot_queries',
+    wd = ['blocks.6.mlp.core.fc1.weight', 'blocks.6.mlp.univ.fc2.weight', 'blocks.6.mlp.router.slot_queries',
           'blocks.0.attn.qkv.weight', 'head.weight']
     assert {n: groups[n][1] for n in wd} == {n: 0.05 for n in wd}
 

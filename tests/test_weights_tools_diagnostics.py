@@ -90,7 +90,7 @@ def test_sparsity_entropy_and_support_against_route():
     x = torch.randn(4, 9, 16, generator=torch.Generator().manual_seed(2))
     (d,) = router_diagnostics(_OneLayer(layer), list(x.split(2)))  # two batches accumulate like one
     with torch.no_grad():  # per batch, as measured (entmax zeros at the threshold depend on the batch's matmul)
-        routes = [layer.route(part) for part in x.split(2)]
+        routes = [layer.router(part) for part in x.split(2)]
     dispatch, combine = (torch.cat(r, dim=0) for r in zip(*routes))
     assert d.combine_sparsity == pytest.approx(int((combine == 0).sum()) / combine.numel(), abs=1e-12)
     assert d.combine_support == pytest.approx(float((combine > 0).sum(-1).float().mean()), rel=1e-6)

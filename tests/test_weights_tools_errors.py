@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 import timm_moejet  # noqa: F401
+from timm_moejet.moe_keys import MOE_KEYS
 from weights_tools.cli import main
 
 
@@ -396,7 +397,7 @@ def test_two_outputs_naming_one_path_are_refused_before_any_work(tmp_path, capsy
 
 def test_declared_architecture_is_checked_before_a_model_is_built(tmp_path, capsys, monkeypatch):
     sd = timm.create_model('moejet_vit_test').state_dict()
-    official_sd = {k.replace('.mlp.slot_queries', '.mlp.phi'): v for k, v in sd.items()}
+    official_sd = {k.replace(f'.mlp.{MOE_KEYS.slot_queries}', '.mlp.phi'): v for k, v in sd.items()}
     config = dict(embed_dim=8192, depth=24, num_heads=8, moe_layers=[22, 23], core_experts=4, img_size=64)
     save_file(official_sd, str(tmp_path / 'huge.safetensors'), metadata={'config': json.dumps(config)})
     real = timm.create_model

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 import timm_moejet
-from timm_moejet.layers import SpheroMoE
+from timm_moejet.layers import SpheroMoE, SpheroRouter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from paths import OFFICIAL_FIXTURE  # noqa: E402
@@ -35,7 +35,7 @@ def _deterministic(model: torch.nn.Module) -> torch.nn.Module:
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.
-        if isinstance(m, SpheroMoE):
+        if isinstance(m, SpheroRouter):
             m.noise_std = 0.
         if hasattr(m, 'drop_prob'):
             m.drop_prob = 0.

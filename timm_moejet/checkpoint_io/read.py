@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from timm.models import clean_state_dict, load_state_dict, load_state_dict_from_hf
 
 from ..errors import InvalidArgument, InvalidCheckpoint, NotFound
+from ..moe_keys import current_key_names
 from .names import FOLDER_WEIGHT_NAMES, HF_HUB, WEIGHT_SUFFIXES, PathLike
 
 __all__ = ['read_state_dict', 'folder_weights', 'strip_wrappers', 'check_state_dict_fits', 'check_weights_file',
@@ -281,8 +282,10 @@ def read_state_dict(
 
 
 def check_state_dict_fits(state_dict: Mapping[str, torch.Tensor], model: nn.Module, source: str) -> None:
-    """Raise an ``InvalidCheckpoint`` naming every missing/unexpected key and every shape mismatch."""
+    """Raise an ``InvalidCheckpoint`` naming every missing/unexpected key and every shape mismatch (router tensors
+    under their names from before the router was a module count as today's: the layer renames them on load)."""
     expected = model.state_dict()
+    state_dict = current_key_names(state_dict)
     mismatched = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}'
                   for k, v in state_dict.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
     missing = sorted(set(expected) - set(state_dict))

@@ -4,15 +4,15 @@ MoE Jetpack (Zhu et al., NeurIPS 2024). A drop-in for timm's ``Mlp``: it takes t
 ``Block`` builds it through ``functools.partial(SpheroMoE, **settings)``), maps [B, N, D] to [B, N, D] (or
 channels-last [B, H, W, D] to the same) and needs no auxiliary loss. Tokens are routed to slots by cosine
 similarity between L2-normalised tokens and (LayerNorm then L2-normalised) slot queries; dispatch is a softmax
-over tokens, combine an entmax-1.5 (or softmax) over all slots. Slots belong to "core" experts (large hidden) or
-"universal" experts (small hidden).
+over tokens, combine an entmax-1.5 (or softmax) over all slots: the layer's router
+(:class:`~timm_moejet.layers.router.SpheroRouter`). Slots belong to "core" experts (large hidden) or "universal"
+experts (small hidden).
 
 Every setting is a field of :class:`SpheroMoESettings` (default, check, doc); defaults reproduce the released
 MoE Jetpack code, except where that code is buggy (see docs/deviations.md).
 """
 import contextlib
 import dataclasses
-import math
 import warnings
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple, Type
 
@@ -22,18 +22,12 @@ from timm.layers import DropPath
 from torch.jit import Final
 
 from ..errors import InvalidArgument, InvalidArgumentType
+from ..moe_keys import rename_legacy_layer_keys
 from ..settings import boolean, check_fields, choice, integer, optional, real, setting
-from .entmax import entmax15_halved
-from .expert_ops import autocast_dtype, fx_tracing
 from .experts import BatchedExperts
+from .router import COMBINE_MODES, SpheroRouter
 
 __all__ = ['SpheroMoE', 'SpheroMoESettings', 'COMBINE_MODES', 'RoutingRecord', 'record_routing', 'layer_settings']
-
-COMBINE_MODES = ('entmax15', 'softmax')
-
-# the entmax threshold has data-dependent control flow: a leaf for plain torch.fx too (timm's tracer already
-# treats it as one through register_notrace_function)
-torch.fx.wrap('entmax15_halved')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +85,10 @@ DEPRECATED_NAMES = {
 def layer_settings(settings: Optional[SpheroMoESettings], kwargs: Dict[str, Any]) -> SpheroMoESettings:
     """The layer's settings: ``settings`` (default: the defaults) with ``kwargs`` (setting names) applied."""
     names = [f.name for f in dataclasses.fields(SpheroMoESettings)]
+    twice = sorted(k for k in kwargs if k in DEPRECATED_NAMES and DEPRECATED_NAMES[k] in kwargs)
+    if twice:
+        raise InvalidArgumentType('; '.join(f'SpheroMoE got both {k} and {DEPRECATED_NAMES[k]}, one setting twice: '
+                                            f'give {DEPRECATED_NAMES[k]} only' for k in twice) + '.')
     values = {}
     for name, value in kwargs.items():
         if name in DEPRECATED_NAMES:
@@ -107,32 +105,6 @@ def layer_settings(settings: Optional[SpheroMoESettings], kwargs: Dict[str, Any]
     return dataclasses.replace(settings, **values) if values else settings
 
 
-def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """x / (||x|| + eps), the released code's form (not F.normalize's max(||x||, eps))."""
-    return x / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + eps)
-
-
-@torch.jit.unused
-def _autocast_on(x: torch.Tensor) -> bool:
-    return autocast_dtype(x) is not None
-
-
-@torch.jit.unused
-def _routing_logits_eager(x: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-    if not fx_tracing(x) and _autocast_on(x):
-        # routing stays float32 under autocast: a bf16 cosine keeps ~3 digits, too coarse for the entmax threshold
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            return torch.matmul(x.float(), queries.float().t())
-    return torch.matmul(x, queries.t())
-
-
-def routing_logits(x: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-    """x @ queries.T, in float32 under autocast."""
-    if torch.jit.is_scripting():
-        return torch.matmul(x, queries.t())
-    return _routing_logits_eager(x, queries)
-
-
 class RoutingRecord(NamedTuple):
     """What one forward of a SpheroMoE layer routed (detached; see :func:`record_routing`)."""
     dispatch: torch.Tensor  # [B, N, S]: a distribution over tokens for each slot
@@ -147,12 +119,9 @@ class SpheroMoE(nn.Module):
     moe_temperature_init=1.0`` the same code is a Soft MoE layer (Puigcerver et al. 2024) with L2-normalised routing
     and one learnable scale.
     """
-    sparse_combine: Final[bool]
     num_core_slots: Final[int]
     group_slots: Final[List[int]]
     slots_per_expert: Final[int]
-    noise_std: Final[float]
-    eps: Final[float]
     recording: bool
 
     def __init__(
@@ -204,17 +173,10 @@ class SpheroMoE(nn.Module):
         self.num_slots = (self.num_core + self.num_univ) * cfg.slots_per_expert
         self.num_core_slots = self.num_core * cfg.slots_per_expert
         self.group_slots = [n * cfg.slots_per_expert for n in (self.num_core, self.num_univ) if n]
-        self.combine = cfg.moe_combine
-        self.sparse_combine = cfg.moe_combine == 'entmax15'
-        self.noise_std = float(1. / self.num_slots if cfg.moe_noise_std is None else cfg.moe_noise_std)
-        self.eps = cfg.moe_l2_eps
-        self.temperature_init = cfg.moe_temperature_init
-
-        self.slot_queries = nn.Parameter(torch.empty(self.num_slots, in_features, **dd))
-        self.slot_norm = nn.LayerNorm(in_features, eps=cfg.moe_slot_norm_eps, **dd) if cfg.moe_slot_norm \
-            else nn.Identity()
-        # log-parametrised so the temperature stays positive (the released scalars could reach 0 or flip sign)
-        self.log_temperature = nn.Parameter(torch.empty(1 if cfg.moe_shared_temperature else 2, **dd))
+        self.router = SpheroRouter(
+            in_features, self.num_slots, combine=cfg.moe_combine, temperature_init=cfg.moe_temperature_init,
+            shared_temperature=cfg.moe_shared_temperature, noise_std=cfg.moe_noise_std, slot_norm=cfg.moe_slot_norm,
+            slot_norm_eps=cfg.moe_slot_norm_eps, l2_eps=cfg.moe_l2_eps, **dd)
         experts = dict(dim=in_features, slots_per_expert=cfg.slots_per_expert, act_layer=act_layer,
                        drop=cfg.moe_expert_drop, bias=bias, **dd)
         self.core = BatchedExperts(self.num_core, hidden_features=core_hidden, **experts) if self.num_core else None
@@ -227,49 +189,18 @@ class SpheroMoE(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
-        """The router: orthogonal slot queries (as released), temperatures at ``temperature_init``, slot norm.
+        """The router's parameters (orthogonal slot queries, temperatures at their init, slot norm).
 
         The experts initialise themselves at construction (``BatchedLinear.reset_parameters``, trunc-normal), once:
-        timm's init pass calls this method for the layer and skips the experts.
+        timm's init pass calls this method for the layer and skips the experts. The router draws after the experts,
+        the order in which seeded and recycled models have always been made.
         """
-        if not self.slot_queries.is_meta:
-            nn.init.orthogonal_(self.slot_queries)
-        nn.init.constant_(self.log_temperature, math.log(self.temperature_init))
-        if isinstance(self.slot_norm, nn.LayerNorm):
-            self.slot_norm.reset_parameters()
+        self.router.reset_parameters()
 
-    def route(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Dispatch and combine weights.
-
-        Args:
-            x: Tokens [B, N, D] (the block's norm2 output).
-
-        Returns:
-            dispatch [B, N, S], a distribution over tokens for each slot, and combine [B, N, S], a distribution
-            over slots for each token.
-        """
-        queries = l2_normalize(self.slot_norm(self.slot_queries), self.eps)
-        # cosine logits as (x . q) / (||x|| + eps): the token normalisation folds into the temperature scaling
-        # below, which saves a pass over x and one over the [B, N, S] logits
-        raw = routing_logits(x, queries)
-        inv_norm = 1. / (torch.linalg.vector_norm(x, dim=-1, keepdim=True).to(raw.dtype) + self.eps)
-        inv_temp = torch.exp(-self.log_temperature).to(raw.dtype)
-        dispatch_scale = inv_norm * inv_temp[0]
-        # entmax-1.5 works on halved scores: fold the 1/2 into the scale
-        combine_scale = inv_norm * (inv_temp[-1] * 0.5 if self.sparse_combine else inv_temp[-1])
-        if self.training and self.noise_std > 0.:
-            noise = torch.randn_like(raw).mul_(self.noise_std)
-            dispatch_logits = torch.addcmul(noise, raw, dispatch_scale)
-            combine_logits = torch.addcmul(noise * 0.5 if self.sparse_combine else noise, raw, combine_scale)
-        else:
-            dispatch_logits = raw * dispatch_scale
-            combine_logits = raw * combine_scale
-        dispatch = torch.softmax(dispatch_logits, dim=1)
-        if self.sparse_combine:
-            combine = entmax15_halved(combine_logits, dim=-1)
-        else:
-            combine = torch.softmax(combine_logits, dim=-1)
-        return dispatch, combine
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # checkpoints from before the router was a module name its tensors without ``router.``
+        rename_legacy_layer_keys(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def expert_outputs(self, slots: torch.Tensor) -> List[torch.Tensor]:
         """Run the slots through their experts.
@@ -298,7 +229,7 @@ class SpheroMoE(nn.Module):
             The same shape as ``x``.
         """
         tokens = x.flatten(1, -2)  # [B, H, W, D] -> [B, H * W, D]; [B, N, D] unchanged
-        dispatch, combine = self.route(tokens)
+        dispatch, combine = self.router(tokens)
         slots = torch.bmm(dispatch.transpose(1, 2), tokens)
         outs = self.expert_outputs(slots)
         if self.recording:
@@ -319,7 +250,7 @@ class SpheroMoE(nn.Module):
 
     def extra_repr(self) -> str:
         return f'dim={self.dim}, num_core={self.num_core}, num_univ={self.num_univ}, ' \
-               f'slots_per_expert={self.slots_per_expert}, combine={self.combine!r}, noise_std={self.noise_std:.4g}'
+               f'slots_per_expert={self.slots_per_expert}'
 
 
 @contextlib.contextmanager
