@@ -34,7 +34,7 @@ def _layer_inputs(model, image: torch.Tensor) -> Dict[int, torch.Tensor]:
 def _combine(layer, x: torch.Tensor) -> torch.Tensor:
     """The layer's combine weights [N, S] for one image's tokens, asked of its router directly."""
     with torch.no_grad():
-        return layer.route(x.flatten(1, -2))[1][0]
+        return layer.router(x.flatten(1, -2))[1][0]
 
 
 def _expected(combine: torch.Tensor, num_core_slots: int) -> Dict[str, torch.Tensor]:
