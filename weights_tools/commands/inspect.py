@@ -41,7 +41,9 @@ example:
         SEED(help='seed of the image subset / random images'), DEVICE,
         option('--plot', metavar='FILE.png', default=None, help='write the diagnostics figure here'),
         option('--json', metavar='FILE.json', default=None, help='also write all figures as JSON here'),
-        OVERWRITE(help='replace existing --plot/--json files'),
+        option('--save-routing', metavar='FILE.json', default=None,
+               help='write the routing statistics (contribution of every expert) here, for weights-tools prune'),
+        OVERWRITE(help='replace existing --plot/--json/--save-routing files'),
     ))
 
 
@@ -50,7 +52,8 @@ def _check_outputs(args: argparse.Namespace) -> None:
 
     if args.plot is not None and Path(args.plot).suffix.lower() != '.png':
         raise InvalidArgument(f'--plot must name a .png file, got {args.plot}.')
-    for out, what in ((args.plot, '--plot file'), (args.json, '--json file')):
+    outputs = ((args.plot, '--plot file'), (args.json, '--json file'), (args.save_routing, '--save-routing file'))
+    for out, what in outputs:
         if out is not None:
             check_output_free(out, args.overwrite, what, {'model': args.model, 'checkpoint': args.checkpoint,
                                                           'image folder': args.images})
@@ -113,4 +116,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json is not None:
         write_json(dict(figures, layers=[dict(d.as_dict(), expert_share=d.expert_share) for d in diags]), args.json)
         print(f'figures written to {args.json}')
+    if args.save_routing is not None:
+        from timm_moejet.pruning import routing_from_diagnostics
+
+        routing_from_diagnostics(model, diags, args.model, source, seed=args.seed).save(args.save_routing)
+        print(f'routing statistics written to {args.save_routing}')
     return 0
