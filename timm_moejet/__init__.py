@@ -10,12 +10,14 @@ with while_importing():  # seconds of torch and timm: a command interrupted here
     from .errors import MoEJetError
     from .layers import SpheroMoE, cast_experts, entmax15
     from .models import MoEConvNeXt, MoEMlpMixer, MoEVisionTransformer
+    from .pruning import RoutingStatistics, load_routing, measure_routing, prune_experts
     from .recycling import RecyclingRecipe, recycle_into, recycle_state_dict, resolve_inputs
 
 __version__ = '0.1.0'
 
 __all__ = [
-    'MoEConvNeXt', 'MoEJetError', 'MoEMlpMixer', 'MoEVisionTransformer', 'RecyclingRecipe', 'SpheroMoE',
-    'build_recycled_model', 'build_selected_model', 'cast_experts', 'create_moejet_from', 'entmax15', 'load_model',
-    'load_official', 'recycle_into', 'recycle_state_dict', 'resolve_inputs',
+    'MoEConvNeXt', 'MoEJetError', 'MoEMlpMixer', 'MoEVisionTransformer', 'RecyclingRecipe', 'RoutingStatistics',
+    'SpheroMoE', 'build_recycled_model', 'build_selected_model', 'cast_experts', 'create_moejet_from', 'entmax15',
+    'load_model', 'load_official', 'load_routing', 'measure_routing', 'prune_experts', 'recycle_into',
+    'recycle_state_dict', 'resolve_inputs',
 ]

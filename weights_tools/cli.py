@@ -1,4 +1,4 @@
-""" ``weights-tools``: calibrate, recycle, select, export, push, import-official, inspect.
+""" ``weights-tools``: calibrate, recycle, select, export, push, import-official, inspect, prune.
 
 Each command lives in ``weights_tools/commands/<name>.py``: its declaration (``COMMAND``, a
 :class:`~weights_tools.options.Command`; options several commands share are declared once in ``options.py``) and
@@ -18,14 +18,14 @@ from typing import List, Optional
 
 __all__ = ['main', 'build_parser']
 
-_COMMANDS = ('calibrate', 'recycle', 'select', 'export', 'push', 'import_official', 'inspect')
+_COMMANDS = ('calibrate', 'recycle', 'select', 'export', 'push', 'import_official', 'inspect', 'prune')
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
 
 
 # arguments that name what a command writes (checked after an interrupt: was it written?)
-_OUTPUT_ARGS = ('output', 'plot', 'json', 'route_plot')
+_OUTPUT_ARGS = ('output', 'plot', 'json', 'route_plot', 'save_routing')
 
 
 class Terminated(KeyboardInterrupt):

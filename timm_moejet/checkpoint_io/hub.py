@@ -33,13 +33,15 @@ from .official import is_official_state_dict
 from .read import check_state_dict_fits, check_weights_file, folder_weights, read_state_dict
 
 __all__ = ['hub_errors_named', 'read_folder_config', 'read_hub_config', 'check_timm_config', 'check_weights_readable',
-           'load_weights_into', 'save_hub_folder', 'push_to_hub', 'check_repo_id', 'STANDARD_CONFIG_KEYS']
+           'load_weights_into', 'save_hub_folder', 'push_to_hub', 'check_repo_id', 'STANDARD_CONFIG_KEYS',
+           'MOE_CFG_RECORDS']
 
 # config.json entries timm writes itself; anything else at its top level is ours (e.g. an import record)
 STANDARD_CONFIG_KEYS = {'architecture', 'num_classes', 'num_features', 'global_pool', 'model_args', 'pretrained_cfg',
                         'label_names', 'label_descriptions'}
-# pretrained_cfg entries timm's PretrainedCfg does not know but the MoE entrypoints take out and put back on load
-_MOE_CFG_RECORDS = ('recycling',)
+# pretrained_cfg entries timm's PretrainedCfg does not know but the MoE entrypoints take out and put back on load:
+# how the weights were recycled, and how they were pruned
+MOE_CFG_RECORDS = ('recycling', 'pruning')
 # create_model kwargs that configure loading (the dense->MoE filter), not the architecture: never in model_args
 _LOAD_TIME_KWARGS = 'recycle_'
 
@@ -137,14 +139,14 @@ def load_weights_into(model: nn.Module, checkpoint: PathLike, ema: bool = False)
 
 def _portable_config(config: Dict[str, Any], moe: bool) -> Dict[str, Any]:
     """timm's ``config.json`` made loadable as it is: timm rebuilds ``PretrainedCfg(**pretrained_cfg)`` on load,
-    which fails on keys it does not know, so those go to the top level (where timm's loader ignores them), except the
-    ``recycling`` record of a MoE model (the MoE entrypoints take it out before timm sees it); and ``recycle_*``
-    kwargs, options of loading rather than architecture (a ``recycle_stats`` path would not exist elsewhere), are
-    left out of ``model_args``."""
+    which fails on keys it does not know, so those go to the top level (where timm's loader ignores them), except
+    the records of a MoE model (``MOE_CFG_RECORDS``: the MoE entrypoints take them out before timm sees them); and
+    ``recycle_*`` kwargs, options of loading rather than architecture (a ``recycle_stats`` path would not exist
+    elsewhere), are left out of ``model_args``."""
     config = dict(config)
     cfg = dict(config.get('pretrained_cfg') or {})
-    keep = {f.name for f in dataclasses.fields(PretrainedCfg)} | (set(_MOE_CFG_RECORDS) if moe else set())
-    for key in _MOE_CFG_RECORDS if moe else ():
+    keep = {f.name for f in dataclasses.fields(PretrainedCfg)} | (set(MOE_CFG_RECORDS) if moe else set())
+    for key in MOE_CFG_RECORDS if moe else ():
         if key in config and key not in cfg:
             cfg[key] = config.pop(key)
     for key in [k for k in cfg if k not in keep]:

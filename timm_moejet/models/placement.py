@@ -23,13 +23,32 @@ from ..errors import InvalidArgument, InvalidArgumentType
 from ..layers import SpheroMoE, SpheroMoESettings
 from ..layers.sphero_moe import DEPRECATED_NAMES
 from ..moe_keys import MOE_KEYS
-from ..settings import check_fields, from_kwargs, int_sequence, optional, real, setting
+from ..settings import Check, check_fields, from_kwargs, int_sequence, integer, optional, real, setting
 
 __all__ = ['MoEPlacement', 'pop_moe_kwargs', 'MoEModelMixin', 'replace_mlps']
 
 # parameters without weight decay in every MoE model: routing temperatures, biases of every shape (experts' are 2-D),
 # norms
 MOE_NO_WEIGHT_DECAY = frozenset({f'*.{MOE_KEYS.temperature}', '*.bias', '*norm*.weight'})
+
+
+def _expert_count_pairs(label: str, value: Any) -> Tuple[Tuple[int, int], ...]:
+    """A list of (core, universal) expert counts, one pair per MoE block, as a tuple of int pairs."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not value:
+        raise InvalidArgumentType(f'{label} must be a non-empty list of (core, universal) expert counts, one pair per '
+                                  f'MoE block, got {value!r}.')
+    pairs = []
+    for i, pair in enumerate(value):
+        if isinstance(pair, (str, bytes)) or not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise InvalidArgumentType(f'{label} entry {i} must be a (core, universal) pair of ints, got {pair!r}.')
+        core, univ = (integer(0)(f'{label} entry {i} {part}', n) for part, n in zip(('core', 'universal'), pair))
+        if core + univ == 0:
+            raise InvalidArgument(f'{label} entry {i} keeps no expert: a MoE layer needs at least one.')
+        pairs.append((core, univ))
+    return tuple(pairs)
+
+
+EXPERT_COUNT_PAIRS = Check('a list of (core, universal) int pairs, one per MoE block', _expert_count_pairs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +60,10 @@ class MoEPlacement:
     moe_drop_path_rate: float = setting(
         0.1, real(0., 1., max_open=True),
         'Largest per-sample drop path on MoE outputs, ramped linearly over depth (the released "MoE drop path").')
+    moe_experts_per_layer: Optional[Tuple[Tuple[int, int], ...]] = setting(
+        None, optional(EXPERT_COUNT_PAIRS, 'the expert-count settings of every layer'),
+        '(core, universal) experts of each MoE block in block order, over the expert-count settings (a pruned '
+        'model: timm_moejet.prune_experts).')
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -69,12 +92,27 @@ class MoEPlacement:
                 ``num_core_experts``); checked as the shared ones are.
         """
         rates = calculate_drop_path_rates(self.moe_drop_path_rate, depth)
+        overrides = self.per_layer_counts(depth, overrides)
         factories = {}
         for i in self.blocks(depth):
-            changes = (overrides or {}).get(i)
+            changes = overrides.get(i)
             block_settings = dataclasses.replace(settings, **changes) if changes else settings
             factories[i] = partial(SpheroMoE, drop_path=rates[i], settings=block_settings)
         return factories
+
+    def per_layer_counts(self, depth: int, overrides: Optional[Mapping[int, Mapping[str, Any]]] = None
+                         ) -> Dict[int, Dict[str, Any]]:
+        """``overrides`` with ``moe_experts_per_layer`` applied over them (checked against the MoE blocks)."""
+        out = {i: dict(changes) for i, changes in (overrides or {}).items()}
+        if self.moe_experts_per_layer is None:
+            return out
+        blocks = self.blocks(depth)
+        if len(self.moe_experts_per_layer) != len(blocks):
+            raise InvalidArgument(f'moe_experts_per_layer has {len(self.moe_experts_per_layer)} (core, universal) '
+                                  f'pairs for {len(blocks)} MoE blocks {list(blocks)}; give one pair per MoE block.')
+        for i, (core, univ) in zip(blocks, self.moe_experts_per_layer):
+            out.setdefault(i, {}).update(num_core_experts=core, num_univ_experts=univ)
+        return out
 
 
 def pop_moe_kwargs(kwargs: Dict[str, Any], **defaults: Any) -> Tuple[MoEPlacement, SpheroMoESettings]:

@@ -16,7 +16,7 @@ import torch.nn as nn
 from timm.models import resolve_pretrained_cfg
 
 from ..checkpoint_io.donors import locate_donor
-from ..checkpoint_io.hub import hub_errors_named
+from ..checkpoint_io.hub import MOE_CFG_RECORDS, hub_errors_named
 from ..checkpoint_io.names import HF_HUB
 from ..checkpoint_io.read import is_damaged_file_error
 from ..errors import InvalidArgument, InvalidArgumentType, InvalidCheckpoint
@@ -59,6 +59,7 @@ class RecyclingOnLoad:
         weights: What timm will read, as a donor is named (``hf-hub:ORG/REPO``, a folder, a file), to be located and
             checked before building; None when the weights are in memory or behind a URL.
         tags_trunk: Whether those weights are the pretrained tag's trunk donor (else the caller's).
+        other_records: The checkpoint's records besides its recipe (``pruning``), put back with its weights.
     """
     kwargs: Dict[str, Any]
     recipe: RecyclingRecipe
@@ -67,6 +68,7 @@ class RecyclingOnLoad:
     trunk_id: Optional[str] = None
     weights: Optional[str] = None
     tags_trunk: bool = False
+    other_records: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @contextlib.contextmanager
     def loading(self) -> Iterator[None]:
@@ -87,6 +89,8 @@ class RecyclingOnLoad:
         recycled dense weights; the checkpoint's when its MoE weights were loaded as they are; none without
         pretrained weights."""
         cfg = dict(getattr(model, 'pretrained_cfg', None) or {})
+        if pretrained:
+            cfg.update(self.other_records)
         if self.filter.record is not None:
             return dict(cfg, recycling=self.filter.record)
         if self.record is not None and pretrained:
@@ -115,12 +119,13 @@ def recipe_from_kwargs(variant: str, kwargs: Mapping[str, Any], recipes: Mapping
         raise InvalidArgumentType(unknown_kwargs_message(variant, unknown, RECYCLE_KWARGS))
     overrides = {RECYCLE_KWARGS[k]: v for k, v in kwargs.items() if k in RECYCLE_KWARGS}
     kwargs = {k: v for k, v in kwargs.items() if k not in RECYCLE_KWARGS}
-    record = None
+    records: Dict[str, Any] = {}
     cfg = kwargs.get('pretrained_cfg')
-    if isinstance(cfg, Mapping) and 'recycling' in cfg:
-        # an exported model's config: keep the recorded recipe (timm's PretrainedCfg has no such field)
-        record = cfg['recycling']
-        kwargs['pretrained_cfg'] = cfg = {k: v for k, v in cfg.items() if k != 'recycling'}
+    if isinstance(cfg, Mapping) and any(k in cfg for k in MOE_CFG_RECORDS):
+        # an exported model's config: keep the recorded recipe and pruning (timm's PretrainedCfg has no such fields)
+        records = {k: cfg[k] for k in MOE_CFG_RECORDS if k in cfg}
+        kwargs['pretrained_cfg'] = cfg = {k: v for k, v in cfg.items() if k not in MOE_CFG_RECORDS}
+    record = records.pop('recycling', None)
     overlay = kwargs.get('pretrained_cfg_overlay') or {}
     resolved = resolve_pretrained_cfg(variant, pretrained_cfg=cfg, pretrained_cfg_overlay=overlay)
     _refuse_config_naming_files(variant, resolved.source, kwargs)
@@ -134,7 +139,7 @@ def recipe_from_kwargs(variant: str, kwargs: Mapping[str, Any], recipes: Mapping
     recipe = dataclasses.replace(base, **overrides) if overrides else base
     check_strategy_reads(recipe.strategy, overrides)  # also a kwarg given at its default value
     return RecyclingOnLoad(kwargs, recipe, PretrainedFilter(recipe), record, resolved.hf_hub_id,
-                           _weights_read(resolved, overlay), not callers_weights)
+                           _weights_read(resolved, overlay), not callers_weights, records)
 
 
 def _weights_read(cfg: Any, overlay: Mapping[str, Any]) -> Optional[str]:

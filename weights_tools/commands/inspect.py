@@ -47,7 +47,9 @@ example:
                help='one image whose routing per token is printed (and drawn with --route-plot)'),
         option('--route-plot', metavar='FILE.png', default=None,
                help='draw the core share and top-slot weight of every token of --route-image, per MoE layer'),
-        OVERWRITE(help='replace existing --plot/--json/--route-plot files'),
+        option('--save-routing', metavar='FILE.json', default=None,
+               help='write the routing statistics (contribution of every expert) here, for weights-tools prune'),
+        OVERWRITE(help='replace existing --plot/--json/--route-plot/--save-routing files'),
     ))
 
 
@@ -57,7 +59,9 @@ def _check_outputs(args: argparse.Namespace) -> None:
     if args.plot is not None and Path(args.plot).suffix.lower() != '.png':
         raise InvalidArgument(f'--plot must name a .png file, got {args.plot}.')
     _check_route(args)
-    for out, what in ((args.plot, '--plot file'), (args.json, '--json file'), (args.route_plot, '--route-plot file')):
+    outputs = ((args.plot, '--plot file'), (args.json, '--json file'), (args.route_plot, '--route-plot file'),
+               (args.save_routing, '--save-routing file'))
+    for out, what in outputs:
         if out is not None:
             check_output_free(out, args.overwrite, what, {'model': args.model, 'checkpoint': args.checkpoint,
                                                           'image folder': args.images, 'route image': args.route_image})
@@ -156,6 +160,11 @@ def run(args: argparse.Namespace) -> int:
     if args.json is not None:
         write_json(dict(figures, layers=[dict(d.as_dict(), expert_share=d.expert_share) for d in diags]), args.json)
         print(f'figures written to {args.json}')
+    if args.save_routing is not None:
+        from timm_moejet.pruning import routing_from_diagnostics
+
+        routing_from_diagnostics(model, diags, args.model, source, seed=args.seed).save(args.save_routing)
+        print(f'routing statistics written to {args.save_routing}')
     if route is not None:
         _route_report(args, model, route)
     return 0
