@@ -408,6 +408,7 @@ def measure_compiled_vs_eager(name: str, args: argparse.Namespace, device: torch
         t0 = time.perf_counter()
         timed = interleaved([moe, compiled], train_step, moe.make_input(b), args)
         ratios = [c / e for e, c in zip(*timed['times_s'])]
+        timed['ratio'] = statistics.median(ratios)  # compiled / eager (interleaved() gives eager / compiled)
         result['batches'].append(dict(batch_size=b, train=timed, ratio_range=[min(ratios), max(ratios)]))
         print(f'[{name} batch {b} compiled vs eager: {time.perf_counter() - t0:.0f}s]', file=sys.stderr, flush=True)
     return result
