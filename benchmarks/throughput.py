@@ -18,6 +18,11 @@ Examples::
     python -m benchmarks.throughput                                   # CPU, 2 threads, default pairs and batches
     python -m benchmarks.throughput --pairs layer tiny --batch-sizes 16 64 128 --json benchmarks/results/cpu.json
     python -m benchmarks.throughput --device cuda --dtype bfloat16 --batch-sizes 256 --pairs tiny --compile
+    python -m benchmarks.throughput --compiled-vs-eager --pairs layer tiny --batch-sizes 16 [--cpu-time]
+
+``--compiled-vs-eager`` measures something else: the MoE member of each pair (no dense twin) trained eagerly and
+through ``torch.compile`` (Inductor), the forward + backward step of the same module interleaved, and prints the
+median times, their range and the compiled/eager ratio (median of the per-repeat ratios, with its range).
 """
 import argparse
 import dataclasses
@@ -93,6 +98,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help='batch sizes for every pair, smallest first (default: 64 for layers, 16 and 64 for '
                              'ViT-T, 16 for ViT-S); a batch that would not fit in memory is skipped and said so')
     parser.add_argument('--compile', action='store_true', help='torch.compile both members of each pair')
+    parser.add_argument('--compiled-vs-eager', action='store_true',
+                        help='instead of MoE vs dense: the MoE member\'s train step (forward + backward) compiled vs '
+                             'eager, interleaved')
+    parser.add_argument('--cpu-time', action='store_true',
+                        help='with --compiled-vs-eager on the CPU: time each step by the process\'s CPU time '
+                             '(time.process_time), which waiting for a core on a shared machine does not pad')
     parser.add_argument('--threads', type=int, default=2, help='torch.set_num_threads (CPU)')
     parser.add_argument('--repeats', type=int, default=7, help='interleaved timed repeats (median is reported)')
     parser.add_argument('--warmup', type=int, default=2, help='untimed runs of each member before timing (>= 1)')
@@ -118,6 +129,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.batch_sizes = sorted(set(args.batch_sizes))
     if args.device == 'cuda' and not torch.cuda.is_available():
         parser.error('--device cuda was asked for, but torch.cuda.is_available() is False')
+    if args.compiled_vs_eager and (args.compile or args.no_train):
+        parser.error('--compiled-vs-eager compares the train step compiled and eager itself: leave out --compile '
+                     'and --no-train')
+    if args.cpu_time and (not args.compiled_vs_eager or args.device != 'cpu'):
+        parser.error('--cpu-time applies to --compiled-vs-eager on --device cpu only')
     if args.no_train:
         args.optimizers = []
     return args
@@ -386,6 +402,45 @@ def measure_pair(name: str, args: argparse.Namespace, device: torch.device, rate
     return result
 
 
+def train_step_cpu_time(member: _Member, x: torch.Tensor, dtype: str) -> float:
+    """:func:`train_step` timed by the process's CPU time (all threads) instead of the wall clock."""
+    t0 = time.process_time()
+    _forward_backward(member, x, dtype)
+    return time.process_time() - t0
+
+
+def measure_compiled_vs_eager(name: str, args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
+    """The MoE member's train step, eager and compiled (the same module), interleaved, per batch size."""
+    torch.manual_seed(args.seed)
+    moe = build_pair(name, device)[0]
+    compiled = _Member(f'{moe.name} compiled', moe.module, moe.input_shape, moe.is_model, device)
+    compiled.runner = torch.compile(moe.module)
+    result: Dict[str, Any] = dict(pair=name, member=moe.name, batches=[])
+    for b in args.batch_sizes or PAIRS[name].batch_sizes:
+        t0 = time.perf_counter()
+        step = train_step_cpu_time if args.cpu_time else train_step
+        timed = interleaved([moe, compiled], step, moe.make_input(b), args)
+        ratios = [c / e for e, c in zip(*timed['times_s'])]
+        timed['ratio'] = statistics.median(ratios)  # compiled / eager (interleaved() gives eager / compiled)
+        result['batches'].append(dict(batch_size=b, train=timed, ratio_range=[min(ratios), max(ratios)]))
+        print(f'[{name} batch {b} compiled vs eager: {time.perf_counter() - t0:.0f}s]', file=sys.stderr, flush=True)
+    return result
+
+
+def format_compiled_vs_eager(results: Sequence[Dict[str, Any]], clock: str) -> str:
+    """Eager and compiled train-step times (median and range, ms) and the compiled/eager ratio (Markdown)."""
+    def ms(times: Sequence[float]) -> str:
+        return f'{statistics.median(times) * 1e3:.0f} ({min(times) * 1e3:.0f}-{max(times) * 1e3:.0f})'
+    rows = []
+    for r, bt in _rows(results):
+        eager, compiled = bt['train']['times_s']
+        lo, hi = bt['ratio_range']
+        rows.append([r['pair'], r['member'], str(bt['batch_size']), ms(eager), ms(compiled),
+                     f'**{bt["train"]["ratio"]:.2f}x** ({lo:.2f}-{hi:.2f})'])
+    return _table(['pair', 'module', 'batch', f'eager fwd+bwd {clock} ms, median (range)',
+                   f'compiled fwd+bwd {clock} ms', 'compiled / eager (range)'], rows)
+
+
 def _rows(results: Sequence[Dict[str, Any]]) -> Iterator[Tuple[Dict[str, Any], Dict[str, Any]]]:
     for r in results:
         for batch in r['batches']:
@@ -481,6 +536,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     env = environment(args, device)
+    if args.compiled_vs_eager:
+        results = [measure_compiled_vs_eager(name, args, device) for name in args.pairs]
+        print(', '.join(f'{k} {v}' for k, v in env.items() if v is not None))
+        print(format_compiled_vs_eager(results, 'CPU-time' if args.cpu_time else 'wall'))
+        _write_json(args, dict(environment=env, compiled_vs_eager=results))
+        return 0 if all(math.isfinite(bt['train']['ratio']) for _, bt in _rows(results)) else 1
     dtype = torch.bfloat16 if args.dtype == 'bfloat16' else torch.float32
     rates = measure_rates(device, dtype)
     results = []
@@ -489,12 +550,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(', '.join(f'{k} {v}' for k, v in env.items() if v is not None))
     print(f'roofline: {rates.describe(dtype)}\n')
     print(format_tables(results, args))
+    _write_json(args, dict(environment=env, rates=rates.as_dict(), optimizer_impl=args.optimizer_impl,
+                           accumulate_to=args.accumulate_to, results=results))
+    return 0 if all(math.isfinite(bt['eval']['ratio']) for _, bt in _rows(results)) else 1
+
+
+def _write_json(args: argparse.Namespace, payload: Dict[str, Any]) -> None:
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        payload = dict(environment=env, rates=rates.as_dict(), optimizer_impl=args.optimizer_impl,
-                       accumulate_to=args.accumulate_to, results=results)
         atomic_write_bytes(json.dumps(payload, indent=1).encode(), args.json)
-    return 0 if all(math.isfinite(bt['eval']['ratio']) for _, bt in _rows(results)) else 1
 
 
 if __name__ == '__main__':

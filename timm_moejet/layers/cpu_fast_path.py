@@ -9,19 +9,23 @@ Two costs of an eager train step on the CPU that a GPU does not have, each remov
 - **Lane-mask dropout.** The CPU generator runs on one core; drawing the expert dropout masks as 16-bit lanes of
   64-bit random words (:func:`lane_dropout_scale`) makes about 6x fewer generator calls than ``torch.rand``.
 
-They apply to CPU tensors in eager mode only: never on other devices, under ``torch.compile``, torch.fx or
-TorchScript, where fresh gradient memory and ``F.dropout`` serve. Set ``TIMM_MOEJET_CPU_FAST_PATH=0`` in the
+They apply to CPU tensors only: never on other devices, torch.fx or TorchScript, where fresh gradient memory and
+``F.dropout`` serve. Under ``torch.compile`` the recycled gradient memory serves too, through an operator opaque
+to Inductor (:func:`recycled_weight_grad`); the dropout there is Inductor's. Set ``TIMM_MOEJET_CPU_FAST_PATH=0`` in the
 environment, or call :func:`set_enabled`, to turn both off (the CPU then runs what every other device runs).
 The figures that keep them are in docs/benchmarks.md ("CPU fast paths").
 """
+import itertools
 import os
+import weakref
 from typing import Any, Dict, Optional
 
 import torch
 
 from .expert_ops import fx_tracing
 
-__all__ = ['enabled', 'set_enabled', 'applies', 'grad_recycler', 'dropout', 'lane_dropout_scale', 'GradRecycler']
+__all__ = ['enabled', 'set_enabled', 'applies', 'grad_recycler', 'dropout', 'lane_dropout_scale', 'GradRecycler',
+           'recycled_weight_grad']
 
 ENV_SWITCH = 'TIMM_MOEJET_CPU_FAST_PATH'
 _enabled = os.environ.get(ENV_SWITCH, '1').strip() not in ('0', 'false', 'False', 'off')
@@ -56,21 +60,32 @@ class GradRecycler:
 
     def __init__(self) -> None:
         self._storages: Dict[bool, torch.UntypedStorage] = {}
+        self.key = next(_KEYS)  # how a compiled graph names this recycler (recycled_weight_grad)
+        _RECYCLERS[self.key] = self
 
     def clear(self) -> None:
         self._storages.clear()
 
     def buffer(self, weight: torch.Tensor) -> torch.Tensor:
         """A tensor of ``weight``'s shape for its next gradient: recycled memory where free, else fresh."""
-        accumulating = weight.grad is not None
+        return self.take(weight.shape, weight.dtype, weight.device, accumulating=weight.grad is not None)
+
+    def take(self, shape: torch.Size, dtype: torch.dtype, device: torch.device, accumulating: bool) -> torch.Tensor:
+        """A contiguous tensor of ``shape`` for a gradient: recycled memory where free, else fresh."""
         storage = self._storages.get(accumulating)
-        nbytes = weight.numel() * weight.element_size()
-        if (storage is not None and storage.nbytes() == nbytes and storage.device == weight.device
+        nbytes = shape.numel() * dtype.itemsize
+        if (storage is not None and storage.nbytes() == nbytes and storage.device == device
                 and torch._C._storage_Use_Count(storage._cdata) == 1):
-            return torch.empty(0, dtype=weight.dtype, device=weight.device).set_(storage, 0, weight.shape)
-        out = torch.empty_like(weight, memory_format=torch.contiguous_format)
+            return torch.empty(0, dtype=dtype, device=device).set_(storage, 0, shape)
+        out = torch.empty(shape, dtype=dtype, device=device)
         self._storages[accumulating] = out.untyped_storage()
         return out
+
+    def weight_grad(self, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """grad^T @ x per expert (the gradient of the weight [E, out, in]), written into recycled memory."""
+        if torch.compiler.is_compiling():
+            return recycled_weight_grad(grad, x, self.key)
+        return torch.bmm(grad.transpose(1, 2), x, out=self.buffer(weight))
 
     def __deepcopy__(self, memo: Dict[int, Any]) -> 'GradRecycler':
         return GradRecycler()  # memory, not state: a copy starts empty
@@ -78,17 +93,40 @@ class GradRecycler:
     def __getstate__(self) -> Dict[str, Any]:
         return {'_storages': {}}
 
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__init__()
+
 
 # the use count of a storage is a private query: without it (another torch), gradients are fresh every step
 _RECYCLING = hasattr(torch._C, '_storage_Use_Count')
 
 
+_KEYS = itertools.count()
+_RECYCLERS: 'weakref.WeakValueDictionary[int, GradRecycler]' = weakref.WeakValueDictionary()
+
+
+@torch.library.custom_op('timm_moejet::recycled_weight_grad', mutates_args=())
+def recycled_weight_grad(grad: torch.Tensor, x: torch.Tensor, key: int) -> torch.Tensor:
+    """grad^T @ x per expert into the memory of recycler ``key``: the compiled graph's form of
+    :meth:`GradRecycler.weight_grad`, one operator Inductor calls as it is (its own would allocate afresh)."""
+    shape = torch.Size((grad.shape[0], grad.shape[2], x.shape[2]))
+    recycler = _RECYCLERS.get(key)
+    out = recycler.take(shape, grad.dtype, grad.device, False) if recycler is not None else None
+    return torch.bmm(grad.transpose(1, 2), x, out=out)
+
+
+@recycled_weight_grad.register_fake
+def _(grad: torch.Tensor, x: torch.Tensor, key: int) -> torch.Tensor:
+    return grad.new_empty((grad.shape[0], grad.shape[2], x.shape[2]))
+
+
 @torch.jit.unused
 def grad_recycler(x: torch.Tensor, weight: torch.Tensor, recycler: GradRecycler) -> Optional[GradRecycler]:
-    """``recycler`` where it may serve the weight gradient of this call (a fast path applies and the weight is a
-    leaf), else None. Under autocast or with experts in another dtype the gradient comes through a cast, and
-    ``batched_linear_with_grad`` leaves the recycler out itself."""
-    return recycler if _RECYCLING and weight.is_leaf and applies(x) else None
+    """``recycler`` where it may serve the weight gradient of this call (switched on, a CPU tensor, not fx-traced,
+    the weight a leaf; eager or compiled), else None. Under autocast or with experts in another dtype the gradient
+    comes through a cast, and ``batched_linear_with_grad`` leaves the recycler out itself."""
+    usable = _enabled and not fx_tracing(x) and x.device.type == 'cpu'
+    return recycler if _RECYCLING and weight.is_leaf and usable else None
 
 
 _LANE_VALUES = 1 << 16  # a keep decision per 16-bit lane: four per 64-bit random word

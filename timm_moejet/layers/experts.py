@@ -10,7 +10,13 @@ from timm.layers import trunc_normal_
 
 from ..errors import InvalidArgument
 from . import cpu_fast_path
-from .expert_ops import batched_linear_in_weight_dtype, batched_linear_ops, batched_linear_with_grad, fx_tracing
+from .expert_ops import (
+    batched_linear_in_weight_dtype,
+    batched_linear_ops,
+    batched_linear_with_grad,
+    expert_dtypes,
+    fx_tracing,
+)
 
 __all__ = [
     'BatchedLinear', 'BatchedExperts', 'ExpertDropout', 'batched_linear', 'cast_experts', 'experts_to_be_loaded',
@@ -44,8 +50,7 @@ def _batched_linear_eager(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
                           recycler: Optional[cpu_fast_path.GradRecycler] = None) -> torch.Tensor:
     if fx_tracing(x):
         return batched_linear_ops(x, weight, bias)  # fx records plain ops (a dtype test would need a value)
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return batched_linear_in_weight_dtype(x, weight, bias)  # no backward to shape, or Inductor shapes it
+    # eager and compiled alike: under torch.compile the custom backward keeps the weight gradient in its layout too
     return batched_linear_with_grad(x, weight, bias, cpu_fast_path.grad_recycler(x, weight, recycler))
 
 
@@ -129,9 +134,10 @@ def cast_experts(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
     """Keep every expert weight and bias of ``model`` in ``dtype`` (an opt-in inference mode; default bfloat16).
 
     The expert GEMMs then read half the bytes (their weights are nearly all of a MoE model's) and run in ``dtype``;
-    their inputs are cast to it and their outputs back, so routing, attention and everything else stay in the
-    model's precision. Measured error against float32 is in ``docs/benchmarks.md``; on hardware without native
-    bfloat16 GEMMs (many CPUs) this saves memory, not time. ``cast_experts(model, torch.float32)`` undoes it.
+    each expert group casts its input to it once and its output back once (the hidden activations stay in
+    ``dtype``), so routing, attention and everything else stay in the model's precision. Measured error against
+    float32 is in ``docs/benchmarks.md``; on hardware without native bfloat16 GEMMs (many CPUs) this saves memory,
+    not time. ``cast_experts(model, torch.float32)`` undoes it.
 
     Returns:
         The number of expert linear layers cast.
@@ -193,8 +199,20 @@ class BatchedExperts(nn.Module):
         Returns:
             Expert outputs [E, M, dim].
         """
+        if torch.jit.is_scripting() or fx_tracing(x):
+            return self._mlp(x)
+        return self._forward_cast_once(x)
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         x = self.drop1(self.act(self.fc1(x)))
         return self.drop2(self.fc2(x))
+
+    @torch.jit.unused
+    def _forward_cast_once(self, x: torch.Tensor) -> torch.Tensor:
+        # the slots go to the experts' compute dtype once and the outputs come back once: no cast back and forth
+        # between fc1 and fc2 (under autocast both are autocast's dtype, and nothing is cast back)
+        dtype, answer, _ = expert_dtypes(x, self.fc1.weight)
+        return self._mlp(x.to(dtype)).to(answer)
 
     def to_expert_major(self, slots: torch.Tensor) -> torch.Tensor:
         """[B, E * slots_per_expert, D] -> [E, B * slots_per_expert, D]; a strided view (no copy) when s == 1."""
