@@ -71,3 +71,13 @@ def trainer_command(tiny_images):
 def trainer_argv(trainer_command, tmp_path):
     """:func:`trainer_command` writing under ``tmp_path/runs``: ``trainer_argv('--epochs', '2')``."""
     return lambda *extra: trainer_command(tmp_path / 'runs', *extra)
+
+
+@pytest.fixture
+def gloo():
+    """A one-process gloo group (in-process sharding), torch on one thread."""
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()

@@ -210,15 +210,6 @@ def test_peak_memory_per_process_falls_with_two_processes(tmp_path):
 
 # --- in-process: sharding on a one-process gloo group ---------------------------------------------------------------
 
-@pytest.fixture
-def gloo():
-    import torch.distributed as dist
-    torch.set_num_threads(1)
-    dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 @pytest.mark.parametrize('name', ['moejet_vit_test', 'moejet_convnext_test', 'moejet_mixer_test'])
 def test_sharded_steps_equal_plain_model(gloo, name):
     """The FSDP2 units (experts, routers, blocks, stages, root) compute what the plain model computes: the same

@@ -177,15 +177,6 @@ def test_prune_keeps_the_best_and_the_latest(tmp_path):
     assert (tmp_path / 'best').read_text() == 'epoch_2'
 
 
-@pytest.fixture
-def gloo():
-    import torch.distributed as dist
-    torch.set_num_threads(1)
-    dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 @pytest.mark.parametrize('warmup', [False, True])
 def test_sharded_ema_equals_timm_model_ema_v3(gloo, warmup):
     from timm.utils import ModelEmaV3

@@ -23,7 +23,6 @@ the norm of every slot's expert output), in eval mode; nothing is recomputed.
 ``plot_diagnostics`` draws a per-layer heatmap of expert contribution and a bar chart of core vs universal share.
 """
 import contextlib
-import io
 import math
 import os
 from dataclasses import dataclass, field
@@ -263,10 +262,7 @@ def plot_diagnostics(
     Returns:
         The PNG bytes.
     """
-    from .extras import require
-
-    FigureCanvasAgg = require('matplotlib.backends.backend_agg', 'plot', 'plot_diagnostics').FigureCanvasAgg
-    Figure = require('matplotlib.figure', 'plot', 'plot_diagnostics').Figure
+    from .plotting import new_figure, save_png
 
     if not diagnostics:
         raise InvalidArgument('plot_diagnostics needs at least one layer of diagnostics.')
@@ -276,8 +272,7 @@ def plot_diagnostics(
         grid[row, :d.num_experts] = d.contribution
     blocks = [str(d.block) for d in diagnostics]
 
-    fig = Figure(figsize=(11, 1.2 + 0.45 * len(diagnostics) + 2.5), layout='constrained')
-    FigureCanvasAgg(fig)
+    fig = new_figure('plot_diagnostics', (11, 1.2 + 0.45 * len(diagnostics) + 2.5))
     ax_map, ax_bar = fig.subplots(2, 1, height_ratios=[max(len(diagnostics), 2), 3])
     im = ax_map.imshow(grid.numpy(), aspect='auto', interpolation='nearest', cmap='viridis')
     core = diagnostics[0].num_core
@@ -300,10 +295,4 @@ def plot_diagnostics(
     if title:
         fig.suptitle(title)
 
-    buf = io.BytesIO()
-    fig.savefig(buf, format='png', dpi=100)
-    data = buf.getvalue()
-    if path is not None:
-        from .checkpoint_io import atomic_write_bytes
-        atomic_write_bytes(data, path, overwrite=True)
-    return data
+    return save_png(fig, path, dpi=100)

@@ -18,7 +18,6 @@ cell stretched over the pixels it covers.
 """
 import contextlib
 import dataclasses
-import io
 import math
 import os
 from typing import Callable, Dict, List, Optional, Tuple, Union
@@ -244,10 +243,7 @@ def plot_routing_maps(
     Returns:
         The PNG bytes.
     """
-    from .extras import require
-
-    FigureCanvasAgg = require('matplotlib.backends.backend_agg', 'plot', 'plot_routing_maps').FigureCanvasAgg
-    Figure = require('matplotlib.figure', 'plot', 'plot_routing_maps').Figure
+    from .plotting import new_figure, save_png
 
     if not maps:
         raise InvalidArgument('plot_routing_maps needs the map of at least one layer.')
@@ -255,8 +251,7 @@ def plot_routing_maps(
     # core share: white at the layer's even share (what an even combine over all slots gives), one spread for all
     spread = max(max(float((m.positions.core_share - m.even_core_share).abs().max()) for m in maps), 1e-3)
     top_max = max(float(m.positions.top_weight.max()) for m in maps)
-    fig = Figure(figsize=(7.6, 0.5 + 2.6 * (len(maps) + 1)), layout='constrained')
-    FigureCanvasAgg(fig)
+    fig = new_figure('plot_routing_maps', (7.6, 0.5 + 2.6 * (len(maps) + 1)))
     axes = fig.subplots(len(maps) + 1, 2, squeeze=False)
     axes[0, 0].imshow(image.numpy())
     axes[0, 0].set_title('the image as the model sees it', fontsize=9)
@@ -277,10 +272,4 @@ def plot_routing_maps(
             fig.colorbar(im, ax=axes[row, col], shrink=0.8)
     if title:
         fig.suptitle(title)
-    buf = io.BytesIO()
-    fig.savefig(buf, format='png', dpi=80)
-    data = buf.getvalue()
-    if path is not None:
-        from .checkpoint_io import atomic_write_bytes
-        atomic_write_bytes(data, path, overwrite=True)
-    return data
+    return save_png(fig, path, dpi=80)

@@ -30,7 +30,7 @@ from ..family import family_of_model
 from .atomic import atomic_output_dir
 from .names import PathLike, is_repo_id
 from .official import is_official_state_dict
-from .read import check_state_dict_fits, check_weights_file, folder_weights, read_state_dict
+from .read import check_state_dict_fits, check_weights_file, folder_weights, read_json, read_state_dict
 
 __all__ = ['hub_errors_named', 'read_folder_config', 'read_hub_config', 'check_timm_config', 'check_weights_readable',
            'load_weights_into', 'save_hub_folder', 'push_to_hub', 'check_repo_id', 'STANDARD_CONFIG_KEYS',
@@ -90,11 +90,7 @@ def read_folder_config(folder: PathLike) -> Dict[str, Any]:
     if not path.is_file():
         raise InvalidCheckpoint(f'{folder} is a folder without config.json, not a timm Hub folder '
                                 f'(expected config.json + model.safetensors).')
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidCheckpoint(f'{path} is not valid JSON ({e}).') from e
-    return check_timm_config(config, path)
+    return check_timm_config(read_json(path), path)
 
 
 def read_hub_config(repo: str, cache_dir: Optional[PathLike] = None) -> Optional[Dict[str, Any]]:

@@ -8,6 +8,7 @@ safetensors paths that are not UTF-8, :func:`check_weights_file`, which names a 
 (cached Hub downloads included), and :func:`strip_wrappers`, the one place that strips training wrappers.
 """
 import argparse
+import json
 import os
 import pickle
 import zipfile
@@ -24,7 +25,15 @@ from ..moe_keys import current_key_names
 from .names import FOLDER_WEIGHT_NAMES, HF_HUB, WEIGHT_SUFFIXES, PathLike
 
 __all__ = ['read_state_dict', 'folder_weights', 'strip_wrappers', 'check_state_dict_fits', 'check_weights_file',
-           'is_damaged_file_error']
+           'is_damaged_file_error', 'read_json']
+
+
+def read_json(path: PathLike) -> Any:
+    """The JSON value of a file we or timm wrote (a config, statistics), or ``InvalidCheckpoint`` naming the file."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidCheckpoint(f'{path} is not valid JSON ({e}).') from e
 
 
 # training checkpoints keep the weights under one of these keys (timm's train.py, mmengine, DDP wrappers)

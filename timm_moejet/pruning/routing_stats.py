@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..checkpoint_io import write_json
+from ..checkpoint_io.read import read_json
 from ..diagnostics import LayerDiagnostics, moe_layers, router_diagnostics
 from ..errors import InvalidArgument, InvalidCheckpoint, NotFound
 from ..moe_keys import MOE_KEYS
@@ -202,8 +203,4 @@ def load_routing(path: Union[str, os.PathLike]) -> RoutingStatistics:
     if not path.is_file():
         raise NotFound(f'routing statistics {path} do not exist (write them with weights-tools inspect MODEL '
                        f'--images DIR --save-routing FILE).')
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidCheckpoint(f'{path} is not valid JSON ({e}).') from e
-    return _from_dict(data, os.fspath(path))
+    return _from_dict(read_json(path), os.fspath(path))
