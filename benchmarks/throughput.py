@@ -71,6 +71,9 @@ PAIRS: Dict[str, Pair] = {
     'tiny': Pair('model', (16, 64), moe='moejet_vit_tiny', dense='vit_tiny_patch16_224'),
     'small': Pair('model', (16,), moe='moejet_vit_small', dense='vit_small_patch16_224'),
     'convnext_femto': Pair('model', (16,), moe='moejet_convnext_femto', dense='convnext_femto'),
+    # moejet_vit_tiny with half its experts in each group of its 6 MoE blocks, as weights-tools prune leaves it
+    'tiny_pruned50': Pair('model', (16,), moe='moejet_vit_tiny', dense='vit_tiny_patch16_224',
+                          moe_kwargs=dict(moe_experts_per_layer=((49, 98),) * 6)),
 }
 DEFAULT_PAIRS = ('layer', 'layer_softmax', 'tiny')
 
@@ -166,8 +169,8 @@ def build_pair(name: str, device: torch.device) -> List[_Member]:
             _Member('Mlp', Mlp(LAYER_DIM, LAYER_HIDDEN).to(device), shape, False, device),
         ]
     members = []
-    for model_name in (spec.moe, spec.dense):
-        model = timm.create_model(model_name).to(device)
+    for model_name, kwargs in ((spec.moe, spec.moe_kwargs), (spec.dense, {})):
+        model = timm.create_model(model_name, **kwargs).to(device)
         members.append(_Member(model_name, model, tuple(model.pretrained_cfg['input_size']), True, device))
     return members
 

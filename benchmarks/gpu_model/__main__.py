@@ -26,7 +26,7 @@ from .report import compare_table, copy_table, error_table, ratio_table, top_tab
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_PAIRS = ('tiny', 'small', 'convnext_femto', 'layer')
-MODEL_PAIRS = ('layer', 'tiny', 'small', 'convnext_femto', 'layer_softmax')
+MODEL_PAIRS = ('layer', 'tiny', 'small', 'convnext_femto', 'layer_softmax', 'tiny_pruned50')
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

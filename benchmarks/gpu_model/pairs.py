@@ -29,9 +29,9 @@ def _builders(name: str) -> List[Tuple[Callable[[], nn.Module], Tuple[int, ...],
         return [(lambda: SpheroMoE(LAYER_DIM, **spec.moe_kwargs), shape, False),
                 (lambda: Mlp(LAYER_DIM, LAYER_HIDDEN), shape, False)]
     out = []
-    for model_name in (spec.moe, spec.dense):
+    for model_name, kwargs in ((spec.moe, spec.moe_kwargs), (spec.dense, {})):
         cfg = timm.get_pretrained_cfg(model_name)
-        out.append((lambda n=model_name: timm.create_model(n), tuple(cfg.input_size), True))
+        out.append((lambda n=model_name, k=kwargs: timm.create_model(n, **k), tuple(cfg.input_size), True))
     return out
 
 
