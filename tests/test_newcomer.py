@@ -19,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / 'README.md'] + sorted((ROOT / 'docs').glob('*.md'))
-SUBCOMMANDS = ('calibrate', 'recycle', 'select', 'export', 'push', 'import-official', 'inspect')
+SUBCOMMANDS = ('calibrate', 'recycle', 'select', 'export', 'push', 'import-official', 'inspect', 'prune')
 
 # a path outside the repository: a sibling folder reached with '..', or an absolute path of someone's machine
 _OUTSIDE = re.compile(r'\.\./shared|(?<![\w.])/(?:work|home/\w|Users/\w|root/|mnt/)')
