@@ -37,7 +37,14 @@ def _run(argv, tmp_path: Path, on_import: str = ''):
     (hook / 'sitecustomize.py').write_text(_SITECUSTOMIZE)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(hook), str(ROOT), os.environ.get('PYTHONPATH', '')]),
                INTERRUPT_ON_IMPORT=on_import, HF_HUB_OFFLINE='1')
-    return subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    # The child starts with Ctrl-C's default action, as from a terminal: a runner launched in the background
+    # (nohup, `&`) passes SIGINT on ignored, and Python then installs no KeyboardInterrupt at all.
+    return subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+                          preexec_fn=_default_ctrl_c)
+
+
+def _default_ctrl_c() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _interrupted(result, prog: str) -> None:
