@@ -507,6 +507,21 @@ def test_an_output_of_the_other_kind_or_no_path_is_refused_before_any_work(donor
                                                                                  else [])
 
 
+def test_a_link_to_no_folder_is_not_replaced_by_an_output_folder(tmp_path, capsys):
+    (tmp_path / 'loop').symlink_to(tmp_path / 'loop')
+    _assert_failed(*_run(['export', 'moejet_vit_test', '--output', tmp_path / 'loop', '--overwrite'], capsys),
+                   'is a link to no folder')
+    assert os.listdir(tmp_path) == ['loop'] and os.readlink(tmp_path / 'loop') == str(tmp_path / 'loop')
+
+
+def test_none_given_where_the_help_allows_it_means_the_default(donors, tmp_path, capsys):
+    """recycle --help says --experts and --stats allow None; the command line took it for a model name."""
+    assert main(['recycle', '--model', 'moejet_vit_test', '--trunk', str(donors / 'a.safetensors'), '--experts',
+                 'None', '--strategy', 'uniform', '--output', str(tmp_path / 'moe')]) == 0, capsys.readouterr().err
+    config = json.loads((tmp_path / 'moe' / 'config.json').read_text())
+    assert config['pretrained_cfg']['recycling']['experts'] == config['pretrained_cfg']['recycling']['trunk']
+
+
 def test_the_writer_refuses_an_output_of_the_other_kind(tmp_path):
     from timm_moejet.checkpoint_io import atomic_output_dir, atomic_write_bytes
     from timm_moejet.errors import OutputExists

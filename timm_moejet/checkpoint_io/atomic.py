@@ -78,8 +78,8 @@ def refuse_existing(path: PathLike, overwrite: bool, what: str = '', how: str = 
     if os.path.lexists(path) and not overwrite:
         raise OutputExists(f'{named} already exists; pass {how} to replace it.')
     if folder is True and os.path.lexists(path) and not os.path.isdir(path):
-        raise OutputExists(f'{named} is a file, not a folder; name another path for the output folder, or remove '
-                           f'the file first.')
+        kind = 'a link to no folder' if os.path.islink(path) else 'a file, not a folder'
+        raise OutputExists(f'{named} is {kind}; name another path for the output folder, or remove it first.')
     if folder is False and os.path.isdir(path) and not os.path.islink(path):
         raise OutputExists(f'{named} is a folder; a file cannot replace it. Name a file path, or remove the folder '
                            f'first.')

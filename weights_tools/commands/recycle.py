@@ -39,6 +39,8 @@ def _arg_type(field: dataclasses.Field) -> Callable[[str], Any]:
     number = isinstance(field.default, int)
 
     def convert(text: str) -> Any:
+        if text == 'None' and field.default is None:  # as the help allows: the field's default
+            return None
         try:
             return check(_flag(field), int(text) if number else text)
         except (ValueError, InvalidArgument):  # numbers as written, names quoted (as the library words them)
