@@ -546,6 +546,8 @@ def test_the_writer_refuses_an_output_of_the_other_kind(tmp_path):
     (['--model-kwargs', 'attn_drop_rate=-1'], 'attn_drop_rate must be a number in [0, 1], got -1'),
     (['--model-kwargs', 'in_chans=0'], 'in_chans must be an int >= 1, got 0'),
     (['--model-kwargs', 'global_pool="max2"'], 'moejet_vit_test: Only avg'),
+    (['--model-kwargs', 'num_core_expert=2'], "unexpected keyword argument 'num_core_expert'; did you mean "
+                                              "num_core_experts"),
 ])
 def test_model_arguments_that_contradict_or_that_the_model_refuses_are_one_line(donors, tmp_path, capsys, extra,
                                                                                  fragment):

@@ -51,7 +51,7 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     try:
         return timm.create_model(name, **kwargs)
     except TypeError as e:  # an unknown constructor kwarg reaches the model class
-        raise InvalidArgument(f'{name}: {e}') from e
+        raise InvalidArgument(f'{name}: {e}{_close_kwargs(name, str(e))}') from e
     except MoEJetError:
         raise
     except (ValueError, AssertionError) as e:  # a value timm's or torch's constructors refuse
@@ -61,6 +61,33 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
             raise
         raise InvalidArgument(f'{name} has no pretrained weights; build it without pretrained (random weights), or '
                               f'give its weights as a checkpoint.') from e
+
+
+def _close_kwargs(name: str, message: str) -> str:
+    """'; did you mean ...?' for the unknown kwarg a constructor names in ``message``: the close ones among the
+    kwargs of the model's class (every ``__init__`` of its bases), its MoE settings and the recycling kwargs."""
+    import difflib
+    import inspect
+    import re
+
+    from .layers import SpheroMoESettings
+    from .models.placement import MoEPlacement
+    from .settings import kwarg_names
+
+    unknown = re.search(r"unexpected keyword argument '(\w+)'", message)
+    try:
+        cls = type(timm.create_model(name, device='meta')) if unknown else None
+    except Exception:  # noqa: BLE001  (only a hint: the message stands without it)
+        cls = None
+    if cls is None:
+        return ''
+    valid = {*kwarg_names(SpheroMoESettings), *kwarg_names(MoEPlacement), *RECYCLE_KWARGS}
+    for base in cls.__mro__:
+        if '__init__' in base.__dict__:
+            valid.update(p for p, v in inspect.signature(base.__init__).parameters.items()
+                         if p != 'self' and v.kind not in (v.VAR_POSITIONAL, v.VAR_KEYWORD))
+    close = difflib.get_close_matches(unknown.group(1), sorted(valid), n=3)
+    return f'; did you mean {", ".join(close)}?' if close else ''
 
 
 # create_model kwargs that are arguments of load_model itself (the command line's own options)
