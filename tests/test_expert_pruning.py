@@ -234,3 +234,34 @@ def test_statistics_of_another_model_and_a_dense_model_are_one_line_and_exit_2(s
         err = capsys.readouterr().err
         assert err.count('\n') == 1 and ('router weights differ' in err or 'no SpheroMoE layer' in err), err
     assert not (tmp_path / 'never').exists()
+
+
+@pytest.mark.parametrize('damage, fragment', [
+    (lambda layer, data: layer['contribution'].__setitem__(0, 'a'), "contribution[0] must be a number >= 0, got 'a'"),
+    (lambda layer, data: layer['contribution'].__setitem__(0, None), 'contribution[0] must be a number >= 0, got None'),
+    (lambda layer, data: layer['contribution'].__setitem__(0, float('nan')), 'contribution[0] must be a number >= 0'),
+    (lambda layer, data: layer.__setitem__('contribution', 'abcdefghijkl'), 'contribution must be a list of numbers'),
+    (lambda layer, data: layer.__setitem__('block', 'x'), "block must be an int >= 0, got 'x'"),
+    (lambda layer, data: layer.update(num_core=-1, num_univ=layer['num_univ'] + 5), 'num_core must be an int >= 0'),
+    (lambda layer, data: data['layers'].pop(), 'do not match their recorded MoE configuration'),
+    (lambda layer, data: data.__setitem__('layers', []), 'without layers or router hash'),
+])
+def test_damaged_routing_statistics_are_named_and_nothing_is_written(saved, tmp_path, capsys, damage, fragment):
+    """Entries of the wrong type used to end in exit status 1 (a TypeError while sorting), and a NaN, a negative
+    count or layers beside the recorded configuration were pruned by."""
+    data = json.loads((saved / 'routing.json').read_text())
+    damage(data['layers'][0] if data['layers'] else {}, data)
+    damaged = tmp_path / 'routing.json'
+    damaged.write_text(json.dumps(data))
+    assert main(['prune', str(saved / 'model'), '--routing', str(damaged), '--keep-fraction', '0.5',
+                 '--output', str(tmp_path / 'never')]) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and fragment in err and str(damaged) in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['routing.json']
+    with pytest.raises(InvalidCheckpoint, match=re.escape(fragment)):
+        load_routing(damaged)
+
+
+def test_a_folder_given_as_routing_statistics_is_named_as_a_folder(saved, tmp_path):
+    with pytest.raises(InvalidArgument, match='is a folder; name the JSON file'):
+        load_routing(tmp_path)

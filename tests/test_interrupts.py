@@ -78,6 +78,15 @@ def test_ctrl_c_in_an_entry_modules_own_imports_is_one_line_and_status_130(tmp_p
     _interrupted(_run([sys.executable, '-m', module, '--help'], tmp_path, on_import), f'python -m {module}')
 
 
+def test_ctrl_c_that_an_extension_module_swallows_still_ends_the_command(tmp_path):
+    """torch's C module imports numpy itself and drops the KeyboardInterrupt of that import: the command used to go on
+    (and write its output, status 0) or fail later on the half-imported numpy (status 1)."""
+    result = _run([sys.executable, '-m', 'weights_tools', 'export', 'moejet_vit_test', '--output', 'out'], tmp_path,
+                  'numpy')
+    _interrupted(result, 'weights-tools')
+    assert not (tmp_path / 'out').exists()
+
+
 def test_ctrl_c_in_the_installed_weights_tools_script_is_one_line_and_status_130(tmp_path):
     script = Path(sys.executable).with_name('weights-tools')
     if not script.is_file():

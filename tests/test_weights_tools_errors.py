@@ -324,6 +324,11 @@ def test_no_output_overwrites_an_input(dense_folder, argv, input_name, capsys):
     (['export', 'moejet_vit_test', '--num-classes', '-5', '--output', '{out}'],
      'argument --num-classes: must be an int >= 0, got -5'),
     (['inspect', 'moejet_vit_test', '--batch-size', '0'], 'argument --batch-size: must be an int >= 1, got 0'),
+    (['import-official', '{out}.pth', '--output', '{out}'], 'checkpoint file not found'),
+    (['recycle', '--model', 'moejet_vit_test', '--trunk', 'local-dir:{donor}', '--output', '{out}'],
+     'names a file; local-dir: takes a Hub folder'),
+    (['calibrate', '--donor', '{root}/donor', '--images', '{digits}', '--split', 'trian', '--output',
+      '{out}.safetensors'], "split 'trian':"),
     (['calibrate', '--donor', 'vit_small_patch16_224.augreg_in21k', '--images', '{digits}', '--output',
       '{out}.safetensors'], "vit_small_patch16_224.augreg_in21k (Hub repository 'timm/vit_small_patch16_224."
                             "augreg_in21k') is not in the local Hugging Face cache and the Hub was not reachable"),
@@ -334,8 +339,8 @@ def test_bad_arguments_get_one_clear_line(dense_folder, tmp_path, monkeypatch, c
     from weights_tools.cli import main
 
     use_offline_hub(monkeypatch, tmp_path / 'empty_cache')
-    args = [a.format(donor=dense_folder / 'donor.safetensors', digits=dense_folder / 'digits', out=tmp_path / 'o')
-            for a in argv]
+    args = [a.format(donor=dense_folder / 'donor.safetensors', digits=dense_folder / 'digits', out=tmp_path / 'o',
+                     root=dense_folder) for a in argv]
     status = main(args)
     err = capsys.readouterr().err.strip()
     assert status == 2 and fragment in err and len(err.splitlines()) == 1, err
@@ -460,9 +465,115 @@ def test_inspect_json_writes_null_for_an_undefined_figure(tmp_path):
     (lambda: timm_moejet.create_moejet_from('vit_tiny_patch16_224.nonexistent_tag'), 'InvalidArgument'),
     (lambda: timm.create_model('moejet_vit_test', img_size=8), 'InvalidArgument'),
     (lambda: timm.create_model('moejet_vit_test', mlp_ratio=1e300), 'InvalidArgument'),
+    (lambda: timm.create_model('moejet_vit_test', drop_path_rate=5), 'InvalidArgument'),
+    (lambda: timm_moejet.load_model('moejet_vit_test', ema=True), 'InvalidArgument'),
+    (lambda: timm_moejet.load_model('moejet_vit_test', model_kwargs=dict(drop_rate=2.)), 'InvalidArgument'),
+    (lambda: timm_moejet.load_model('./no/such/model'), 'NotFound'),
+    (lambda: timm_moejet.load_official('./no/such/checkpoint.pth'), 'NotFound'),
 ])
 def test_the_python_api_raises_the_typed_errors_the_cli_words(call, error):
     from timm_moejet import errors
 
     with pytest.raises(getattr(errors, error)):
         call()
+
+
+@pytest.mark.parametrize('argv, existing, fragment', [
+    (['inspect', 'moejet_vit_test', '--random-images', '1', '--json', '{out}', '--overwrite'], 'folder',
+     'is a folder; a file cannot replace it'),
+    (['calibrate', '--donor', '{donor}', '--images', '{images}', '--output', '{out}', '--overwrite'], 'folder',
+     'is a folder; a file cannot replace it'),
+    (['export', 'moejet_vit_test', '--output', '{out}', '--overwrite'], 'file', 'is a file, not a folder'),
+    (['export', 'moejet_vit_test', '--output', ''], None, 'empty path'),
+])
+def test_an_output_of_the_other_kind_or_no_path_is_refused_before_any_work(donors, tmp_path, capsys, monkeypatch,
+                                                                              argv, existing, fragment):
+    """A folder where a file is to be written (or a file where a folder is) is never replaced, --overwrite or not;
+    it used to fail after the work with the hidden temporary's path, or replace nothing with a vague line."""
+    import timm_moejet.checkpoint_io.atomic as atomic
+
+    out = tmp_path / 'out.safetensors'
+    if existing == 'folder':
+        (out / 'mine').mkdir(parents=True)
+    elif existing == 'file':
+        out.write_text('mine')
+    monkeypatch.setattr(atomic, '_staging', None)  # no writer may start
+    monkeypatch.chdir(tmp_path)
+    before = _tree_digest(tmp_path)
+    status, err = _run([a.format(out=out, donor=donors / 'a_folder', images=donors / 'images_empty') for a in argv],
+                       capsys)
+    _assert_failed(status, err, fragment)
+    assert _tree_digest(tmp_path) == before and sorted(os.listdir(tmp_path)) == (['out.safetensors'] if existing
+                                                                                 else [])
+
+
+def test_a_link_to_no_folder_is_not_replaced_by_an_output_folder(tmp_path, capsys):
+    (tmp_path / 'loop').symlink_to(tmp_path / 'loop')
+    _assert_failed(*_run(['export', 'moejet_vit_test', '--output', tmp_path / 'loop', '--overwrite'], capsys),
+                   'is a link to no folder')
+    assert os.listdir(tmp_path) == ['loop'] and os.readlink(tmp_path / 'loop') == str(tmp_path / 'loop')
+
+
+def test_none_given_where_the_help_allows_it_means_the_default(donors, tmp_path, capsys):
+    """recycle --help says --experts and --stats allow None; the command line took it for a model name."""
+    assert main(['recycle', '--model', 'moejet_vit_test', '--trunk', str(donors / 'a.safetensors'), '--experts',
+                 'None', '--strategy', 'uniform', '--output', str(tmp_path / 'moe')]) == 0, capsys.readouterr().err
+    config = json.loads((tmp_path / 'moe' / 'config.json').read_text())
+    assert config['pretrained_cfg']['recycling']['experts'] == config['pretrained_cfg']['recycling']['trunk']
+
+
+def test_the_writer_refuses_an_output_of_the_other_kind(tmp_path):
+    from timm_moejet.checkpoint_io import atomic_output_dir, atomic_write_bytes
+    from timm_moejet.errors import OutputExists
+
+    (tmp_path / 'folder').mkdir()
+    (tmp_path / 'file').write_text('mine')
+    with pytest.raises(OutputExists, match='is a folder'):
+        atomic_write_bytes(b'new', tmp_path / 'folder', overwrite=True)
+    with pytest.raises(OutputExists, match='is a file, not a folder'):
+        with atomic_output_dir(tmp_path / 'file', overwrite=True):
+            pass
+    assert sorted(os.listdir(tmp_path)) == ['file', 'folder'] and (tmp_path / 'file').read_text() == 'mine'
+
+
+@pytest.mark.parametrize('extra, fragment', [
+    (['--ema'], 'ema takes the EMA weights of a training checkpoint'),
+    (['--pretrained'], 'moejet_vit_test has no pretrained weights'),
+    (['--pretrained', '--checkpoint', '{ckpt}'], 'give one of them'),
+    (['--model-kwargs', 'pretrained=True'], 'pretrained is not a model kwarg here'),
+    (['--model-kwargs', 'checkpoint_path="{ckpt}"'], 'checkpoint_path is not a model kwarg here'),
+    (['--model-kwargs', 'drop_path_rate=5'], 'drop_path_rate must be a number in [0, 1], got 5'),
+    (['--model-kwargs', 'attn_drop_rate=-1'], 'attn_drop_rate must be a number in [0, 1], got -1'),
+    (['--model-kwargs', 'in_chans=0'], 'in_chans must be an int >= 1, got 0'),
+    (['--model-kwargs', 'global_pool="max2"'], 'moejet_vit_test: Only avg'),
+    (['--model-kwargs', 'num_core_expert=2'], "unexpected keyword argument 'num_core_expert'; did you mean "
+                                              "num_core_experts"),
+])
+def test_model_arguments_that_contradict_or_that_the_model_refuses_are_one_line(donors, tmp_path, capsys, extra,
+                                                                                 fragment):
+    """These used to be ignored (exit 0), or end in exit status 1 as if the program had failed."""
+    argv = ['export', 'moejet_vit_test', *[a.format(ckpt=donors / 'a.safetensors') for a in extra],
+            '--output', tmp_path / 'out']
+    _assert_failed(*_run(argv, capsys), fragment)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_model_path_that_does_not_exist_is_named_as_a_path(tmp_path, capsys):
+    for command in (['export', str(tmp_path / 'no_model'), '--output', str(tmp_path / 'o')],
+                    ['push', f'./{tmp_path.name}_no_model', 'org/name']):
+        _assert_failed(*_run(command, capsys), 'no_model does not exist', 'local-dir:FOLDER')
+    assert os.listdir(tmp_path) == []
+
+
+def test_random_images_are_drawn_one_batch_at_a_time(tmp_path, capsys, monkeypatch):
+    """--random-images 10**12 used to allocate every image at once and end in exit status 1 (out of memory)."""
+    import timm_moejet.diagnostics as diagnostics
+    from timm_moejet.errors import InvalidArgument
+
+    def first_batch_only(model, images, device=None):
+        batch = next(iter(images))
+        raise InvalidArgument(f'stopped after one batch of {batch.shape[0]}')
+
+    monkeypatch.setattr(diagnostics, 'router_diagnostics', first_batch_only)
+    status, err = _run(['inspect', 'moejet_vit_test', '--random-images', str(10 ** 12), '--batch-size', '3'], capsys)
+    _assert_failed(status, err, 'stopped after one batch of 3')

@@ -33,7 +33,7 @@ from .checkpoint_io.hub import (
 )
 from .checkpoint_io.names import HF_HUB, LOCAL_DIR, WEIGHT_SUFFIXES, PathLike, check_model_name, parse_source
 from .checkpoint_io.read import folder_weights
-from .errors import InvalidArgument
+from .errors import InvalidArgument, MoEJetError, NotFound
 from .family import family_of_model
 from .layers import experts_to_be_loaded
 from .models.moejet_vit import VIT, check_vit_donor, vit_architecture
@@ -46,11 +46,66 @@ __all__ = ['create_model', 'load_model', 'create_moejet_from', 'build_recycled_m
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
-    """``timm.create_model``, an unknown constructor kwarg reported as an ``InvalidArgument``."""
+    """``timm.create_model``, a constructor refusing its kwargs (an unknown one, a value timm or torch checks, such as
+    a dropout rate above 1) and pretrained weights that do not exist reported as an ``InvalidArgument``."""
     try:
         return timm.create_model(name, **kwargs)
     except TypeError as e:  # an unknown constructor kwarg reaches the model class
-        raise InvalidArgument(f'{name}: {e}') from e
+        raise InvalidArgument(f'{name}: {e}{_close_kwargs(name, str(e))}') from e
+    except MoEJetError:
+        raise
+    except (ValueError, AssertionError) as e:  # a value timm's or torch's constructors refuse
+        raise InvalidArgument(f'{name}: {e or "its constructor refuses these kwargs"}') from e
+    except RuntimeError as e:
+        if not str(e).startswith('No pretrained weights exist'):
+            raise
+        raise InvalidArgument(f'{name} has no pretrained weights; build it without pretrained (random weights), or '
+                              f'give its weights as a checkpoint.') from e
+
+
+def _close_kwargs(name: str, message: str) -> str:
+    """'; did you mean ...?' for the unknown kwarg a constructor names in ``message``: the close ones among the
+    kwargs of the model's class (every ``__init__`` of its bases), its MoE settings and the recycling kwargs."""
+    import difflib
+    import inspect
+    import re
+
+    from .layers import SpheroMoESettings
+    from .models.placement import MoEPlacement
+    from .settings import kwarg_names
+
+    unknown = re.search(r"unexpected keyword argument '(\w+)'", message)
+    try:
+        cls = type(timm.create_model(name, device='meta')) if unknown else None
+    except Exception:  # noqa: BLE001  (only a hint: the message stands without it)
+        cls = None
+    if cls is None:
+        return ''
+    valid = {*kwarg_names(SpheroMoESettings), *kwarg_names(MoEPlacement), *RECYCLE_KWARGS}
+    for base in cls.__mro__:
+        if '__init__' in base.__dict__:
+            valid.update(p for p, v in inspect.signature(base.__init__).parameters.items()
+                         if p != 'self' and v.kind not in (v.VAR_POSITIONAL, v.VAR_KEYWORD))
+    close = difflib.get_close_matches(unknown.group(1), sorted(valid), n=3)
+    return f'; did you mean {", ".join(close)}?' if close else ''
+
+
+# create_model kwargs that are arguments of load_model itself (the command line's own options)
+_OWN_ARGUMENTS = {'pretrained': 'pretrained (--pretrained)', 'checkpoint_path': 'checkpoint (--checkpoint)'}
+
+
+def _check_load_arguments(spec: str, checkpoint: Optional[PathLike], pretrained: bool, kwargs: Dict[str, Any],
+                          ema: bool) -> None:
+    """Refuse arguments of ``load_model`` that contradict each other, before anything is read or built."""
+    for key, own in _OWN_ARGUMENTS.items():
+        if key in kwargs:
+            raise InvalidArgument(f'{key} is not a model kwarg here: give it as {own}.')
+    if pretrained and checkpoint:
+        raise InvalidArgument(f'both pretrained weights and the checkpoint {checkpoint} would give the weights of '
+                              f'{spec}; give one of them.')
+    if ema and not checkpoint:
+        raise InvalidArgument('ema takes the EMA weights of a training checkpoint; give the checkpoint too (or leave '
+                              'ema out).')
 
 
 def load_model(
@@ -75,9 +130,13 @@ def load_model(
 
     Raises:
         InvalidArgument: If ``model_kwargs`` ask a folder or Hub model for another number of classes than its
-            checkpoint has (its trained head would be replaced by a random one).
+            checkpoint has (its trained head would be replaced by a random one), hold ``pretrained`` or
+            ``checkpoint_path`` (arguments of their own), or ``pretrained`` comes with a ``checkpoint``, ``ema``
+            without one, ``pretrained`` for a name without pretrained weights.
+        NotFound: If ``spec`` is a path that does not exist.
     """
     kwargs = dict(model_kwargs or {})
+    _check_load_arguments(spec, checkpoint, pretrained, kwargs, ema)
     if spec.startswith((HF_HUB, LOCAL_DIR)) or os.path.isdir(spec):
         source = parse_source(spec, 'model')
         if checkpoint:
@@ -97,6 +156,9 @@ def load_model(
     if spec.endswith(WEIGHT_SUFFIXES) or os.path.isfile(spec):
         raise InvalidArgument(f'{spec} is a weights file: give the architecture as the model name and the file as '
                               f'the checkpoint (or use import-official for official MoE Jetpack checkpoints).')
+    if os.sep in spec or '/' in spec or spec.startswith(('.', '~')):  # a path: timm names hold no slash
+        raise NotFound(f'model folder {spec} does not exist (a model is a timm name, a Hub folder, local-dir:FOLDER '
+                       f'or hf-hub:ORG/REPO).')
     check_model_name(spec)
     with hub_errors_named(f'pretrained weights of {spec}'), \
             experts_to_be_loaded() if checkpoint else contextlib.nullcontext():  # the checkpoint fills every expert

@@ -19,7 +19,12 @@ _SPLIT_SYNONYMS = (('train', 'training'), ('val', 'valid', 'validation', 'eval',
 
 def split_folder(root: str, split: str) -> str:
     """The sub-folder of ``root`` holding ``split`` (its own name, else a synonym: ``val`` for ``validation``), or
-    ``root`` itself when it has none, as timm's datasets look for one."""
+    ``root`` itself when it has none, as timm's datasets look for one.
+
+    Raises:
+        InvalidArgument: If ``split`` is no split name timm knows and is not a sub-folder of a ``root`` that holds
+            split folders (a typo such as ``trian`` would otherwise read every split).
+    """
     name = split.split('[')[0]
     if os.path.exists(os.path.join(root, name)):
         return os.path.join(root, name)
@@ -28,6 +33,11 @@ def split_folder(root: str, split: str) -> str:
             for synonym in synonyms:
                 if os.path.exists(os.path.join(root, synonym)):
                     return os.path.join(root, synonym)
+            return root
+    splits = sorted(s for synonyms in _SPLIT_SYNONYMS for s in synonyms if os.path.isdir(os.path.join(root, s)))
+    if splits:
+        raise InvalidArgument(f'split {split!r}: {root} has no such folder; its split folders are {", ".join(splits)}.'
+                              f' Name one of them as the split.')
     return root
 
 
@@ -172,7 +182,7 @@ def image_loader(
 
     Raises:
         NotFound: If the folder does not exist or holds no images.
-        InvalidArgument: If limit or batch size are not positive.
+        InvalidArgument: If limit or batch size are not positive, or the split is a typo (see split_folder).
     """
     from timm.data import create_transform, resolve_data_config
 

@@ -19,6 +19,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 from typing import Callable, Iterator, Optional, Sequence
 
 __all__ = ['EXIT_INTERRUPTED', 'command_name', 'interrupted', 'run_main', 'while_importing']
@@ -80,13 +81,43 @@ def run_main(prog: str, main: Callable[[], Optional[int]]) -> int:
 
 
 @contextlib.contextmanager
-def while_importing() -> Iterator[None]:
-    """Imports under this end a command interrupted by Ctrl-C with one line and status 130 (``SystemExit``); in
-    any other program the KeyboardInterrupt goes on as it is."""
+def _interrupts_noted(seen: list) -> Iterator[None]:
+    """Note every SIGINT in ``seen`` (still raising KeyboardInterrupt), where Python's own handler is in effect in
+    the main thread: an extension module that swallows the KeyboardInterrupt of an import it makes (torch's C module
+    importing numpy) cannot hide the Ctrl-C then."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+
+    def note(signum, frame):
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, note)
     try:
         yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@contextlib.contextmanager
+def while_importing() -> Iterator[None]:
+    """Imports under this end a command interrupted by Ctrl-C with one line and status 130 (``SystemExit``), also
+    when a library swallowed the interruption (the imports then end, or fail, as if nothing happened); in any other
+    program the KeyboardInterrupt goes on as it is."""
+    prog = command_name()
+    seen: list = []
+    try:
+        with _interrupts_noted(seen) if prog is not None else contextlib.nullcontext():
+            yield
     except KeyboardInterrupt:
-        prog = command_name()
         if prog is None:
             raise
         raise SystemExit(interrupted(prog)) from None
+    except Exception:
+        if seen:  # an import failed because its interruption was swallowed half-way (numpy loaded twice)
+            raise SystemExit(interrupted(prog)) from None
+        raise
+    if seen:
+        raise SystemExit(interrupted(prog))

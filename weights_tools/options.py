@@ -166,11 +166,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 def check_output_free(path: str, overwrite: bool, what: str = 'output',
-                      inputs: Optional[Mapping[str, Any]] = None) -> Path:
-    """Refuse an output that is, contains or lies inside one of the ``inputs`` (role -> path or name), and an existing
-    output unless ``--overwrite``; checked before any slow work starts."""
+                      inputs: Optional[Mapping[str, Any]] = None, folder: Optional[bool] = None) -> Path:
+    """Refuse an output that is, contains or lies inside one of the ``inputs`` (role -> path or name), an existing
+    output unless ``--overwrite``, and one of the other kind (``folder``: a folder, else a file); checked before any
+    slow work starts."""
     check_output_apart(path, inputs or {}, what)
-    refuse_existing(path, overwrite, what, '--overwrite')  # the writers' own policy, checked before slow work
+    refuse_existing(path, overwrite, what, '--overwrite', folder)  # the writers' own policy, before slow work
     return Path(path)
 
 
@@ -178,4 +179,4 @@ def check_file_output(args: argparse.Namespace, inputs: Mapping[str, Any]) -> Pa
     """A :func:`file_output`: a ``.safetensors`` path, free, not one of the inputs."""
     if not args.output.endswith('.safetensors'):
         raise InvalidArgument(f'--output must be a .safetensors file, got {args.output}.')
-    return check_output_free(args.output, args.overwrite, 'output file', inputs)
+    return check_output_free(args.output, args.overwrite, 'output file', inputs, folder=False)

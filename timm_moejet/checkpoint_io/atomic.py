@@ -32,7 +32,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from ..errors import OutputExists, OutputNotWritable
+from ..errors import InvalidArgument, OutputExists, OutputNotWritable
 from .names import LOCAL_DIR, PathLike
 
 __all__ = ['write_file', 'atomic_write_bytes', 'write_json', 'json_safe', 'save_safetensors_atomic',
@@ -53,7 +53,8 @@ _NOT_WRITABLE = {errno.EROFS: 'the file system is read-only', errno.EACCES: 'per
                  errno.EEXIST: 'a parent of it is a file, not a folder'}
 
 
-def refuse_existing(path: PathLike, overwrite: bool, what: str = '', how: str = 'overwrite') -> None:
+def refuse_existing(path: PathLike, overwrite: bool, what: str = '', how: str = 'overwrite',
+                    folder: Optional[bool] = None) -> None:
     """The overwrite policy of every writer: an existing output (a link too) is replaced only with ``overwrite``.
 
     Writers check it when they start and again when they swap the output into place; a caller with slow work ahead
@@ -64,12 +65,24 @@ def refuse_existing(path: PathLike, overwrite: bool, what: str = '', how: str = 
         overwrite: Whether an existing output may be replaced.
         what: How to name the output in the message ('output folder', ...).
         how: How the caller asks for overwriting ('overwrite', '--overwrite', ...), for the message.
+        folder: Whether the output is a folder (True) or a file (False); None: either. An output of the other kind
+            (a file where a folder is to be written, a folder where a file is) is never replaced.
 
     Raises:
-        OutputExists: If ``path`` exists and not ``overwrite``.
+        InvalidArgument: If ``path`` is empty.
+        OutputExists: If ``path`` exists and not ``overwrite``, or is of the other kind.
     """
+    named = f'{what + " " if what else ""}{path}'
+    if not os.fspath(path):
+        raise InvalidArgument(f'{what or "the output"} is an empty path; name the {what or "output"} to write.')
     if os.path.lexists(path) and not overwrite:
-        raise OutputExists(f'{what + " " if what else ""}{path} already exists; pass {how} to replace it.')
+        raise OutputExists(f'{named} already exists; pass {how} to replace it.')
+    if folder is True and os.path.lexists(path) and not os.path.isdir(path):
+        kind = 'a link to no folder' if os.path.islink(path) else 'a file, not a folder'
+        raise OutputExists(f'{named} is {kind}; name another path for the output folder, or remove it first.')
+    if folder is False and os.path.isdir(path) and not os.path.islink(path):
+        raise OutputExists(f'{named} is a folder; a file cannot replace it. Name a file path, or remove the folder '
+                           f'first.')
 
 
 def check_output_apart(output: PathLike, inputs: Mapping[str, Any], what: str = 'output') -> None:
@@ -257,9 +270,7 @@ def _staging(path: Path, overwrite: bool, folder: bool, dist: Any = None) -> Ite
     try:
         if rank0:
             clean_stale_temporaries(path)
-            refuse_existing(path, overwrite)
-            if folder and os.path.lexists(path) and not path.is_dir():
-                raise OutputExists(f'{path} exists and is not a folder.')
+            refuse_existing(path, overwrite, folder=folder)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = _hidden_name(path, 'tmp')
             tmp.mkdir(mode=0o700)

@@ -94,7 +94,8 @@ def parse_source(spec: PathLike, role: str = 'weights') -> WeightSource:
         role: What the weights are for, in messages ('trunk donor', ...).
 
     Raises:
-        InvalidArgument: If ``spec`` is empty, not a name, or an ``hf-hub:`` name that is no repository id.
+        InvalidArgument: If ``spec`` is empty, not a name, an ``hf-hub:`` name that is no repository id, or a
+            ``local-dir:`` name of a file.
         NotFound: If a ``local-dir:`` folder, or something that can only be a file, does not exist.
     """
     name = os.fspath(spec) if isinstance(spec, (str, os.PathLike)) else spec
@@ -107,6 +108,9 @@ def parse_source(spec: PathLike, role: str = 'weights') -> WeightSource:
         return WeightSource('hub', repo, name)
     if name.startswith(LOCAL_DIR):
         folder = name[len(LOCAL_DIR):]
+        if os.path.isfile(folder):
+            raise InvalidArgument(f'{role} {name} names a file; local-dir: takes a Hub folder (config.json + weights). '
+                                  f'Name the file without local-dir:.')
         if not os.path.isdir(folder):
             raise NotFound(f'{role} folder {folder} does not exist.')
         return WeightSource('folder', folder, name)

@@ -17,7 +17,7 @@ from ..errors import InvalidArgument, InvalidArgumentType, InvalidCheckpoint
 from ..layers import experts_to_be_loaded
 from ..moe_keys import MOE_KEYS
 from ..settings import boolean, int_sequence, integer, real
-from .read import check_state_dict_fits, read_state_dict, strip_wrappers
+from .read import check_state_dict_fits, check_weights_file, read_state_dict, strip_wrappers
 
 __all__ = ['load_official', 'official_config_to_kwargs', 'convert_official_state_dict', 'is_official_state_dict']
 
@@ -225,6 +225,7 @@ def load_official(
         A ``MoEVisionTransformer`` (in train mode, as ``timm.create_model`` returns) holding those weights.
 
     Raises:
+        NotFound: If there is no file at ``checkpoint``.
         InvalidArgument: If the config is missing or not supported.
         InvalidCheckpoint: If the checkpoint is not an official one or does not fit the config (naming keys and
             shapes).
@@ -232,6 +233,7 @@ def load_official(
     source = 'the given state dict'
     if isinstance(checkpoint, (str, os.PathLike)):
         source = os.fspath(checkpoint)
+        check_weights_file(source)  # a missing or damaged file is named before the config is asked for
         if config is None:
             if not source.endswith('.safetensors'):
                 raise InvalidArgument(f'{source}: the official VisionTransformerMoe kwargs are needed for a .pth/.pt '

@@ -13,6 +13,7 @@ from timm.models import build_model_with_cfg
 
 from ..layers import experts_to_be_loaded
 from ..recycling.on_load import locate_weights, read_inputs, recipe_from_kwargs
+from ..settings import integer, real
 from .budget import check_fits_device, target_device
 
 __all__ = ['PAPER_CFG', 'paper_cfg', 'build_moe_model']
@@ -32,6 +33,19 @@ def paper_cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
             **kwargs}
 
 
+# timm's kwargs that torch checks late (a dropout rate when the layer is built) or never (a drop path rate above 1, no
+# input channels): every family takes them, so they are checked here once
+_RATE_SUFFIXES = ('drop_rate', 'drop_path_rate')
+
+
+def _check_timm_kwargs(variant: str, kwargs: Dict[str, Any]) -> None:
+    for name, value in kwargs.items():
+        if name.endswith(_RATE_SUFFIXES) and not name.startswith('moe_') and value is not None:  # moe_*: settings
+            real(0., 1.)(f'{variant}: {name}', value)
+    if 'in_chans' in kwargs:
+        integer(1)(f'{variant}: in_chans', kwargs['in_chans'])
+
+
 def build_moe_model(
         model_cls: Type[nn.Module],
         variant: str,
@@ -48,6 +62,7 @@ def build_moe_model(
         feature_cfg: timm's feature extraction config of the family.
         **kwargs: ``create_model`` kwargs; the ``recycle_*`` ones configure the pretrained filter.
     """
+    _check_timm_kwargs(variant, kwargs)
     on_load = recipe_from_kwargs(variant, kwargs, model_cls.family.recipes)
     if pretrained:  # a missing or damaged donor is named before anything is built, on the meta device too
         locate_weights(on_load)

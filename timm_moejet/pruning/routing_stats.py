@@ -22,6 +22,7 @@ from ..checkpoint_io.read import read_json
 from ..diagnostics import LayerDiagnostics, moe_layers, router_diagnostics
 from ..errors import InvalidArgument, InvalidCheckpoint, NotFound
 from ..moe_keys import MOE_KEYS
+from ..settings import integer, real
 
 __all__ = ['RoutingStatistics', 'LayerRouting', 'measure_routing', 'routing_from_diagnostics', 'router_hash',
            'moe_config', 'load_routing', 'ROUTING_FORMAT']
@@ -174,6 +175,21 @@ def routing_from_diagnostics(
         layers=[LayerRouting.from_diagnostics(d, layers[d.block].slots_per_expert) for d in diagnostics])
 
 
+def _check_layer(layer: LayerRouting) -> None:
+    """Every entry of a layer as :func:`measure_routing` writes it (raises the settings' ``InvalidArgument``)."""
+    integer(0)('block', layer.block)
+    integer(0)('num_core', layer.num_core)
+    integer(0)('num_univ', layer.num_univ)
+    integer(1)('slots_per_expert', layer.slots_per_expert)
+    if not isinstance(layer.contribution, list):
+        raise InvalidArgument(f'contribution must be a list of numbers, got {type(layer.contribution).__name__}.')
+    if len(layer.contribution) != layer.num_core + layer.num_univ:
+        raise InvalidArgument(f'{len(layer.contribution)} contributions for {layer.num_core} + {layer.num_univ} '
+                              f'experts.')
+    for i, value in enumerate(layer.contribution):
+        real(0.)(f'contribution[{i}]', value)
+
+
 def _from_dict(data: Mapping[str, Any], path: str) -> RoutingStatistics:
     if not isinstance(data, dict) or data.get('format') != ROUTING_FORMAT:
         raise InvalidCheckpoint(f'{path} is not a routing statistics file of this version (format '
@@ -185,10 +201,21 @@ def _from_dict(data: Mapping[str, Any], path: str) -> RoutingStatistics:
         stats = RoutingStatistics(layers=layers, **fields)
     except (KeyError, TypeError) as e:
         raise InvalidCheckpoint(f'{path}: routing statistics without the expected entries ({e}).') from e
+    if not stats.layers or not isinstance(stats.router_hash, str):
+        raise InvalidCheckpoint(f'{path}: routing statistics without layers or router hash; write them again with '
+                                f'weights-tools inspect --save-routing.')
     for layer in stats.layers:
-        if len(layer.contribution) != layer.num_core + layer.num_univ:
-            raise InvalidCheckpoint(f'{path}: block {layer.block} has {len(layer.contribution)} contributions for '
-                                    f'{layer.num_core} + {layer.num_univ} experts.')
+        try:
+            _check_layer(layer)
+        except InvalidArgument as e:
+            raise InvalidCheckpoint(f'{path}: block {layer.block!r} of the routing statistics is damaged: {e} Write '
+                                    f'them again with weights-tools inspect --save-routing.') from None
+    described = [dict(block=layer.block, num_core=layer.num_core, num_univ=layer.num_univ,
+                      slots_per_expert=layer.slots_per_expert) for layer in stats.layers]
+    if described != stats.config:
+        raise InvalidCheckpoint(f'{path}: the layers of the routing statistics ({described}) do not match their '
+                                f'recorded MoE configuration ({stats.config}); write them again with weights-tools '
+                                f'inspect --save-routing.')
     return stats
 
 
@@ -197,9 +224,14 @@ def load_routing(path: Union[str, os.PathLike]) -> RoutingStatistics:
 
     Raises:
         NotFound: If there is no such file.
-        InvalidCheckpoint: If it is not valid routing statistics.
+        InvalidArgument: If ``path`` is a folder.
+        InvalidCheckpoint: If it is not valid routing statistics (entries missing or of the wrong type, a
+            contribution that is not a finite number >= 0, layers that do not match the recorded configuration).
     """
     path = Path(path)
+    if path.is_dir():
+        raise InvalidArgument(f'routing statistics {path} is a folder; name the JSON file written by weights-tools '
+                              f'inspect --save-routing.')
     if not path.is_file():
         raise NotFound(f'routing statistics {path} do not exist (write them with weights-tools inspect MODEL '
                        f'--images DIR --save-routing FILE).')

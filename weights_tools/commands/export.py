@@ -21,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
     from timm_moejet.cost import count_params
 
     check_output_free(args.output, args.overwrite, 'output folder',
-                      {'model': args.model, 'checkpoint': args.checkpoint})
+                      {'model': args.model, 'checkpoint': args.checkpoint}, folder=True)
     model, extra = load_model(args.model, args.checkpoint, args.pretrained, model_kwargs_from(args), ema=args.ema)
     out = save_hub_folder(model.eval(), args.output, args.overwrite, extra_config=extra)
     print(f'exported {args.model} ({type(model).__name__}, {count_params(model)["total"] / 1e6:.2f}M parameters) to '

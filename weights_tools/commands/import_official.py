@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from timm_moejet.cost import count_params
 
     check_output_free(args.output, args.overwrite, 'output folder',
-                      {'checkpoint': args.checkpoint, 'config': args.config})
+                      {'checkpoint': args.checkpoint, 'config': args.config}, folder=True)
     config = _parse_config(args.config)
     model = load_official(args.checkpoint, config).eval()
     out = save_hub_folder(model, args.output, args.overwrite)

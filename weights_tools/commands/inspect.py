@@ -2,7 +2,7 @@
 import argparse
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 import torch.nn as nn
@@ -63,8 +63,9 @@ def _check_outputs(args: argparse.Namespace) -> None:
                (args.save_routing, '--save-routing file'))
     for out, what in outputs:
         if out is not None:
-            check_output_free(out, args.overwrite, what, {'model': args.model, 'checkpoint': args.checkpoint,
-                                                          'image folder': args.images, 'route image': args.route_image})
+            inputs = {'model': args.model, 'checkpoint': args.checkpoint, 'image folder': args.images,
+                      'route image': args.route_image}
+            check_output_free(out, args.overwrite, what, inputs, folder=False)
 
 
 def _check_route(args: argparse.Namespace) -> None:
@@ -95,9 +96,15 @@ def _images(args: argparse.Namespace, model: nn.Module, input_size: tuple, route
         images, summary = image_loader(args.images, model, args.limit, args.batch_size, args.seed)
         return images, f'{summary["images"]} images of {args.images} ({summary["classes"]} classes)'
     n = args.random_images if args.random_images is not None else 8
-    g = torch.Generator().manual_seed(args.seed)
-    return (list(torch.randn(n, *input_size, generator=g).split(args.batch_size)),
+    return (_random_batches(n, input_size, args.batch_size, args.seed),
             f'{n} random Gaussian images (pass --images FOLDER for meaningful routing figures)')
+
+
+def _random_batches(n: int, input_size: tuple, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    """``n`` seeded Gaussian images, drawn one batch at a time: memory is bounded by the batch size, not by ``n``."""
+    g = torch.Generator().manual_seed(seed)
+    for start in range(0, n, batch_size):
+        yield torch.randn(min(batch_size, n - start), *input_size, generator=g)
 
 
 def _report(model: nn.Module, figures: Dict[str, Any], diags: List[Any], record: Any) -> None:

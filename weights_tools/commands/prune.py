@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidArgument('prune needs the routing: --images FOLDER to measure it, or --routing FILE.json.')
     check_output_free(args.output, args.overwrite, 'output folder',
                       {'model': args.model, 'checkpoint': args.checkpoint, 'image folder': args.images,
-                       'routing statistics': args.routing})
+                       'routing statistics': args.routing}, folder=True)
     routing = load_routing(args.routing) if args.routing is not None else None
     device = resolve_device(args.device)
     model, extra = load_model(args.model, args.checkpoint, args.pretrained, model_kwargs_from(args), ema=args.ema)

@@ -39,6 +39,8 @@ def _arg_type(field: dataclasses.Field) -> Callable[[str], Any]:
     number = isinstance(field.default, int)
 
     def convert(text: str) -> Any:
+        if text == 'None' and field.default is None:  # as the help allows: the field's default
+            return None
         try:
             return check(_flag(field), int(text) if number else text)
         except (ValueError, InvalidArgument):  # numbers as written, names quoted (as the library words them)
@@ -109,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
     model_kwargs = model_kwargs_from(args)
     recipe = recipe_from_args(args, model_kwargs)
     check_output_free(args.output, args.overwrite, 'output folder',
-                      {'trunk donor': args.trunk, 'expert donor': recipe.experts, 'statistics file': recipe.stats})
+                      {'trunk donor': args.trunk, 'expert donor': recipe.experts, 'statistics file': recipe.stats},
+                      folder=True)
     model = build_recycled_model(args.model, args.trunk, recipe, init_seed=recipe.seed, **model_kwargs)
     model.pretrained_cfg = dict(model.pretrained_cfg, tag='recycled')
     out = save_hub_folder(model.eval(), args.output, args.overwrite)
