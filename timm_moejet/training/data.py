@@ -49,7 +49,24 @@ def train_dataset(args: argparse.Namespace) -> Optional[Any]:
         raise InvalidArgument(f'{where}: timm cannot read the training data ({e}).') from e
     if hasattr(dataset, '__len__') and len(dataset) == 0:
         raise InvalidArgument(f'{where} holds no training samples (split {args.train_split!r}).')
+    _check_classes(dataset, args.num_classes, where)
     return dataset
+
+
+def _check_classes(dataset: Any, num_classes: int, where: str) -> None:
+    """An image folder or tar has a class folder per class, at least 2 and at most ``--num-classes`` (a label
+    past the head would stop the run at its first batch)."""
+    classes = getattr(getattr(dataset, 'reader', None), 'class_to_idx', None)
+    if not classes:
+        return
+    names = ', '.join(sorted(classes)[:5]) + (', ...' if len(classes) > 5 else '')
+    if len(classes) < 2:
+        found = 'images but no class folders' if '' in classes else f'one class folder ({names})'
+        raise InvalidArgument(f'{where} holds {found}; the training images go in one folder per class '
+                              f'(train/<class>/*.jpg), at least 2.')
+    if len(classes) > num_classes:
+        raise InvalidArgument(f'{where} holds {len(classes)} classes ({names}), more than --num-classes '
+                              f'{num_classes}: raise --num-classes to {len(classes)} (or more).')
 
 
 def check_batches(args: argparse.Namespace, dataset: Optional[Any], world: int) -> None:
