@@ -110,6 +110,34 @@ def test_resume_into_a_folder_of_another_run_is_refused_and_keeps_it(trained, tr
     assert {p.name: p.stat().st_mtime_ns for p in (other / 'checkpoints').iterdir()} == before
 
 
+def test_resume_keeps_a_users_note_in_the_summary(trained, trainer_argv, tmp_path):
+    run = _copy(trained, tmp_path)
+    with open(run / 'summary.csv', 'a') as f:
+        f.write('note: lr 1e-3 from here,,,,\n')
+    assert main(trainer_argv('--epochs', '3', '--no-export', '--resume', str(run))) == 0
+    epochs = [line.split(',')[0] for line in (run / 'summary.csv').read_text().splitlines()[1:]]
+    assert epochs == ['0', '1', 'note: lr 1e-3 from here', '2']
+
+
+@pytest.mark.parametrize('damage', ['not text', 'a folder'])
+def test_resume_with_a_damaged_summary_is_refused_before_the_process_group(trained, trainer_argv, tmp_path, capsys,
+                                                                         damage, monkeypatch):
+    # rank 0 alone rewrites summary.csv: found there, after the group, it failed on one rank and stopped the others
+    from timm_moejet.training import trainer
+    monkeypatch.setattr(trainer, '_setup_distributed', lambda: pytest.fail('the process group was joined'))
+    run = _copy(trained, tmp_path)
+    summary = run / 'summary.csv'
+    if damage == 'a folder':
+        summary.unlink()
+        summary.mkdir()
+    else:
+        summary.write_bytes(b'\xff\xfe\x00e\x00p')
+    assert main(trainer_argv('--epochs', '3', '--resume', str(run))) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(summary) in err and len(err.splitlines()) == 1, err
+    assert _epochs(run) == ['epoch_1', 'epoch_2']
+
+
 def test_seeds_of_a_long_run_stay_in_numpys_range():
     import argparse
 

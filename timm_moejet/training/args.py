@@ -396,3 +396,16 @@ def _check_output(args: argparse.Namespace, folder: Path) -> None:
             todo = (f'pass --resume {folder} to continue it' if 'checkpoints' in kept else 'move them away') + \
                 ', or pass another --experiment'
         raise OutputExists(f'{folder} holds {what}: {todo}. Nothing was written.')
+    _check_run_logs(folder)
+
+
+def _check_run_logs(folder: Path) -> None:
+    """The logs a resume continues are files, and the summary reads: rank 0 alone rewrites them, after the
+    process group exists, so every rank checks them first (and all refuse alike)."""
+    from .validation import read_summary
+
+    for name in ('summary.csv', 'steps.jsonl', 'args.yaml'):
+        if (folder / name).exists() and not (folder / name).is_file():
+            raise OutputExists(f'{folder / name} is not a file; the run writes its log there: move it away.')
+    if (folder / 'summary.csv').exists():
+        read_summary(folder / 'summary.csv')

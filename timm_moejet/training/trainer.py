@@ -373,7 +373,7 @@ def _drop_logged_after(log: Path, num_updates: int) -> None:
     if not log.is_file():
         return
     kept = []
-    for line in log.read_text().splitlines():
+    for line in log.read_bytes().decode(errors='replace').splitlines():  # a damaged line is dropped as a cut one
         try:
             step = json.loads(line).get('step')
         except (json.JSONDecodeError, AttributeError):

@@ -21,11 +21,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checkpoint_io import atomic_write_bytes
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, InvalidCheckpoint
 from .data import SyntheticImages
 
 __all__ = ['check_validation_args', 'validation_enabled', 'split_folder', 'eval_loader', 'validate', 'METRICS',
-           'write_summary', 'truncate_summary']
+           'write_summary', 'read_summary', 'truncate_summary']
 
 _logger = logging.getLogger('timm_moejet.train')
 
@@ -165,13 +165,34 @@ def write_summary(path: Path, epoch: int, train_loss: float, eval_metrics: Optio
     update_summary(epoch, OrderedDict(loss=train_loss), eval_metrics, path, lr=lr, write_header=not path.exists())
 
 
+def read_summary(path: Path) -> List[List[str]]:
+    """The rows of a run's ``summary.csv``.
+
+    Raises:
+        InvalidCheckpoint: It is not a file of CSV text (damaged, or replaced by something else); named.
+    """
+    try:
+        with open(path, newline='') as f:
+            return list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise InvalidCheckpoint(f'{path} cannot be read as the run\'s summary ({type(e).__name__}: {e}); move it '
+                                f'away to resume (the resumed run writes a new one).') from e
+
+
+def _epoch(row: List[str]) -> Optional[int]:
+    try:
+        return int(row[0])
+    except (IndexError, ValueError):
+        return None
+
+
 def truncate_summary(path: Path, epochs: int) -> None:
-    """Keep the rows of the first ``epochs`` epochs (a resume from ``epoch_{epochs}`` writes the next ones again)."""
+    """Keep the rows of the first ``epochs`` epochs (a resume from ``epoch_{epochs}`` writes the next ones again),
+    and any row that is not an epoch's (a user's note)."""
     if not path.exists():
         return
-    with open(path, newline='') as f:
-        rows = list(csv.reader(f))
-    kept = rows[:1] + [r for r in rows[1:] if r and int(r[0]) < epochs]
+    rows = read_summary(path)
+    kept = rows[:1] + [r for r in rows[1:] if r and (_epoch(r) is None or _epoch(r) < epochs)]
     out = io.StringIO()
     csv.writer(out).writerows(kept)
     atomic_write_bytes(out.getvalue().encode(), path)
