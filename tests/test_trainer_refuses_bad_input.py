@@ -53,6 +53,7 @@ def _refused(argv, capsys, tmp_path, *words):
     (['--dataset', 'imagenet'], ['--dataset imagenet is not a dataset kind', 'torch/cifar10']),
     (['--train-split', 'trian'], ['--train-split trian', 'has no such folder']),
     (['--model', 'local-dir:no/such/folder'], ['no/such/folder does not exist']),
+    (['--img-size', '40'], ['the model takes 32 x 32 images', 'data would be 40 x 40']),  # found once it is built
 ])
 def test_bad_option_values_are_refused_in_one_line(trainer_argv, capsys, tmp_path, extra, words):
     _refused(trainer_argv(*extra), capsys, tmp_path, *words)

@@ -78,6 +78,21 @@ def check_batches(args: argparse.Namespace, dataset: Optional[Any], world: int) 
                               f'on each of {world} process(es): lower -b/--batch-size.')
 
 
+def _check_input_size(model: nn.Module, input_size: tuple) -> None:
+    """Images of the size the model is built for: a ViT's or Mixer's patch embedding refuses any other at the first
+    forward, after the run's folder exists."""
+    from timm.layers import PatchEmbed
+
+    embed = next((m for m in model.modules() if isinstance(m, PatchEmbed)), None)
+    if embed is None or not embed.strict_img_size or embed.img_size is None:
+        return
+    if tuple(input_size[-2:]) != tuple(embed.img_size):
+        h, w = embed.img_size
+        raise InvalidArgument(f'the model takes {h} x {w} images and the data would be {input_size[-2]} x '
+                              f'{input_size[-1]}: pass --img-size {h} (or --model-kwargs img_size=... to build the '
+                              f'model for the other size).')
+
+
 def train_loader(args: argparse.Namespace, model: nn.Module, device: torch.device,
                  dataset: Optional[Any] = None) -> Any:
     """timm's training loader of ``dataset`` (from :func:`train_dataset`; synthetic when None) with the model's data
@@ -86,6 +101,7 @@ def train_loader(args: argparse.Namespace, model: nn.Module, device: torch.devic
     from timm.data import create_loader, resolve_data_config
 
     data_config = resolve_data_config(vars(args), model=model)
+    _check_input_size(model, data_config['input_size'])
     if dataset is None:
         dataset = SyntheticImages(args.train_num_samples, data_config['input_size'][-1], args.num_classes)
     # distributed=True on one process too: DistributedSampler gives every world size the same global batches
