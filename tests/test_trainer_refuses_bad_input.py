@@ -127,6 +127,15 @@ def test_run_folder_with_an_earlier_export_is_refused_and_kept(trainer_argv, cap
     assert (run / 'model' / 'model.safetensors').read_text() == 'weights of an earlier run'
 
 
+def test_damaged_tar_is_refused(trainer_argv, capsys, tmp_path):
+    tar = tmp_path / 'images.tar'
+    tar.write_bytes(b'not a tar archive')
+    assert main(trainer_argv('--data-dir', str(tar))) == 2
+    err = capsys.readouterr().err.strip()
+    assert f'--data-dir {tar}: timm cannot read the training data' in err.splitlines()[-1], err  # after timm's log
+    assert 'Traceback' not in err and not (tmp_path / 'runs').exists()
+
+
 def test_data_smaller_than_a_batch_is_refused(trainer_argv, capsys, tmp_path):
     _refused(trainer_argv('-b', '32'), capsys, tmp_path, '16 samples', 'fewer than one batch of 32')
 

@@ -1,5 +1,6 @@
 """ The trainer's data: timm's datasets and training loader, and ``--dataset synthetic`` for smoke tests. """
 import argparse
+import tarfile
 from typing import Any, Optional
 
 import torch
@@ -45,7 +46,7 @@ def train_dataset(args: argparse.Namespace) -> Optional[Any]:
         dataset = create_dataset(args.dataset, root=args.data_dir, split=args.train_split, is_training=True,
                                  batch_size=args.batch_size, seed=args.seed, num_samples=args.train_num_samples,
                                  download=args.dataset_download)
-    except (RuntimeError, OSError, ValueError) as e:  # timm's readers: no images, no split, unknown kind, ...
+    except (RuntimeError, OSError, ValueError, tarfile.TarError) as e:  # timm's readers: no images, a bad tar, ...
         raise InvalidArgument(f'{where}: timm cannot read the training data ({e}).') from e
     if hasattr(dataset, '__len__') and len(dataset) == 0:
         raise InvalidArgument(f'{where} holds no training samples (split {args.train_split!r}).')
