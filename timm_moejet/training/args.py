@@ -277,9 +277,6 @@ def _check_channels(args: argparse.Namespace) -> None:
         if value is not None and len(value) not in (1, channels):
             raise InvalidArgument(f'--{name} takes 1 value or one per channel ({channels}), got {len(value)}: '
                                   f'{" ".join(map(str, value))}.')
-    if args.lr_base_scale not in ('', 'linear', 'sqrt'):
-        raise InvalidArgument(f'--lr-base-scale {args.lr_base_scale!r} is not one of linear, sqrt (or "" for the '
-                              f'optimizer\'s default).')
 
 
 def _check_optimizer(args: argparse.Namespace) -> None:
@@ -297,7 +294,7 @@ def _check_optimizer(args: argparse.Namespace) -> None:
 
 
 def _check_names(args: argparse.Namespace) -> None:
-    """The model, optimizer and schedule exist (timm's names)."""
+    """The model, optimizer, schedule and lr scaling exist (timm's names)."""
     import timm
     from timm.optim import list_optimizers
 
@@ -311,6 +308,9 @@ def _check_names(args: argparse.Namespace) -> None:
                               f'list them with timm.optim.list_optimizers().')
     if args.sched not in SCHEDULERS:
         raise InvalidArgument(f'--sched {args.sched} is not supported; use one of {", ".join(SCHEDULERS)}.')
+    if args.lr_base_scale not in ('', 'linear', 'sqrt'):
+        raise InvalidArgument(f'--lr-base-scale {args.lr_base_scale!r} is not one of linear, sqrt (or "" for the '
+                              f'optimizer\'s default).')
     if args.model.startswith('local-dir:'):  # a folder with config.json and weights (hf-hub: is looked up later)
         from ..checkpoint_io.hub import read_folder_config
         from ..checkpoint_io.names import parse_source
