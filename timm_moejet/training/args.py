@@ -291,6 +291,8 @@ def _check_optimizer(args: argparse.Namespace) -> None:
     except (TypeError, ValueError, IndexError, KeyError, AssertionError) as e:
         raise InvalidArgument(f'--opt {args.opt} refuses its settings (--opt-kwargs, --opt-betas, --opt-eps, '
                               f'--momentum): {type(e).__name__}: {e}.') from e
+    except RuntimeError:  # of the device (e.g. fused=True): the stand-in is on the CPU, the model may not be
+        pass
 
 
 def _check_names(args: argparse.Namespace) -> None:
