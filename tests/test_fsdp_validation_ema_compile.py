@@ -243,10 +243,15 @@ def test_compiled_blocks_train_as_eager(tmp_path):
 @pytest.mark.parametrize('extra, message', [
     (['--val-split', 'holdout'], '--val-split holdout: '),
     (['--model-ema', '--model-ema-force-cpu'], '--model-ema-force-cpu is not supported'),
-    (['--model-ema', '--model-ema-decay', '1.5'], '--model-ema-decay must be in [0, 1]'),
+    (['--model-ema', '--model-ema-decay', '1.5'], '--model-ema-decay must be in [0, 1)'),
+    (['--model-ema', '--model-ema-decay', '1'], 'the EMA would keep the initial weights'),
     (['--eval-metric', 'top3'], "--eval-metric 'top3' is not reported"),
     (['--val-interval', '0'], '--val-interval must be 1 or more'),
     (['--torchcompile', 'no_such_backend'], '--torchcompile no_such_backend: torch has no such backend'),
+    (['--torchcompile', '--torchcompile-mode', 'fastest'], '--torchcompile-mode fastest is not one of default'),
+    (['--torchcompile-mode', 'max-autotune'], '--torchcompile-mode max-autotune needs --torchcompile'),
+    (['--dataset', 'synthetic', '--train-num-samples', '8', '--val-split', 'validation'], 'needs --val-num-samples'),
+    (['--model-ema', '--model-ema-decay', 'nan'], '--model-ema-decay must be a finite number'),
 ])
 def test_bad_options_are_refused_in_one_line(tmp_path, capsys, extra, message):
     from timm_moejet.train import main

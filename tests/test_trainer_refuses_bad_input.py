@@ -36,9 +36,34 @@ def _refused(argv, capsys, tmp_path, *words):
     (['--log-interval', '0'], ['--log-interval must be at least 1']),
     (['--checkpoint-hist', '0'], ['--checkpoint-hist must be at least 1', 'newest checkpoint is always kept']),
     (['--batch-size', '0'], ['--batch-size must be at least 1']),
+    (['--epochs', 'ten'], ["--epochs: invalid int value: 'ten'", '--help']),  # argparse's error, without the usage
+    (['--lr', 'nan'], ['--lr must be a finite number, got nan']),
+    (['--lr', '-0.1'], ['--lr must be at least 0']),
+    (['--smoothing', '1'], ['--smoothing must be in [0, 1)']),
+    (['--clip-grad', '0'], ['--clip-grad must be above 0']),
+    (['--hflip', '2'], ['--hflip must be in [0, 1]']),
+    (['--seed', '-1'], ['--seed must be in [0, 2147483647]']),
+    (['--num-classes', '1'], ['--num-classes must be at least 2']),
+    (['--img-size', '0'], ['--img-size must be at least 1']),
+    (['--std', '0', '0', '0'], ['--std must be above 0']),
+    (['--mean', '0.5', '0.5'], ['--mean takes 1 value or one per channel (3), got 2']),
+    (['--lr-base-scale', 'sqr'], ["--lr-base-scale 'sqr' is not one of linear, sqrt"]),
+    (['--opt-kwargs', 'nosuch=1'], ['--opt sgd refuses its settings', 'nosuch']),
+    (['--opt', 'adamw', '--opt-betas', '0.9'], ['--opt adamw refuses its settings']),
+    (['--dataset', 'imagenet'], ['--dataset imagenet is not a dataset kind', 'torch/cifar10']),
+    (['--train-split', 'trian'], ['--train-split trian', 'has no such folder']),
+    (['--model', 'local-dir:no/such/folder'], ['no/such/folder does not exist']),
+    (['--img-size', '40'], ['the model takes 32 x 32 images', 'data would be 40 x 40']),  # found once it is built
 ])
 def test_bad_option_values_are_refused_in_one_line(trainer_argv, capsys, tmp_path, extra, words):
     _refused(trainer_argv(*extra), capsys, tmp_path, *words)
+
+
+def test_hub_model_offline_is_refused(trainer_argv, capsys, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+    _refused(trainer_argv('--model', 'hf-hub:timm-moejet-tests/no-such-repo'), capsys, tmp_path,
+             '--model hf-hub:timm-moejet-tests/no-such-repo is not in the local Hugging Face cache')
 
 
 def test_missing_data_dir_is_refused(trainer_argv, capsys, tmp_path):
@@ -50,6 +75,65 @@ def test_missing_data_dir_is_refused(trainer_argv, capsys, tmp_path):
 def test_empty_data_dir_is_refused(trainer_argv, capsys, tmp_path):
     (tmp_path / 'empty' / 'train').mkdir(parents=True)
     _refused(trainer_argv('--data-dir', str(tmp_path / 'empty')), capsys, tmp_path, str(tmp_path / 'empty'))
+
+
+def _class_folders(root: Path, classes) -> Path:
+    """An image folder ``train/<class>/0.png`` of 2 x 2 images ('' puts the image in train/ itself)."""
+    from PIL import Image
+    for name in classes:
+        (root / 'train' / name).mkdir(parents=True, exist_ok=True)
+        Image.new('RGB', (2, 2)).save(root / 'train' / name / '0.png')
+    return root
+
+
+@pytest.mark.parametrize('classes, words', [
+    ([''], ['holds images but no class folders', 'train/<class>/']),
+    (['a'], ['holds one class folder (a)']),
+    ([str(c) for c in range(11)], ['holds 11 classes', 'more than --num-classes 10']),  # a label past the head
+])
+def test_image_folder_classes_that_cannot_train_are_refused(trainer_argv, capsys, tmp_path, classes, words):
+    data = _class_folders(tmp_path / 'data', classes)
+    _refused(trainer_argv('--data-dir', str(data)), capsys, tmp_path, *words)
+
+
+def test_validation_folder_without_train_folder_is_refused(trainer_argv, capsys, tmp_path):
+    # timm would read the whole folder, labelling validation/<class>/ images by their class: training on them
+    data = _class_folders(tmp_path / 'data', ['a', 'b'])
+    (data / 'train').rename(data / 'validation')
+    _refused(trainer_argv('--data-dir', str(data)), capsys, tmp_path, '--train-split train', 'no such folder')
+
+
+@pytest.mark.parametrize('where', ['output', 'run'])
+def test_output_that_is_a_file_is_refused(trainer_argv, trainer_command, capsys, tmp_path, where):
+    path = tmp_path / 'runs' / 'run' if where == 'run' else tmp_path / 'runs'
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('a file of the user')
+    assert main(trainer_argv()) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f'{path} is not a folder' in err, err
+    assert path.read_text() == 'a file of the user'
+
+
+def test_run_folder_with_an_earlier_export_is_refused_and_kept(trainer_argv, capsys, tmp_path):
+    run = tmp_path / 'runs' / 'run'
+    (run / 'model').mkdir(parents=True)
+    (run / 'model' / 'model.safetensors').write_text('weights of an earlier run')
+    (run / 'steps.jsonl').write_text('{"step": 1}\n')
+    before = sorted(p.relative_to(run) for p in run.rglob('*'))
+    assert main(trainer_argv()) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds an earlier run's model, steps.jsonl" in err, err
+    assert sorted(p.relative_to(run) for p in run.rglob('*')) == before
+    assert (run / 'model' / 'model.safetensors').read_text() == 'weights of an earlier run'
+
+
+def test_damaged_tar_is_refused(trainer_argv, capsys, tmp_path):
+    tar = tmp_path / 'images.tar'
+    tar.write_bytes(b'not a tar archive')
+    assert main(trainer_argv('--data-dir', str(tar))) == 2
+    err = capsys.readouterr().err.strip()
+    assert f'--data-dir {tar}: timm cannot read the training data' in err.splitlines()[-1], err  # after timm's log
+    assert 'Traceback' not in err and not (tmp_path / 'runs').exists()
 
 
 def test_data_smaller_than_a_batch_is_refused(trainer_argv, capsys, tmp_path):
@@ -76,6 +160,9 @@ def test_config_typo_is_refused_with_the_close_name(trainer_argv, capsys, tmp_pa
     ({'lr_base': '4e-3'}, ['lr_base', 'write 4.0e-3']),
     ({'opt_betas': 0.9}, ['opt_betas', 'must be a list']),
     ({'model_kwargs': 'img_size=32'}, ['model_kwargs', 'must be a mapping']),
+    ({'resume': 123}, ['resume: 123 is not text', 'quotes']),
+    ({'lr': float('nan')}, ['--lr must be a finite number']),
+    ('epochs: [1\n', ['cannot read --config', "expected ',' or ']'"]),  # YAML's message spans lines
 ])
 def test_config_that_would_change_training_unsupported_is_refused(trainer_argv, capsys, tmp_path, content, words):
     _refused(trainer_argv('--config', _config(tmp_path, content)), capsys, tmp_path, *words)

@@ -99,6 +99,58 @@ def test_resume_with_a_tuple_model_kwarg_accepts_its_own_checkpoint(trainer_argv
     assert _epochs(run) == ['epoch_1', 'epoch_2']
 
 
+def test_resume_into_a_folder_of_another_run_is_refused_and_keeps_it(trained, trainer_argv, tmp_path, capsys):
+    # the resume writes into --output/--experiment: its checkpoints would be pruned and replaced by the other run's
+    other = _copy(trained, tmp_path)
+    before = {p.name: p.stat().st_mtime_ns for p in (other / 'checkpoints').iterdir()}
+    assert main(trainer_argv('--epochs', '3', '--checkpoint-hist', '1', '--resume', str(trained))) == 2
+    err = capsys.readouterr().err.strip()
+    assert 'holds checkpoints of an earlier run' in err and 'is not one of its checkpoints' in err, err
+    assert len(err.splitlines()) == 1, err
+    assert {p.name: p.stat().st_mtime_ns for p in (other / 'checkpoints').iterdir()} == before
+
+
+def test_resume_keeps_a_users_note_in_the_summary(trained, trainer_argv, tmp_path):
+    run = _copy(trained, tmp_path)
+    with open(run / 'summary.csv', 'a') as f:
+        f.write('note: lr 1e-3 from here,,,,\n')
+    assert main(trainer_argv('--epochs', '3', '--no-export', '--resume', str(run))) == 0
+    epochs = [line.split(',')[0] for line in (run / 'summary.csv').read_text().splitlines()[1:]]
+    assert epochs == ['0', '1', 'note: lr 1e-3 from here', '2']
+
+
+@pytest.mark.parametrize('damage', ['not text', 'a folder'])
+def test_resume_with_a_damaged_summary_is_refused_before_the_process_group(trained, trainer_argv, tmp_path, capsys,
+                                                                         damage, monkeypatch):
+    # rank 0 alone rewrites summary.csv: found there, after the group, it failed on one rank and stopped the others
+    from timm_moejet.training import trainer
+    monkeypatch.setattr(trainer, '_setup_distributed', lambda: pytest.fail('the process group was joined'))
+    run = _copy(trained, tmp_path)
+    summary = run / 'summary.csv'
+    if damage == 'a folder':
+        summary.unlink()
+        summary.mkdir()
+    else:
+        summary.write_bytes(b'\xff\xfe\x00e\x00p')
+    assert main(trainer_argv('--epochs', '3', '--resume', str(run))) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(summary) in err and len(err.splitlines()) == 1, err
+    assert _epochs(run) == ['epoch_1', 'epoch_2']
+
+
+def test_seeds_of_a_long_run_stay_in_numpys_range():
+    import argparse
+
+    import numpy as np
+
+    from timm_moejet.training.trainer import _reseed
+    draws = []
+    for updates in (4_295, 4_296, 4_295):  # 42 + 1_000_003 * 4_295 passes 2**32: numpy refused it mid-run
+        _reseed(argparse.Namespace(seed=42), updates, rank=3)
+        draws.append((torch.rand(1).item(), np.random.rand()))
+    assert draws[0] == draws[2] and draws[0][0] != draws[1][0] and draws[0][1] != draws[1][1]
+
+
 def test_resume_of_a_file_says_to_give_the_run_folder(trained, trainer_argv, capsys):
     assert main(trainer_argv('--resume', str(trained / 'model' / 'model.safetensors'))) == 2
     err = capsys.readouterr().err.strip()

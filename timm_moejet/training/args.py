@@ -8,13 +8,16 @@ import argparse
 import difflib
 import json
 import logging
+import math
+import os
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+import torch.nn as nn
 import yaml
 from timm.utils import ParseKwargs
 
-from ..errors import InvalidArgument, InvalidArgumentType, NotFound, OutputExists
+from ..errors import InvalidArgument, InvalidArgumentType, NotFound, OutputExists, OutputNotWritable
 from .config_keys import split_config
 
 __all__ = ['build_parser', 'parse_args', 'check_args', 'fingerprint', 'output_dir']
@@ -125,10 +128,16 @@ def _run_options(a: Callable[..., Any]) -> None:
     a('--no-export', action='store_true', help='do not write model.safetensors + config.json at the end')
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors are the project's (one line, status 2), not the usage and an exit."""
+
+    def error(self, message: str):
+        raise InvalidArgument(f'{message}; see {PROG} --help.')
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser, one argument group per section."""
-    parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _Parser(prog=PROG, description=DESCRIPTION, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--config', default='', help='YAML file of argument defaults (as timm train.py --config)')
     for title, options in (('data', _data_options), ('model', _model_options), ('optimization', _optimizer_options),
                            ('sharding, checkpoints and output', _run_options)):
@@ -164,6 +173,9 @@ def _check_value(action: argparse.Action, value: Any, where: str) -> None:
     if isinstance(action.default, dict) and not isinstance(value, dict):  # --model-kwargs, --opt-kwargs
         raise InvalidArgumentType(f'{where}: {action.dest}: {value!r} must be a mapping (e.g. {{drop_rate: 0.1}}).')
     flag = action.nargs == 0 and isinstance(action.const, bool)  # store_true / store_false
+    text = action.type is None and action.nargs in (None, '?') and isinstance(action.default, (str, type(None)))
+    if text and not isinstance(value, str) and not (value is None and action.default is None):  # a path, a name
+        raise InvalidArgumentType(f'{where}: {action.dest}: {value!r} is not text; write it in quotes.')
     if value is None or not flag and action.type not in (int, float):
         return
     kind = bool if flag else action.type
@@ -209,10 +221,21 @@ def fingerprint(args: argparse.Namespace, world_size: int) -> Dict[str, Any]:
     return json.loads(json.dumps(recorded))  # as the checkpoint records it (a tuple kwarg reads back as a list)
 
 
-# options that count something, and their least value
-_AT_LEAST = dict(epochs=1, batch_size=1, grad_accum_steps=1, log_interval=1, checkpoint_hist=1, lr_base_size=1,
-                 workers=0, warmup_epochs=0, cooldown_epochs=0, train_num_samples=1)
-_WHY = dict(checkpoint_hist=' (the newest checkpoint is always kept: 1 keeps it alone)')
+# options with a range, as an interval ('[0, 1)': 0 <= value < 1); of a list option, every value. A float option
+# must also be finite (nan and inf parse as floats)
+_INTERVALS = dict(
+    epochs='[1, inf)', batch_size='[1, inf)', grad_accum_steps='[1, inf)', log_interval='[1, inf)',
+    checkpoint_hist='[1, inf)', lr_base_size='[1, inf)', workers='[0, inf)', warmup_epochs='[0, inf)',
+    cooldown_epochs='[0, inf)', train_num_samples='[1, inf)', val_num_samples='[1, inf)', img_size='[1, inf)',
+    input_size='[1, inf)', num_classes='[2, inf)', seed=f'[0, {2 ** 31 - 1}]', lr='[0, inf)', lr_base='[0, inf)',
+    warmup_lr='[0, inf)', min_lr='[0, inf)', weight_decay='[0, inf)', momentum='[0, inf)', opt_eps='(0, inf)',
+    opt_betas='[0, 1)', layer_decay='(0, inf)', clip_grad='(0, inf)', decay_epochs='(0, inf)', decay_rate='(0, inf)',
+    smoothing='[0, 1)', mixup='[0, inf)', cutmix='[0, inf)', mixup_prob='[0, 1]', mixup_switch_prob='[0, 1]',
+    hflip='[0, 1]', reprob='[0, 1]', drop='[0, 1]', drop_path='[0, 1]', crop_pct='(0, inf)', std='(0, inf)',
+)
+_WHY = dict(checkpoint_hist=' (the newest checkpoint is always kept: 1 keeps it alone)',
+            clip_grad=' (0 would zero every gradient: leave it out not to clip)',
+            num_classes=' (a classifier of one class learns nothing)')
 SCHEDULERS = ('cosine', 'tanh', 'step', 'multistep', 'poly')  # timm's, less plateau (it needs a validation metric)
 
 
@@ -221,16 +244,59 @@ def _suggest(name: str, names: List[str]) -> str:
     return f'did you mean {close[0]}? ' if close else ''
 
 
-def _check_counts(args: argparse.Namespace) -> None:
-    for name, least in _AT_LEAST.items():
+def _within(value: float, interval: str) -> bool:
+    low, high = (float(v) for v in interval[1:-1].split(','))
+    return (low < value if interval[0] == '(' else low <= value) and (value < high if interval[-1] == ')'
+                                                                        else value <= high)
+
+
+def _range_words(interval: str) -> str:
+    if interval.endswith('inf)'):
+        return f'{"at least" if interval[0] == "[" else "above"} {interval[1:].split(",")[0]}'
+    return f'in {interval}'
+
+
+def _check_ranges(args: argparse.Namespace) -> None:
+    """Every option with a range (:data:`_INTERVALS`) lies in it, and every float option is finite."""
+    floats = [a.dest for a in build_parser()._actions if a.type is float]
+    for name in sorted(set(_INTERVALS) | set(floats)):
         value = getattr(args, name)
-        if value is not None and value < least:
-            raise InvalidArgument(f'--{name.replace("_", "-")} must be at least {least}, got {value}'
-                                  f'{_WHY.get(name, "")}. Nothing was run.')
+        for v in (value if isinstance(value, (list, tuple)) else [] if value is None else [value]):
+            if not math.isfinite(v):
+                raise InvalidArgument(f'--{name.replace("_", "-")} must be a finite number, got {v}. Nothing was run.')
+            if name in _INTERVALS and not _within(v, _INTERVALS[name]):
+                raise InvalidArgument(f'--{name.replace("_", "-")} must be {_range_words(_INTERVALS[name])}, got '
+                                      f'{value}{_WHY.get(name, "")}. Nothing was run.')
+
+
+def _check_channels(args: argparse.Namespace) -> None:
+    """``--mean``/``--std`` give one value, or one per input channel (timm's data config)."""
+    channels = args.input_size[0] if args.input_size else args.model_kwargs.get('in_chans', 3)
+    for name in ('mean', 'std'):
+        value = getattr(args, name)
+        if value is not None and len(value) not in (1, channels):
+            raise InvalidArgument(f'--{name} takes 1 value or one per channel ({channels}), got {len(value)}: '
+                                  f'{" ".join(map(str, value))}.')
+
+
+def _check_optimizer(args: argparse.Namespace) -> None:
+    """The optimizer takes its settings (``--opt-kwargs``, ``--opt-betas``, ...): timm builds it once over a
+    stand-in parameter, before the model exists."""
+    from timm.optim import create_optimizer_v2, optimizer_kwargs
+
+    settings = optimizer_kwargs(cfg=argparse.Namespace(**{**vars(args), 'layer_decay': None,
+                                                          'lr': args.lr if args.lr is not None else args.lr_base}))
+    try:
+        create_optimizer_v2(nn.Linear(1, 1), **settings, **args.opt_kwargs)
+    except (TypeError, ValueError, IndexError, KeyError, AssertionError) as e:
+        raise InvalidArgument(f'--opt {args.opt} refuses its settings (--opt-kwargs, --opt-betas, --opt-eps, '
+                              f'--momentum): {type(e).__name__}: {e}.') from e
+    except RuntimeError:  # of the device (e.g. fused=True): the stand-in is on the CPU, the model may not be
+        pass
 
 
 def _check_names(args: argparse.Namespace) -> None:
-    """The model, optimizer and schedule exist (timm's names)."""
+    """The model, optimizer, schedule and lr scaling exist (timm's names)."""
     import timm
     from timm.optim import list_optimizers
 
@@ -244,6 +310,13 @@ def _check_names(args: argparse.Namespace) -> None:
                               f'list them with timm.optim.list_optimizers().')
     if args.sched not in SCHEDULERS:
         raise InvalidArgument(f'--sched {args.sched} is not supported; use one of {", ".join(SCHEDULERS)}.')
+    if args.lr_base_scale not in ('', 'linear', 'sqrt'):
+        raise InvalidArgument(f'--lr-base-scale {args.lr_base_scale!r} is not one of linear, sqrt (or "" for the '
+                              f'optimizer\'s default).')
+    if args.model.startswith('local-dir:'):  # a folder with config.json and weights (hf-hub: is looked up later)
+        from ..checkpoint_io.hub import read_folder_config
+        from ..checkpoint_io.names import parse_source
+        read_folder_config(parse_source(args.model, '--model').path)
 
 
 def _check_data(args: argparse.Namespace) -> None:
@@ -255,11 +328,30 @@ def _check_data(args: argparse.Namespace) -> None:
         return
     if '/' in args.dataset:  # torch/, hfds/, tfds/, wds/: timm's readers find (or download) their data
         return
+    if args.dataset:  # timm reads any other name as an image folder: a misspelt kind would go unnoticed
+        raise InvalidArgument(f'--dataset {args.dataset} is not a dataset kind: use "" (an image folder or tar), '
+                              f'synthetic, or KIND/NAME (torch/cifar10, hfds/..., tfds/..., wds/...).')
     if not args.data_dir:
         raise InvalidArgument('--data-dir is required: an image folder (train/<class>/*.jpg) or a tar, or pass '
                               '--dataset synthetic.')
     if not Path(args.data_dir).exists():
         raise NotFound(f'--data-dir {args.data_dir} does not exist.')
+    _check_train_split(args)
+
+
+def _check_train_split(args: argparse.Namespace) -> None:
+    """An image folder has the ``--train-split`` folder. Without it timm reads the whole folder, labelling images by
+    their parent folder's name: a misspelt split, or a folder holding only validation/, would train on validation
+    images. Its absence is allowed for the default split of a folder of class folders only."""
+    from .validation import split_folder
+
+    root, name = Path(args.data_dir), args.train_split.split('[')[0]
+    if not root.is_dir() or (root / name).is_dir():
+        return
+    if args.train_split != 'train' or split_folder(root, 'validation') is not None:
+        raise NotFound(f'--train-split {args.train_split}: {root} has no such folder, and timm would train on all of '
+                       f'{root} (validation images too); name the training folder (--train-split) or give the '
+                       f'folder of class folders as --data-dir.')
 
 
 def check_args(args: argparse.Namespace, world_size: int, output_dir: Path) -> None:
@@ -268,9 +360,54 @@ def check_args(args: argparse.Namespace, world_size: int, output_dir: Path) -> N
         raise InvalidArgument(f'--amp-dtype {args.amp_dtype} is not supported with FSDP2 here; use bfloat16.')
     if args.num_classes is None:
         raise InvalidArgument('--num-classes is required.')
-    _check_counts(args)
+    _check_ranges(args)
+    _check_channels(args)
     _check_names(args)
+    _check_optimizer(args)
     _check_data(args)
-    if not args.resume and (output_dir / 'checkpoints').exists():
-        raise OutputExists(f'{output_dir} holds checkpoints of an earlier run: pass --resume {output_dir} '
-                           f'to continue it, or another --experiment.')
+    _check_output(args, output_dir)
+
+
+# what a run writes into its folder: a folder holding any of them is an earlier run's
+RUN_OUTPUTS = ('checkpoints', 'model', 'model_ema', 'summary.csv', 'steps.jsonl', 'args.yaml')
+
+
+def _resumes_from(args: argparse.Namespace, folder: Path) -> bool:
+    """``--resume`` names a checkpoint of the run in ``folder`` (which it continues), not of another run."""
+    from .checkpoint import resolve_checkpoint
+
+    checkpoints = (folder / 'checkpoints').resolve()
+    return bool(args.resume) and resolve_checkpoint(args.resume).resolve().parent == checkpoints
+
+
+def _check_output(args: argparse.Namespace, folder: Path) -> None:
+    """The run's folder can be made, and training into it loses nothing: a folder holding an earlier run's outputs is
+    written into only by a resume of that run."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p.is_symlink())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputNotWritable(f'the run folder {folder} cannot be made: {existing} is '
+                                f'{"not a folder" if not existing.is_dir() else "not writable"}; choose another '
+                                f'--output (or --experiment).')
+    kept = [name for name in RUN_OUTPUTS if (folder / name).exists()]
+    if kept and not _resumes_from(args, folder):
+        what = 'checkpoints of an earlier run' if 'checkpoints' in kept else f'an earlier run\'s {", ".join(kept)}'
+        if args.resume:
+            todo = (f'--resume {args.resume} is not one of its checkpoints (a resume writes into --output/'
+                    f'--experiment): pass another --experiment')
+        else:
+            todo = (f'pass --resume {folder} to continue it' if 'checkpoints' in kept else 'move them away') + \
+                ', or pass another --experiment'
+        raise OutputExists(f'{folder} holds {what}: {todo}. Nothing was written.')
+    _check_run_logs(folder)
+
+
+def _check_run_logs(folder: Path) -> None:
+    """The logs a resume continues are files, and the summary reads: rank 0 alone rewrites them, after the
+    process group exists, so every rank checks them first (and all refuse alike)."""
+    from .validation import read_summary
+
+    for name in ('summary.csv', 'steps.jsonl', 'args.yaml'):
+        if (folder / name).exists() and not (folder / name).is_file():
+            raise OutputExists(f'{folder / name} is not a file; the run writes its log there: move it away.')
+    if (folder / 'summary.csv').exists():
+        read_summary(folder / 'summary.csv')

@@ -1,5 +1,6 @@
 """ The trainer's data: timm's datasets and training loader, and ``--dataset synthetic`` for smoke tests. """
 import argparse
+import tarfile
 from typing import Any, Optional
 
 import torch
@@ -45,11 +46,28 @@ def train_dataset(args: argparse.Namespace) -> Optional[Any]:
         dataset = create_dataset(args.dataset, root=args.data_dir, split=args.train_split, is_training=True,
                                  batch_size=args.batch_size, seed=args.seed, num_samples=args.train_num_samples,
                                  download=args.dataset_download)
-    except (RuntimeError, OSError, ValueError) as e:  # timm's readers: no images, no split, unknown kind, ...
+    except (RuntimeError, OSError, ValueError, tarfile.TarError) as e:  # timm's readers: no images, a bad tar, ...
         raise InvalidArgument(f'{where}: timm cannot read the training data ({e}).') from e
     if hasattr(dataset, '__len__') and len(dataset) == 0:
         raise InvalidArgument(f'{where} holds no training samples (split {args.train_split!r}).')
+    _check_classes(dataset, args.num_classes, where)
     return dataset
+
+
+def _check_classes(dataset: Any, num_classes: int, where: str) -> None:
+    """An image folder or tar has a class folder per class, at least 2 and at most ``--num-classes`` (a label
+    past the head would stop the run at its first batch)."""
+    classes = getattr(getattr(dataset, 'reader', None), 'class_to_idx', None)
+    if not classes:
+        return
+    names = ', '.join(sorted(classes)[:5]) + (', ...' if len(classes) > 5 else '')
+    if len(classes) < 2:
+        found = 'images but no class folders' if '' in classes else f'one class folder ({names})'
+        raise InvalidArgument(f'{where} holds {found}; the training images go in one folder per class '
+                              f'(train/<class>/*.jpg), at least 2.')
+    if len(classes) > num_classes:
+        raise InvalidArgument(f'{where} holds {len(classes)} classes ({names}), more than --num-classes '
+                              f'{num_classes}: raise --num-classes to {len(classes)} (or more).')
 
 
 def check_batches(args: argparse.Namespace, dataset: Optional[Any], world: int) -> None:
@@ -61,6 +79,21 @@ def check_batches(args: argparse.Namespace, dataset: Optional[Any], world: int) 
                               f'on each of {world} process(es): lower -b/--batch-size.')
 
 
+def _check_input_size(model: nn.Module, input_size: tuple) -> None:
+    """Images of the size the model is built for: a ViT's or Mixer's patch embedding refuses any other at the first
+    forward, after the run's folder exists."""
+    from timm.layers import PatchEmbed
+
+    embed = next((m for m in model.modules() if isinstance(m, PatchEmbed)), None)
+    if embed is None or not embed.strict_img_size or embed.img_size is None:
+        return
+    if tuple(input_size[-2:]) != tuple(embed.img_size):
+        h, w = embed.img_size
+        raise InvalidArgument(f'the model takes {h} x {w} images and the data would be {input_size[-2]} x '
+                              f'{input_size[-1]}: pass --img-size {h} (or --model-kwargs img_size=... to build the '
+                              f'model for the other size).')
+
+
 def train_loader(args: argparse.Namespace, model: nn.Module, device: torch.device,
                  dataset: Optional[Any] = None) -> Any:
     """timm's training loader of ``dataset`` (from :func:`train_dataset`; synthetic when None) with the model's data
@@ -69,6 +102,7 @@ def train_loader(args: argparse.Namespace, model: nn.Module, device: torch.devic
     from timm.data import create_loader, resolve_data_config
 
     data_config = resolve_data_config(vars(args), model=model)
+    _check_input_size(model, data_config['input_size'])
     if dataset is None:
         dataset = SyntheticImages(args.train_num_samples, data_config['input_size'][-1], args.num_classes)
     # distributed=True on one process too: DistributedSampler gives every world size the same global batches

@@ -22,8 +22,9 @@ def check_ema_args(args: argparse.Namespace) -> None:
     if args.model_ema_force_cpu:
         raise InvalidArgument('--model-ema-force-cpu is not supported: the EMA is kept sharded like the model (no full '
                               'copy on one rank), and is validated beside it; drop the option.')
-    if not 0. <= args.model_ema_decay <= 1.:
-        raise InvalidArgument(f'--model-ema-decay must be in [0, 1], got {args.model_ema_decay}.')
+    if not 0. <= args.model_ema_decay < 1.:
+        raise InvalidArgument(f'--model-ema-decay must be in [0, 1), got {args.model_ema_decay} (at 1 the EMA would '
+                              f'keep the initial weights).')
 
 
 def ema_decay(decay: float, step: int, warmup: bool, warmup_gamma: float = 1., warmup_power: float = 2 / 3) -> float:

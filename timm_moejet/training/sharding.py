@@ -134,10 +134,19 @@ def compile_units(model: nn.Module) -> List[str]:
     return [u for u in units if not any(v.startswith(u + '.') for v in units)]
 
 
+# torch.compile's documented modes (its docstring)
+COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
+
+
 def check_compile_args(args: argparse.Namespace) -> None:
-    """Refuse a ``--torchcompile`` backend torch does not have, before anything runs."""
+    """Refuse a ``--torchcompile`` backend torch does not have, or a mode Inductor does not know, before anything
+    runs."""
     if args.torchcompile is None:
+        if args.torchcompile_mode is not None:
+            raise InvalidArgument(f'--torchcompile-mode {args.torchcompile_mode} needs --torchcompile.')
         return
+    if args.torchcompile_mode is not None and args.torchcompile_mode not in COMPILE_MODES:
+        raise InvalidArgument(f'--torchcompile-mode {args.torchcompile_mode} is not one of {", ".join(COMPILE_MODES)}.')
     backends = torch.compiler.list_backends(exclude_tags=())
     if args.torchcompile not in backends:
         raise InvalidArgument(f'--torchcompile {args.torchcompile}: torch has no such backend; use one of '

@@ -74,9 +74,15 @@ def _setup_distributed() -> torch.device:
     return device
 
 
+# numpy takes seeds below 2**32; the rank is added to the seed (room for 2**16 processes)
+_SEEDS = 2 ** 32 - 2 ** 16
+
+
 def _reseed(args: argparse.Namespace, num_updates: int, rank: int) -> None:
+    """Seed every generator from ``--seed``, the update count and the rank, wrapped into numpy's range (a long run
+    passes 2**32 after about 4,300 updates)."""
     from timm.utils import random_seed
-    random_seed(args.seed + 1_000_003 * num_updates, rank)
+    random_seed((args.seed + 1_000_003 * num_updates) % _SEEDS, rank)
 
 
 def _peak_rss() -> int:
@@ -155,11 +161,13 @@ def _build_model(args: argparse.Namespace, device: torch.device, world: int, res
     from timm.utils import random_seed
 
     from ..build import create_model
+    from ..checkpoint_io.hub import hub_errors_named
     from .sharding import init_device_mesh, plan_shards, shard_model
 
     random_seed(args.seed, 0)
-    model = create_model(args.model, pretrained=args.pretrained and not resuming, num_classes=args.num_classes,
-                         drop_rate=args.drop, drop_path_rate=args.drop_path, **args.model_kwargs)
+    with hub_errors_named(f'--model {args.model}'):  # an hf-hub: model, or pretrained weights, offline
+        model = create_model(args.model, pretrained=args.pretrained and not resuming, num_classes=args.num_classes,
+                             drop_rate=args.drop, drop_path_rate=args.drop_path, **args.model_kwargs)
     model.to(device)
     plan_shards(model, world)  # a world size that cannot split the experts evenly fails here, before any step
     return shard_model(model, init_device_mesh(device.type), mixed_precision=args.amp,
@@ -365,7 +373,7 @@ def _drop_logged_after(log: Path, num_updates: int) -> None:
     if not log.is_file():
         return
     kept = []
-    for line in log.read_text().splitlines():
+    for line in log.read_bytes().decode(errors='replace').splitlines():  # a damaged line is dropped as a cut one
         try:
             step = json.loads(line).get('step')
         except (json.JSONDecodeError, AttributeError):
@@ -435,7 +443,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         import torch.distributed as dist
         if dist.is_initialized():  # refused after the group was made: leave none behind (a caller may train again)
             dist.destroy_process_group()
-        print(f'error: {e}', file=sys.stderr)
+        print('error: ' + ' '.join(str(e).split()), file=sys.stderr)  # one line, whatever the message quotes
         return 2
 
 

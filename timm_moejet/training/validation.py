@@ -21,11 +21,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checkpoint_io import atomic_write_bytes
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, InvalidCheckpoint
 from .data import SyntheticImages
 
-__all__ = ['check_validation_args', 'validation_enabled', 'eval_loader', 'validate', 'METRICS', 'write_summary',
-           'truncate_summary']
+__all__ = ['check_validation_args', 'validation_enabled', 'split_folder', 'eval_loader', 'validate', 'METRICS',
+           'write_summary', 'read_summary', 'truncate_summary']
 
 _logger = logging.getLogger('timm_moejet.train')
 
@@ -42,7 +42,7 @@ def validation_enabled(args: argparse.Namespace) -> bool:
     return bool(args.val_split)
 
 
-def _split_folder(root: Path, split: str) -> Optional[Path]:
+def split_folder(root: Path, split: str) -> Optional[Path]:
     """The folder timm's ``create_dataset`` reads a split of an image folder from, or None where there is none."""
     name = split.split('[')[0]
     candidates = [name] + ([s for s in _EVAL_SYNONYMS if s != name] if name in _EVAL_SYNONYMS else [])
@@ -62,8 +62,11 @@ def check_validation_args(args: argparse.Namespace) -> None:
     a folder trains without validation, as before validation existed). Refused: a metric timm's validate does not
     report, an interval below 1, an image folder without the ``--val-split`` folder named (timm would silently
     validate on the dataset root, training images included)."""
+    if args.dataset == 'synthetic' and args.val_split and not args.val_num_samples:
+        raise InvalidArgument(f'--val-split {args.val_split} of --dataset synthetic needs --val-num-samples (its '
+                              f'size); without it nothing would be validated.')
     if args.val_split is None:
-        missing = _is_folder(args) and _split_folder(Path(args.data_dir), 'validation') is None
+        missing = _is_folder(args) and split_folder(Path(args.data_dir), 'validation') is None
         args.val_split = '' if missing else 'validation'
     if args.eval_metric not in METRICS:
         raise InvalidArgument(f'--eval-metric {args.eval_metric!r} is not reported; use one of {", ".join(METRICS)}.')
@@ -73,7 +76,7 @@ def check_validation_args(args: argparse.Namespace) -> None:
         raise InvalidArgument('--validation-batch-size must be positive.')
     if not validation_enabled(args) or not _is_folder(args):
         return
-    if _split_folder(Path(args.data_dir), args.val_split) is None:
+    if split_folder(Path(args.data_dir), args.val_split) is None:
         raise InvalidArgument(f'--val-split {args.val_split}: {args.data_dir} has no such folder (nor a synonym: '
                               f'{", ".join(_EVAL_SYNONYMS)}); name the validation folder, or pass --val-split "" to '
                               f'train without validation.')
@@ -162,13 +165,34 @@ def write_summary(path: Path, epoch: int, train_loss: float, eval_metrics: Optio
     update_summary(epoch, OrderedDict(loss=train_loss), eval_metrics, path, lr=lr, write_header=not path.exists())
 
 
+def read_summary(path: Path) -> List[List[str]]:
+    """The rows of a run's ``summary.csv``.
+
+    Raises:
+        InvalidCheckpoint: It is not a file of CSV text (damaged, or replaced by something else); named.
+    """
+    try:
+        with open(path, newline='') as f:
+            return list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise InvalidCheckpoint(f'{path} cannot be read as the run\'s summary ({type(e).__name__}: {e}); move it '
+                                f'away to resume (the resumed run writes a new one).') from e
+
+
+def _epoch(row: List[str]) -> Optional[int]:
+    try:
+        return int(row[0])
+    except (IndexError, ValueError):
+        return None
+
+
 def truncate_summary(path: Path, epochs: int) -> None:
-    """Keep the rows of the first ``epochs`` epochs (a resume from ``epoch_{epochs}`` writes the next ones again)."""
+    """Keep the rows of the first ``epochs`` epochs (a resume from ``epoch_{epochs}`` writes the next ones again),
+    and any row that is not an epoch's (a user's note)."""
     if not path.exists():
         return
-    with open(path, newline='') as f:
-        rows = list(csv.reader(f))
-    kept = rows[:1] + [r for r in rows[1:] if r and int(r[0]) < epochs]
+    rows = read_summary(path)
+    kept = rows[:1] + [r for r in rows[1:] if r and (_epoch(r) is None or _epoch(r) < epochs)]
     out = io.StringIO()
     csv.writer(out).writerows(kept)
     atomic_write_bytes(out.getvalue().encode(), path)
