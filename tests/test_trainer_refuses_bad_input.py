@@ -50,7 +50,6 @@ def _refused(argv, capsys, tmp_path, *words):
     (['--lr-base-scale', 'sqr'], ["--lr-base-scale 'sqr' is not one of linear, sqrt"]),
     (['--opt-kwargs', 'nosuch=1'], ['--opt sgd refuses its settings', 'nosuch']),
     (['--opt', 'adamw', '--opt-betas', '0.9'], ['--opt adamw refuses its settings']),
-    (['--dataset', 'imagenet'], ['--dataset imagenet is not a dataset kind', 'torch/cifar10']),
     (['--train-split', 'trian'], ['--train-split trian', 'has no such folder']),
     (['--model', 'local-dir:no/such/folder'], ['no/such/folder does not exist']),
     (['--img-size', '40'], ['the model takes 32 x 32 images', 'data would be 40 x 40']),  # found once it is built

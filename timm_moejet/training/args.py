@@ -328,9 +328,6 @@ def _check_data(args: argparse.Namespace) -> None:
         return
     if '/' in args.dataset:  # torch/, hfds/, tfds/, wds/: timm's readers find (or download) their data
         return
-    if args.dataset:  # timm reads any other name as an image folder: a misspelt kind would go unnoticed
-        raise InvalidArgument(f'--dataset {args.dataset} is not a dataset kind: use "" (an image folder or tar), '
-                              f'synthetic, or KIND/NAME (torch/cifar10, hfds/..., tfds/..., wds/...).')
     if not args.data_dir:
         raise InvalidArgument('--data-dir is required: an image folder (train/<class>/*.jpg) or a tar, or pass '
                               '--dataset synthetic.')
