@@ -69,8 +69,8 @@ def _check_outputs(args: argparse.Namespace) -> None:
 
 
 def _check_route(args: argparse.Namespace) -> None:
-    """--route-plot: a .png in an existing folder, of a readable --route-image, matplotlib installed."""
-    from timm_moejet.errors import InvalidArgument, NotFound
+    """--route-plot: a .png (its folder is made, as for every output) of a readable --route-image; matplotlib."""
+    from timm_moejet.errors import InvalidArgument
     from timm_moejet.extras import require
     from timm_moejet.image_folder import read_image
 
@@ -79,8 +79,6 @@ def _check_route(args: argparse.Namespace) -> None:
             raise InvalidArgument('--route-plot draws the routing of one image: name it with --route-image IMAGE.')
         if Path(args.route_plot).suffix.lower() != '.png':
             raise InvalidArgument(f'--route-plot must name a .png file, got {args.route_plot}.')
-        if not Path(args.route_plot).parent.is_dir():
-            raise NotFound(f'the folder of --route-plot {args.route_plot} does not exist; create it first.')
         require('matplotlib.figure', 'plot', '--route-plot')
     if args.route_image is not None:
         read_image(args.route_image, decode=False)
