@@ -80,10 +80,15 @@ def check_batches(args: argparse.Namespace, dataset: Optional[Any], world: int) 
 
 
 def _check_input_size(model: nn.Module, input_size: tuple) -> None:
-    """Images of the size the model is built for: a ViT's or Mixer's patch embedding refuses any other at the first
-    forward, after the run's folder exists."""
+    """Images of the size and channels the model is built for: a ViT's or Mixer's patch embedding refuses another
+    size at the first forward, after the run's folder exists; other channels would be trained as RGB unnoticed."""
     from timm.layers import PatchEmbed
 
+    stem = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)  # the first layer of each family
+    if stem is not None and input_size[0] != stem.in_channels:
+        raise InvalidArgument(f'the model takes {stem.in_channels}-channel images and --input-size gives '
+                              f'{input_size[0]}: pass --input-size {stem.in_channels} H W (or --model-kwargs '
+                              f'in_chans=... to build the model for them).')
     embed = next((m for m in model.modules() if isinstance(m, PatchEmbed)), None)
     if embed is None or not embed.strict_img_size or embed.img_size is None:
         return
