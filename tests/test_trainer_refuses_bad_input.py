@@ -163,9 +163,20 @@ def test_config_typo_is_refused_with_the_close_name(trainer_argv, capsys, tmp_pa
     ({'resume': 123}, ['resume: 123 is not text', 'quotes']),
     ({'lr': float('nan')}, ['--lr must be a finite number']),
     ('epochs: [1\n', ['cannot read --config', "expected ',' or ']'"]),  # YAML's message spans lines
+    ('epochs: 3\nlr: 0.1\nepochs: 5\n', ["'epochs' is given twice", 'line 3']),  # PyYAML keeps the last
+    ('model_kwargs: {img_size: 32, img_size: 64}\n', ["'img_size' is given twice"]),
 ])
 def test_config_that_would_change_training_unsupported_is_refused(trainer_argv, capsys, tmp_path, content, words):
     _refused(trainer_argv('--config', _config(tmp_path, content)), capsys, tmp_path, *words)
+
+
+def test_config_anchors_and_merge_keys_load_as_yaml_says(tmp_path):
+    """A key overriding one that a ``<<`` merge brings is YAML, not a repeat."""
+    from timm_moejet.training.args import _read_config
+
+    config = _read_config(_config(tmp_path, 'base: &b {img_size: 32, patch_size: 4}\n'
+                                            'model_kwargs:\n  <<: *b\n  patch_size: 8\n'))
+    assert config['model_kwargs'] == {'img_size': 32, 'patch_size': 8}
 
 
 def test_config_keys_that_do_not_change_training_are_named_and_left_out(tmp_path, caplog):

@@ -145,11 +145,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _NoRepeatsLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader, a key given twice in one mapping refused (PyYAML keeps the last one silently)."""
+
+
+def _mapping_without_repeats(loader: yaml.SafeLoader, node: yaml.MappingNode) -> Dict[Any, Any]:
+    seen = []
+    for key_node, _ in node.value:
+        if key_node.tag == 'tag:yaml.org,2002:merge':  # `<<: *base`: its keys may be overridden here, as YAML says
+            continue
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f'{key!r} is given twice', key_node.start_mark)
+        seen.append(key)
+    return loader.construct_mapping(node)
+
+
+_NoRepeatsLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_repeats)
+
+
 def _read_config(path: str) -> Dict[str, Any]:
     """The top-level mapping of a ``--config`` YAML."""
     try:
         with open(path) as f:
-            config = yaml.safe_load(f)
+            config = yaml.load(f, Loader=_NoRepeatsLoader)  # noqa: S506  (a SafeLoader)
     except FileNotFoundError as e:
         raise NotFound(f'--config {path} does not exist.') from e
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
