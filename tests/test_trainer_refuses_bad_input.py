@@ -53,7 +53,11 @@ def _refused(argv, capsys, tmp_path, *words):
     (['--train-split', 'trian'], ['--train-split trian', 'has no such folder']),
     (['--model', 'local-dir:no/such/folder'], ['no/such/folder does not exist']),
     (['--img-size', '40'], ['the model takes 32 x 32 images', 'data would be 40 x 40']),  # found once it is built
-    (['--input-size', '1', '32', '32'], ['the model takes 3-channel images', '--input-size gives 1']),
+    (['--input-size', '1', '32', '32', '--mean', '0.5', '--std', '0.5'],
+     ['the model takes 3-channel images', '--input-size gives 1']),
+    (['--input-size', '4', '32', '32'], ['reads images as RGB (3 channels) or grayscale (1), not 4']),
+    (['--model-kwargs', 'img_size=32', 'patch_size=8', 'in_chans=1', '--input-size', '1', '32', '32'],
+     ['grayscale images (1 channel) need their own normalisation', '--mean M --std S']),
 ])
 def test_bad_option_values_are_refused_in_one_line(trainer_argv, capsys, tmp_path, extra, words):
     _refused(trainer_argv(*extra), capsys, tmp_path, *words)

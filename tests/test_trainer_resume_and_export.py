@@ -39,6 +39,20 @@ def _copy(run: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(run, tmp_path / 'runs' / 'run'))
 
 
+def test_grayscale_images_train_a_one_channel_model(trainer_argv, tmp_path):
+    """As in train.py, a 1-channel input size reads the images as grayscale (they were read as RGB: the first
+    normalisation failed)."""
+    import safetensors.torch
+
+    argv = trainer_argv('--model-kwargs', 'img_size=32', 'patch_size=8', 'in_chans=1', '--input-size', '1', '32', '32',
+                        '--mean', '0.5', '--std', '0.5', '--val-split', 'train')
+    assert main(argv) == 0
+    run = tmp_path / 'runs' / 'run'
+    assert len((run / 'summary.csv').read_text().splitlines()) == 2  # header and the one epoch, validated
+    weights = safetensors.torch.load_file(run / 'model' / 'model.safetensors')
+    assert weights['patch_embed.proj.weight'].shape[1] == 1
+
+
 def test_grad_accum_larger_than_an_epoch_steps_on_the_partial_accumulation(trainer_argv, tmp_path):
     # 2 batches an epoch: --grad-accum-steps 4 makes one update of those 2 each epoch, as --grad-accum-steps 2 does
     runs = {}

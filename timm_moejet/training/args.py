@@ -288,9 +288,25 @@ def _check_ranges(args: argparse.Namespace) -> None:
                                       f'{value}{_WHY.get(name, "")}. Nothing was run.')
 
 
+def image_channels(args: argparse.Namespace) -> int:
+    """The channels of the training images: ``--input-size``'s first value, else the model's ``in_chans``."""
+    return args.input_size[0] if args.input_size else args.model_kwargs.get('in_chans', 3)
+
+
+def image_mode(args: argparse.Namespace) -> str:
+    """The mode timm's datasets read images in, as train.py chooses it: RGB for 3 channels, grayscale otherwise."""
+    return 'RGB' if image_channels(args) == 3 else 'L'
+
+
 def _check_channels(args: argparse.Namespace) -> None:
-    """``--mean``/``--std`` give one value, or one per input channel (timm's data config)."""
-    channels = args.input_size[0] if args.input_size else args.model_kwargs.get('in_chans', 3)
+    """Images are read as RGB or grayscale; ``--mean``/``--std`` give one value, or one per input channel."""
+    channels = image_channels(args)
+    if channels not in (1, 3):
+        raise InvalidArgument(f'the trainer reads images as RGB (3 channels) or grayscale (1), not {channels} '
+                              f'channels: pass --input-size 3 H W or 1 H W (and --model-kwargs in_chans= alike).')
+    if channels == 1 and (args.mean is None or args.std is None):
+        raise InvalidArgument('grayscale images (1 channel) need their own normalisation: pass --mean M --std S (the '
+                              "model's data config holds RGB values).")
     for name in ('mean', 'std'):
         value = getattr(args, name)
         if value is not None and len(value) not in (1, channels):

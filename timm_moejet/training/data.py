@@ -12,11 +12,12 @@ __all__ = ['SyntheticImages', 'train_dataset', 'check_batches', 'train_loader']
 
 
 class SyntheticImages(torch.utils.data.Dataset):
-    """``--dataset synthetic``: random RGB images (fixed by their index) with labels ``index % num_classes``, for
-    smoke tests and exact-continuation checks without data on disk. ``create_loader`` sets ``transform``."""
+    """``--dataset synthetic``: random images (fixed by their index, RGB or converted to ``mode``) with labels
+    ``index % num_classes``, for smoke tests and exact-continuation checks without data on disk. ``create_loader``
+    sets ``transform``."""
 
-    def __init__(self, num_samples: int, size: int, num_classes: int) -> None:
-        self.num_samples, self.size, self.num_classes = num_samples, size, num_classes
+    def __init__(self, num_samples: int, size: int, num_classes: int, mode: str = 'RGB') -> None:
+        self.num_samples, self.size, self.num_classes, self.mode = num_samples, size, num_classes, mode
         self.transform = None
 
     def __len__(self) -> int:
@@ -26,7 +27,7 @@ class SyntheticImages(torch.utils.data.Dataset):
         from PIL import Image
         g = torch.Generator().manual_seed(index)
         pixels = torch.randint(0, 256, (self.size, self.size, 3), generator=g, dtype=torch.uint8)
-        img = Image.fromarray(pixels.numpy())
+        img = Image.fromarray(pixels.numpy()).convert(self.mode)
         return (self.transform(img) if self.transform is not None else img), index % self.num_classes
 
 
@@ -39,13 +40,15 @@ def train_dataset(args: argparse.Namespace) -> Optional[Any]:
     """
     from timm.data import create_dataset
 
+    from .args import image_mode
+
     if args.dataset == 'synthetic':
         return None
     where = f'--data-dir {args.data_dir}' + (f' (--dataset {args.dataset})' if args.dataset else '')
     try:
         dataset = create_dataset(args.dataset, root=args.data_dir, split=args.train_split, is_training=True,
                                  batch_size=args.batch_size, seed=args.seed, num_samples=args.train_num_samples,
-                                 download=args.dataset_download)
+                                 download=args.dataset_download, input_img_mode=image_mode(args))
     except (RuntimeError, OSError, ValueError, tarfile.TarError) as e:  # timm's readers: no images, a bad tar, ...
         raise InvalidArgument(f'{where}: timm cannot read the training data ({e}).') from e
     if hasattr(dataset, '__len__') and len(dataset) == 0:
@@ -106,10 +109,13 @@ def train_loader(args: argparse.Namespace, model: nn.Module, device: torch.devic
     process too)."""
     from timm.data import create_loader, resolve_data_config
 
+    from .args import image_mode
+
     data_config = resolve_data_config(vars(args), model=model)
     _check_input_size(model, data_config['input_size'])
     if dataset is None:
-        dataset = SyntheticImages(args.train_num_samples, data_config['input_size'][-1], args.num_classes)
+        dataset = SyntheticImages(args.train_num_samples, data_config['input_size'][-1], args.num_classes,
+                                  image_mode(args))
     # distributed=True on one process too: DistributedSampler gives every world size the same global batches
     return create_loader(
         dataset, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,

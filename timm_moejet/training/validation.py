@@ -112,12 +112,16 @@ def eval_loader(args: argparse.Namespace, model: nn.Module, rank: int, world: in
     normalisation) with the model's data config."""
     from timm.data import create_dataset, create_transform, resolve_data_config
 
+    from .args import image_mode
+
     data_config = resolve_data_config(vars(args), model=model)
     if args.dataset == 'synthetic':
-        dataset = _SyntheticValidation(args.val_num_samples, data_config['input_size'][-1], args.num_classes)
+        dataset = _SyntheticValidation(args.val_num_samples, data_config['input_size'][-1], args.num_classes,
+                                       image_mode(args))
     else:
         dataset = create_dataset(args.dataset, root=args.data_dir, split=args.val_split, is_training=False,
-                                 batch_size=args.batch_size, num_samples=args.val_num_samples)
+                                 batch_size=args.batch_size, num_samples=args.val_num_samples,
+                                 input_img_mode=image_mode(args))
     dataset.transform = create_transform(
         data_config['input_size'], is_training=False, interpolation=data_config['interpolation'],
         mean=data_config['mean'], std=data_config['std'], crop_pct=data_config['crop_pct'])
