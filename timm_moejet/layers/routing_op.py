@@ -33,7 +33,7 @@ from typing import Any, Optional, Tuple
 import torch
 from timm.layers import is_exportable, register_notrace_function
 
-from .entmax import entmax15_halved, entmax15_threshold_newton
+from .entmax import entmax15_halved
 from .expert_ops import autocast_dtype
 
 __all__ = ['routing_weights', 'routing_weights_ops', 'routing_weights_backward_ops', 'draw_seed']
@@ -141,14 +141,9 @@ def _routing_weights_op(raw: torch.Tensor, dispatch_scale: torch.Tensor, combine
     if kernels is not None:
         seed = draw_seed(raw.device) if noise_std > 0. else 0
         return kernels.routing_forward(raw, dispatch_scale, combine_scale, noise_std, seed, sparse, out_dtype)
-    dispatch_logits, combine_logits = _scaled_logits(raw, dispatch_scale, combine_scale, noise_std, sparse)
-    dispatch = torch.softmax(dispatch_logits, dim=1)
-    if sparse:
-        _, root = entmax15_threshold_newton(combine_logits, -1)
-        combine = root.mul_(root)
-    else:
-        combine = torch.softmax(combine_logits, dim=-1)
-    return dispatch.to(out_dtype).contiguous(), combine.to(out_dtype).contiguous()
+    # below autograd here: the tensor ops record nothing (the entmax squares its root in place)
+    dispatch, combine = routing_weights_ops(raw, dispatch_scale, combine_scale, noise_std, sparse, out_dtype)
+    return dispatch.contiguous(), combine.contiguous()
 
 
 @_routing_weights_op.register_fake
