@@ -36,18 +36,13 @@ def _router_keys() -> tuple:
 
 
 def router_hash(model: nn.Module) -> str:
-    """SHA-256 over the router tensors (slot queries, slot norm, temperatures) of every MoE layer, in block order:
+    """SHA-256 over the router tensors (slot queries, slot norm, temperatures) of every MoE layer:
     which trained router the statistics describe. Tensors are hashed as float32 with their names and shapes, so a
     copy on another device or in another dtype of the same values hashes the same."""
-    digest = hashlib.sha256()
-    for block, layer in sorted(moe_layers(model).items()):
-        for name, tensor in sorted(layer.state_dict().items()):
-            if not name.startswith(_router_keys()):
-                continue
-            values = tensor.detach().float().cpu().contiguous()
-            digest.update(f'{block}:{name}:{tuple(values.shape)};'.encode())
-            digest.update(values.numpy().tobytes())
-    return digest.hexdigest()
+    from ..recycling.statistics import weights_hash
+
+    return weights_hash({f'{block}:{name}': tensor for block, layer in moe_layers(model).items()
+                         for name, tensor in layer.state_dict().items() if name.startswith(_router_keys())})
 
 
 def moe_config(model: nn.Module) -> List[Dict[str, int]]:
@@ -152,9 +147,16 @@ def measure_routing(
         seed: The seed of the image subset (recorded).
         device: Where to run (default: the model's device).
     """
-    batches = [images] if isinstance(images, torch.Tensor) else list(images)
-    count = sum(int((b[0] if isinstance(b, (tuple, list)) else b).shape[0]) for b in batches)
-    diagnostics = router_diagnostics(model, batches, device=device)
+    counted = [0]
+
+    def counting(batches: Iterable) -> Iterable:  # streamed: the batches are never all in memory at once
+        for batch in batches:
+            counted[0] += int((batch[0] if isinstance(batch, (tuple, list)) else batch).shape[0])
+            yield batch
+
+    diagnostics = router_diagnostics(model, counting([images] if isinstance(images, torch.Tensor) else images),
+                                     device=device)
+    count = counted[0]
     return routing_from_diagnostics(model, diagnostics, name, images_described or f'{count} images', count, seed)
 
 
