@@ -35,7 +35,7 @@ from benchmarks.digits.experiment import ARMS, FAMILIES, PRETRAIN, load_data, pr
 from benchmarks.digits.train_loop import FinetuneConfig, evaluate, train_classifier
 from benchmarks.paired import paired_difference
 from timm_moejet import prune_experts
-from timm_moejet.checkpoint_io import atomic_write_bytes
+from timm_moejet.checkpoint_io import write_json
 from timm_moejet.cost import count_macs, count_params
 from timm_moejet.pruning import measure_routing
 
@@ -173,15 +173,11 @@ def markdown_table(comparison: Dict[str, object]) -> str:
 
 def plot(comparison: Dict[str, object], path: str) -> None:
     """Paired accuracy difference to the unpruned model against the fraction kept, before and after fine-tuning."""
-    import io
-
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    from timm_moejet.plotting import new_figure, save_png
 
     families = [f for f in comparison if all('before' in r for r in comparison[f]['rows'])]
-    fig, axes = plt.subplots(1, max(1, len(families)), figsize=(6 * max(1, len(families)), 4.2), dpi=120,
-                             squeeze=False, sharey=True)
+    fig = new_figure('the pruning plot', (6 * max(1, len(families)), 4.2))
+    axes = fig.subplots(1, max(1, len(families)), squeeze=False, sharey=True)
     for ax, family in zip(axes[0], families):
         rows = comparison[family]['rows']
         x = [100 * r['fraction'] for r in rows]
@@ -197,11 +193,7 @@ def plot(comparison: Dict[str, object], path: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc='lower right')
     axes[0][0].set_ylabel('test accuracy minus unpruned (points), 95% CI')
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format='png')
-    plt.close(fig)
-    atomic_write_bytes(buf.getvalue(), path)
+    save_png(fig, path, dpi=120)
 
 
 def cpu_time(repeats: int = 7, batch_size: int = 8, threads: int = 1) -> Dict[str, object]:
@@ -243,10 +235,12 @@ def report(runs: Dict[str, object], out_dir: str) -> Dict[str, object]:
     if os.path.exists(cpu_path):
         with open(cpu_path) as f:
             result['cpu_time'] = json.load(f)
-    atomic_write_bytes(json.dumps(result, indent=1).encode(), os.path.join(out_dir, 'pruning.json'))
+    write_json(result, os.path.join(out_dir, 'pruning.json'))
     if any(all('before' in r for r in c['rows']) for c in comparison.values()):
         plot(comparison, os.path.join(out_dir, 'pruning.png'))
-    print(f'wrote {out_dir}/pruning.json and pruning.png')
+        print(f'wrote {out_dir}/pruning.json and pruning.png')
+    else:
+        print(f'wrote {out_dir}/pruning.json')
     return result
 
 
@@ -263,12 +257,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     parser.add_argument('--cpu-time', action='store_true', help='time moejet_vit_tiny pruned to 50%% vs unpruned')
     parser.add_argument('--report-only', action='store_true', help='run nothing: report the runs already there')
     args = parser.parse_args(argv)
+    if args.threads < 1 or min(args.seeds) < 0:
+        parser.error('--threads must be at least 1 and every --seed at least 0')
+    path = os.path.join(args.out_dir, 'pruning_runs.json')
+    if args.report_only and not os.path.exists(path):
+        parser.error(f'--report-only: {path} does not exist (no runs to report; check --out-dir)')
     torch.set_num_threads(args.threads)
     os.makedirs(args.out_dir, exist_ok=True)
-    path = os.path.join(args.out_dir, 'pruning_runs.json')
     if args.cpu_time:
         result = cpu_time(threads=args.threads)
-        atomic_write_bytes(json.dumps(result, indent=1).encode(), os.path.join(args.out_dir, 'pruning_cpu_time.json'))
+        write_json(result, os.path.join(args.out_dir, 'pruning_cpu_time.json'))
         print(json.dumps({k: v for k, v in result.items() if k not in ('unpruned', 'pruned_50')}),
               {k: {m: result[k][m] for m in ('params', 'gmacs', 'median_s', 'min_s', 'max_s')}
                for k in ('unpruned', 'pruned_50')})

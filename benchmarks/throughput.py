@@ -26,7 +26,6 @@ median times, their range and the compiled/eager ratio (median of the per-repeat
 """
 import argparse
 import dataclasses
-import json
 import math
 import os
 import platform
@@ -48,7 +47,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import timm_moejet  # noqa: F401  (registers the moejet_* models)
 from benchmarks.roofline import MachineRates, count_big_ops, measure_rates
-from timm_moejet.checkpoint_io import atomic_write_bytes
+from timm_moejet.checkpoint_io import write_json
 from timm_moejet.cost import num_params
 from timm_moejet.layers import SpheroMoE
 
@@ -560,8 +559,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _write_json(args: argparse.Namespace, payload: Dict[str, Any]) -> None:
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        atomic_write_bytes(json.dumps(payload, indent=1).encode(), args.json)
+        write_json(payload, args.json)  # makes the folder; a NaN ratio is written as null
 
 
 if __name__ == '__main__':

@@ -146,8 +146,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.ref:
         print(f'## MoE/dense, {args.ref} -> this checkout\n\n' + compare_table(out['ref'], results) + '\n')
     if args.json:
-        from timm_moejet.checkpoint_io import atomic_write_bytes
-        atomic_write_bytes(json.dumps(out if args.ref else results, indent=1).encode(), args.json)
+        from timm_moejet.checkpoint_io import write_json
+        write_json(out if args.ref else results, args.json)
     return 0
 
 

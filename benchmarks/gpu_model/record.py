@@ -24,6 +24,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.flop_counter import flop_registry
 
+from benchmarks.roofline import _distinct_bytes
+
 try:
     from timm_moejet.layers import cpu_fast_path
 except ImportError:  # an older checkout (--ref) without CPU fast paths
@@ -73,15 +75,6 @@ class Op:
     dtype: str
     gemm_dtype: Optional[str]
     known: bool
-
-
-def _distinct_bytes(t: torch.Tensor) -> int:
-    """Bytes of the distinct elements a view addresses (a broadcast dimension, stride 0, counts once)."""
-    n = 1
-    for size, stride in zip(t.shape, t.stride()):
-        if stride != 0:
-            n *= int(size)
-    return n * t.element_size()
 
 
 def _is_view(func) -> bool:
