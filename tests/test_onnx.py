@@ -22,7 +22,6 @@ import torch.nn as nn
 from timm.layers import set_layer_config
 
 import timm_moejet.layers.entmax as entmax_module
-import timm_moejet.layers.routing_op as routing_op_module
 from timm_moejet.errors import InvalidArgument, MissingExtra, OutputExists
 from timm_moejet.layers import entmax15_halved, entmax15_settled, entmax15_threshold
 from timm_moejet.onnx_export import export_onnx, onnx_max_abs_error
@@ -120,20 +119,21 @@ def test_exportable_layer_config_selects_the_sort_with_the_same_values_and_gradi
 
 
 def _entmax_inputs(model: nn.Module, x: torch.Tensor) -> list:
-    """The scores each MoE layer's entmax receives on ``x`` (eager, eval: the routing operator's threshold)."""
+    """The scores each MoE layer's entmax receives on ``x`` (eager, eval: the threshold the routing operator's
+    entmax computes)."""
     seen = []
-    wrapped = routing_op_module.entmax15_threshold_newton
+    wrapped = entmax_module.entmax15_threshold_newton
 
     def recording(z: torch.Tensor, dim: int = -1, num_steps: int = 4):
         seen.append(z.detach().clone())
         return wrapped(z, dim, num_steps)
 
-    routing_op_module.entmax15_threshold_newton = recording
+    entmax_module.entmax15_threshold_newton = recording
     try:
         with torch.no_grad():
             model.eval()(x)
     finally:
-        routing_op_module.entmax15_threshold_newton = wrapped
+        entmax_module.entmax15_threshold_newton = wrapped
     return seen
 
 
